@@ -1,0 +1,70 @@
+"""What a backend declares: its platforms, an availability probe and per-op support checks.
+
+Declaring a backend must stay cheap: the kernel module named by ``module`` is imported only when a
+call is dispatched to it (Triton fixes its interpret mode when a kernel is decorated).
+"""
+from __future__ import annotations
+
+import dataclasses
+import importlib
+from typing import Any
+
+from .platforms import Platform
+
+OPS = (
+    "attention", "paged_attention", "write_kv_cache", "sparse_attention",
+    "linear_attention", "linear_attention_step", "gated_delta_rule", "gated_delta_rule_step",
+    "ssd", "ssd_step", "causal_conv1d", "causal_conv1d_step",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Call:
+    """One checked call: the op name, its normalised arguments and the platform of its inputs."""
+
+    op: str
+    args: dict[str, Any]
+    platform: Platform
+
+    @property
+    def dtype(self):
+        return self.args[_PRIMARY[self.op]].dtype
+
+
+_PRIMARY = {op: "x" if op.startswith(("ssd", "causal_conv1d")) else "q" for op in OPS}
+_PRIMARY["write_kv_cache"] = "k"
+
+
+class Backend:
+    """Base class; subclasses set the class attributes and override the probes they need."""
+
+    name: str = ""
+    module: str = ""                      # implementation module, one function per op
+    platforms: frozenset = frozenset()    # platforms served without interpret mode
+    array: str = "torch"                  # "torch" or "jax"
+    ops: tuple = OPS
+    description: str = ""
+
+    def available(self) -> str | None:
+        """None when usable on this machine, else the reason it is not."""
+        return None
+
+    def serves(self, platform: Platform) -> str | None:
+        if platform in self.platforms:
+            return None
+        return f"runs on {', '.join(sorted(p.value for p in self.platforms))}, not {platform.value}"
+
+    def supports(self, call: Call) -> str | None:
+        """None when this backend handles these inputs, else the reason (checked after `serves`)."""
+        if call.op not in self.ops:
+            return f"{call.op} is not implemented"
+        return None
+
+    def impl(self):
+        return importlib.import_module(self.module)
+
+    def run(self, call: Call):
+        return getattr(self.impl(), call.op)(**call.args)
+
+    def __repr__(self) -> str:
+        return f"<backend {self.name}>"

@@ -1,0 +1,526 @@
+"""The one place bad input is stopped: SPEC's shape, dtype, device and index-value rules for every op.
+
+Each ``check_<op>(a)`` takes the call's arguments as a dict and returns them normalised for backends
+(scales resolved, windows as int pairs, default ``state_indices`` filled in). Shapes and dtypes are
+checked on every call; index *values* only when `index_checks_enabled()` (eager mode).
+"""
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .masks import BlockMask
+
+ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+INDEX_DTYPES = (torch.int32,)
+
+
+def index_checks_enabled(x: torch.Tensor | None = None) -> bool:
+    """Index values are checked in eager mode, unless PORTABLE_ATTN_CHECK=0 (skipped while tracing)."""
+    if os.environ.get("PORTABLE_ATTN_CHECK", "1") == "0":
+        return False
+    if torch.compiler.is_compiling():
+        return False
+    if x is not None and x.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    return True
+
+
+# ---- tensor helpers ---------------------------------------------------------------------------
+
+def _shape(x) -> str:
+    return "(" + ", ".join(str(d) for d in x.shape) + ")"
+
+
+def tensor(name: str, x, dims: str, *, ndim: int | None = None, dtypes=None, device=None):
+    """`x` must be a tensor with len(dims.split()) axes (`dims` names them for the message)."""
+    names = dims.split()
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor [{', '.join(names)}], got {type(x).__name__}")
+    if x.dim() != len(names):
+        raise ValueError(f"{name}: expected a {len(names)}-D tensor [{', '.join(names)}], got shape {_shape(x)}")
+    if dtypes is not None and x.dtype not in dtypes:
+        want = " or ".join(str(d).replace("torch.", "") for d in dtypes)
+        raise TypeError(f"{name}: expected dtype {want}, got {str(x.dtype).replace('torch.', '')}")
+    if device is not None and x.device != device:
+        raise ValueError(f"{name}: expected a tensor on {device} (the device of the inputs), got {x.device}")
+    return x
+
+
+def dim(name: str, x, axis: int, expected: int, what: str) -> None:
+    if x.shape[axis] != expected:
+        raise ValueError(f"{name}: axis {axis} must be {what} = {expected}, got shape {_shape(x)}")
+
+
+def activations(ref_name: str, ref: torch.Tensor, **others) -> None:
+    """Activations share the dtype of `ref`."""
+    if ref.dtype not in ACT_DTYPES:
+        raise TypeError(f"{ref_name}: expected dtype float32, float16, bfloat16 or float64, got "
+                        f"{str(ref.dtype).replace('torch.', '')}")
+    for name, x in others.items():
+        if x is not None and x.dtype != ref.dtype:
+            raise TypeError(f"{name}: expected dtype {str(ref.dtype).replace('torch.', '')} (the dtype of "
+                            f"{ref_name}), got {str(x.dtype).replace('torch.', '')}")
+
+
+def param_dtypes(act: torch.dtype) -> tuple:
+    """Gates and parameters may be float32 whatever the activation dtype (or the activation dtype)."""
+    return (torch.float32, act) if act != torch.float32 else (torch.float32,)
+
+
+def positive_int(name: str, value) -> None:
+    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+        raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
+
+
+def flag(name: str, value) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name}: expected a bool, got {value!r}")
+
+
+def real(name: str, value, *, minimum: float | None = None):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise TypeError(f"{name}: expected a finite float, got {value!r}")
+    if minimum is not None and value < minimum:
+        raise ValueError(f"{name}: expected a value >= {minimum}, got {value!r}")
+    return float(value)
+
+
+def out_tensor(a: dict, shape: tuple, dtype: torch.dtype, device, dims: str) -> None:
+    out = a.get("out")
+    if out is None:
+        return
+    tensor("out", out, dims, dtypes=(dtype,), device=device)
+    if tuple(out.shape) != tuple(shape):
+        raise ValueError(f"out: expected shape ({', '.join(map(str, shape))}), got {_shape(out)}")
+
+
+# ---- index values -----------------------------------------------------------------------------
+
+def cu_seqlens(name: str, cu, total: int, device, check_values: bool) -> torch.Tensor:
+    tensor(name, cu, "S+1", dtypes=INDEX_DTYPES, device=device)
+    if cu.shape[0] < 1:
+        raise ValueError(f"{name}: expected at least one entry (cu[0] = 0), got shape {_shape(cu)}")
+    if check_values:
+        host = cu.cpu().tolist()
+        if host[0] != 0:
+            raise ValueError(f"{name}: must start at 0, got {host[0]}")
+        if any(b < a for a, b in zip(host, host[1:])):
+            raise ValueError(f"{name}: must be non-decreasing, got {host}")
+        if host[-1] != total:
+            raise ValueError(f"{name}: last entry must be the token count {total}, got {host[-1]}")
+    return cu
+
+
+def max_seqlen(name: str, value, cu: torch.Tensor, check_values: bool) -> None:
+    positive_int(name, value)
+    if value is not None and check_values and cu.shape[0] > 1:
+        longest = int((cu[1:] - cu[:-1]).max())
+        if value < longest:
+            raise ValueError(f"{name}: {value} is shorter than the longest sequence ({longest})")
+
+
+def index_range(name: str, idx: torch.Tensor, low: int, high: int, what: str) -> None:
+    """Every value in [low, high)."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx.min()), int(idx.max())
+    if lo < low or hi >= high:
+        bad = lo if lo < low else hi
+        raise ValueError(f"{name}: {what} must lie in [{low}, {high}), got {bad}")
+
+
+def no_duplicates(name: str, idx: torch.Tensor, what: str) -> None:
+    """No value other than -1 occurs twice along the last axis."""
+    if idx.numel() == 0:
+        return
+    srt = idx.sort(dim=-1).values
+    dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
+    if bool(dup.any()):
+        where = dup.nonzero()[0].tolist()
+        raise ValueError(f"{name}: {what} lists {int(srt[tuple(where[:-1]) + (where[-1] + 1,)])} twice")
+
+
+# ---- recurrent states -------------------------------------------------------------------------
+
+def states(a: dict, tail: tuple, tail_dims: str, nseq: int, act: torch.dtype, device, check_values: bool,
+           state_dtypes: tuple) -> None:
+    """initial_state / state_indices / has_initial_state of a sequence form, per SPEC's state rules."""
+    init, idx, has = a["initial_state"], a["state_indices"], a["has_initial_state"]
+    flag("output_final_state", a["output_final_state"])
+    if idx is None:
+        if has is not None:
+            raise ValueError("has_initial_state: only meaningful with state_indices (a state cache)")
+        if init is not None:
+            tensor("initial_state", init, "S " + tail_dims, dtypes=state_dtypes, device=device)
+            if tuple(init.shape) != (nseq,) + tail:
+                raise ValueError(f"initial_state: expected shape ({', '.join(map(str, (nseq,) + tail))}), "
+                                 f"got {_shape(init)}")
+        return
+    if init is None:
+        raise ValueError("initial_state: state_indices needs a state cache in initial_state, got None")
+    tensor("initial_state", init, "slots " + tail_dims, dtypes=state_dtypes, device=device)
+    if tuple(init.shape[1:]) != tail:
+        raise ValueError(f"initial_state: expected a cache [slots, {', '.join(map(str, tail))}], got {_shape(init)}")
+    slot_indices("state_indices", idx, nseq, init.shape[0], device, check_values)
+    if has is not None:
+        tensor("has_initial_state", has, "S", dtypes=(torch.bool,), device=device)
+        dim("has_initial_state", has, 0, nseq, "the number of sequences")
+
+
+def slot_indices(name: str, idx, nseq: int, slots: int, device, check_values: bool) -> None:
+    tensor(name, idx, "S", dtypes=INDEX_DTYPES, device=device)
+    dim(name, idx, 0, nseq, "the number of sequences")
+    if check_values:
+        index_range(name, idx, -1, slots, "state cache rows (or -1)")
+        no_duplicates(name, idx, "state cache rows")
+
+
+def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, check_values: bool,
+               state_dtypes: tuple) -> None:
+    state = tensor("state", a["state"], "slots " + tail_dims, dtypes=state_dtypes, device=device)
+    if tuple(state.shape[1:]) != tail:
+        raise ValueError(f"state: expected a cache [slots, {', '.join(map(str, tail))}], got {_shape(state)}")
+    if a["state_indices"] is None:
+        if state.shape[0] < bsz:
+            raise ValueError(f"state: without state_indices the cache needs at least bsz = {bsz} rows, "
+                             f"got {state.shape[0]}")
+        a["state_indices"] = torch.arange(bsz, dtype=torch.int32, device=device)
+    else:
+        slot_indices("state_indices", a["state_indices"], bsz, state.shape[0], device, check_values)
+
+
+def sequences(a: dict, total: int, device, check_values: bool) -> int:
+    """Number of sequences of a recurrent sequence form (cu_seqlens or one)."""
+    if a["cu_seqlens"] is None:
+        return 1
+    return cu_seqlens("cu_seqlens", a["cu_seqlens"], total, device, check_values).shape[0] - 1
+
+
+def gate(name: str, g, lead: tuple, lead_dims: str, heads: int, kdim: int, act, device, *, per_key: bool) -> None:
+    """A log-decay gate [*lead, heads] or, where allowed, [*lead, heads, kdim]."""
+    if g is None:
+        return
+    if per_key and isinstance(g, torch.Tensor) and g.dim() == len(lead) + 2:
+        tensor(name, g, f"{lead_dims} H K", dtypes=param_dtypes(act), device=device)
+        want = lead + (heads, kdim)
+    else:
+        tensor(name, g, f"{lead_dims} H", dtypes=param_dtypes(act), device=device)
+        want = lead + (heads,)
+    if tuple(g.shape) != want:
+        raise ValueError(f"{name}: expected shape ({', '.join(map(str, want))}), got {_shape(g)}")
+
+
+def scale(name: str, value, head_dim: int) -> float:
+    if head_dim < 1:
+        raise ValueError(f"{name}: the head dim is 0; expected inputs with at least one feature per head")
+    return 1.0 / math.sqrt(head_dim) if value is None else real(name, value)
+
+
+# ---- attention family -------------------------------------------------------------------------
+
+def _attn_common(a: dict, q, lk_max: int | None, nseq: int) -> None:
+    """Options shared by the attention ops; `lk_max` (longest key count) is None where it is unknown."""
+    dev = q.device
+    if "window_size" in a:  # not an option of sparse_attention
+        ws = a["window_size"]
+        if not (isinstance(ws, (tuple, list)) and len(ws) == 2
+                and all(isinstance(w, int) and not isinstance(w, bool) for w in ws)):
+            raise TypeError(f"window_size: expected a pair of ints (left, right), got {ws!r}")
+        if min(ws) < -1:
+            raise ValueError(f"window_size: each side must be >= -1 (-1 = unbounded), got {tuple(ws)}")
+        a["window_size"] = (int(ws[0]), int(ws[1]))
+        flag("causal", a["causal"])
+    flag("return_lse", a["return_lse"])
+    a["softcap"] = real("softcap", a["softcap"], minimum=0.0)
+    a["softmax_scale"] = scale("softmax_scale", a["softmax_scale"], q.shape[2])
+    if a["sinks"] is not None:
+        tensor("sinks", a["sinks"], "Hq", dtypes=param_dtypes(q.dtype), device=dev)
+        dim("sinks", a["sinks"], 0, q.shape[1], "Hq")
+    if a.get("block_mask") is not None:
+        bm = a["block_mask"]
+        if not isinstance(bm, BlockMask):
+            raise TypeError(f"block_mask: expected a portable_attn.BlockMask, got {type(bm).__name__}")
+        bm.check_for(nseq=nseq, heads=q.shape[1], max_len=lk_max, device=dev)
+
+
+def check_attention(a: dict) -> dict:
+    q = tensor("q", a["q"], "Tq Hq D")
+    dev = q.device
+    k = tensor("k", a["k"], "Tk Hkv D", device=dev)
+    v = tensor("v", a["v"], "Tk Hkv Dv", device=dev)
+    activations("q", q, k=k, v=v)
+    dim("k", k, 2, q.shape[2], "the head dim D of q")
+    dim("v", v, 0, k.shape[0], "the token count Tk of k")
+    dim("v", v, 1, k.shape[1], "the kv head count Hkv of k")
+    gqa(q.shape[1], k.shape[1], "q", "k")
+    check = index_checks_enabled(q)
+    cq, ck = a["cu_seqlens_q"], a["cu_seqlens_k"]
+    if (cq is None) != (ck is None):
+        raise ValueError("cu_seqlens_q / cu_seqlens_k: give both or neither "
+                         f"(got cu_seqlens_q={'a tensor' if cq is not None else None}, "
+                         f"cu_seqlens_k={'a tensor' if ck is not None else None})")
+    if cq is not None:
+        cu_seqlens("cu_seqlens_q", cq, q.shape[0], dev, check)
+        cu_seqlens("cu_seqlens_k", ck, k.shape[0], dev, check)
+        if cq.shape[0] != ck.shape[0]:
+            raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
+        max_seqlen("max_seqlen_q", a["max_seqlen_q"], cq, check)
+        max_seqlen("max_seqlen_k", a["max_seqlen_k"], ck, check)
+        nseq = cq.shape[0] - 1
+        lk_max = int((ck[1:] - ck[:-1]).max()) if check and nseq and a["block_mask"] is not None else None
+    else:
+        positive_int("max_seqlen_q", a["max_seqlen_q"])
+        positive_int("max_seqlen_k", a["max_seqlen_k"])
+        nseq, lk_max = 1, k.shape[0]
+    _attn_common(a, q, lk_max, nseq)
+    out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
+    return a
+
+
+def gqa(hq: int, hkv: int, qname: str, kname: str) -> None:
+    if hkv == 0 or hq % hkv != 0:
+        raise ValueError(f"{kname}: head count {hkv} must divide the {qname} head count {hq} (grouped heads)")
+
+
+def check_paged_attention(a: dict) -> dict:
+    q = tensor("q", a["q"], "Tq Hq D")
+    dev = q.device
+    kc = tensor("k_cache", a["k_cache"], "NB BS Hkv D", device=dev)
+    vc = tensor("v_cache", a["v_cache"], "NB BS Hkv Dv", device=dev)
+    activations("q", q, k_cache=kc, v_cache=vc)
+    dim("k_cache", kc, 3, q.shape[2], "the head dim D of q")
+    for axis, what in ((0, "the block count NB"), (1, "the block size BS"), (2, "the kv head count Hkv")):
+        dim("v_cache", vc, axis, kc.shape[axis], what + " of k_cache")
+    gqa(q.shape[1], kc.shape[2], "q", "k_cache")
+    bt = tensor("block_table", a["block_table"], "S max_blocks", dtypes=INDEX_DTYPES, device=dev)
+    su = tensor("seqused_k", a["seqused_k"], "S", dtypes=INDEX_DTYPES, device=dev)
+    nseq = bt.shape[0]
+    dim("seqused_k", su, 0, nseq, "the sequence count S of block_table")
+    check = index_checks_enabled(q)
+    if a["cu_seqlens_q"] is None:
+        dim("q", q, 0, nseq, "one query per sequence (decode, no cu_seqlens_q): S")
+        positive_int("max_seqlen_q", a["max_seqlen_q"])
+    else:
+        cu = cu_seqlens("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], dev, check)
+        dim("cu_seqlens_q", cu, 0, nseq + 1, "S + 1 (S from block_table)")
+        max_seqlen("max_seqlen_q", a["max_seqlen_q"], cu, check)
+    positive_int("max_seqlen_k", a["max_seqlen_k"])
+    bs = kc.shape[1]
+    lk_max = None
+    if check and nseq:
+        index_range("seqused_k", su, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds {bt.shape[1]} "
+                    f"blocks of {bs})")
+        if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < int(su.max()):
+            raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
+                             f"({int(su.max())})")
+        used = torch.arange(bt.shape[1], device=dev)[None, :] * bs < su[:, None]
+        index_range("block_table", bt[used], 0, kc.shape[0], "block ids in use")
+        lk_max = int(su.max())
+    _attn_common(a, q, lk_max, nseq)
+    out_tensor(a, (q.shape[0], q.shape[1], vc.shape[3]), q.dtype, dev, "Tq Hq Dv")
+    return a
+
+
+def check_write_kv_cache(a: dict) -> dict:
+    k = tensor("k", a["k"], "T Hkv D")
+    dev = k.device
+    v = tensor("v", a["v"], "T Hkv Dv", device=dev)
+    kc = tensor("k_cache", a["k_cache"], "NB BS Hkv D", device=dev)
+    vc = tensor("v_cache", a["v_cache"], "NB BS Hkv Dv", device=dev)
+    activations("k", k, v=v, k_cache=kc, v_cache=vc)
+    dim("v", v, 0, k.shape[0], "the token count T of k")
+    dim("v", v, 1, k.shape[1], "the kv head count Hkv of k")
+    for axis, what in ((0, "the block count NB"), (1, "the block size BS")):
+        dim("v_cache", vc, axis, kc.shape[axis], what + " of k_cache")
+    dim("k_cache", kc, 2, k.shape[1], "the kv head count Hkv of k")
+    dim("k_cache", kc, 3, k.shape[2], "the head dim D of k")
+    dim("v_cache", vc, 2, k.shape[1], "the kv head count Hkv of k")
+    dim("v_cache", vc, 3, v.shape[2], "the head dim Dv of v")
+    sm = tensor("slot_mapping", a["slot_mapping"], "T", dtypes=(torch.int32, torch.int64), device=dev)
+    dim("slot_mapping", sm, 0, k.shape[0], "the token count T of k")
+    if index_checks_enabled(k):
+        index_range("slot_mapping", sm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
+        no_duplicates("slot_mapping", sm, "cache slots")
+    return a
+
+
+def check_sparse_attention(a: dict) -> dict:
+    q = tensor("q", a["q"], "Tq Hq D")
+    dev = q.device
+    k = tensor("k", a["k"], "Tk Hkv D", device=dev)
+    v = tensor("v", a["v"], "Tk Hkv Dv", device=dev)
+    activations("q", q, k=k, v=v)
+    dim("k", k, 2, q.shape[2], "the head dim D of q")
+    dim("v", v, 0, k.shape[0], "the token count Tk of k")
+    dim("v", v, 1, k.shape[1], "the kv head count Hkv of k")
+    gqa(q.shape[1], k.shape[1], "q", "k")
+    idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
+    dim("indices", idx, 0, q.shape[0], "the query count Tq")
+    dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
+    check = index_checks_enabled(q)
+    cq, ck = a["cu_seqlens_q"], a["cu_seqlens_k"]
+    if (cq is None) != (ck is None):
+        raise ValueError("cu_seqlens_q / cu_seqlens_k: give both or neither")
+    if cq is not None:
+        cu_seqlens("cu_seqlens_q", cq, q.shape[0], dev, check)
+        cu_seqlens("cu_seqlens_k", ck, k.shape[0], dev, check)
+        if cq.shape[0] != ck.shape[0]:
+            raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
+    if check and idx.numel():
+        if cq is None:
+            lk = torch.full((q.shape[0],), k.shape[0], dtype=torch.int64, device=dev)
+        else:
+            lens = (ck[1:] - ck[:-1]).long()
+            lk = torch.repeat_interleave(lens, (cq[1:] - cq[:-1]).long())
+        bad = (idx < -1) | (idx >= lk[:, None, None])
+        if bool(bad.any()):
+            t, h, s = bad.nonzero()[0].tolist()
+            raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
+                             f"kv head {h} lists {int(idx[t, h, s])} with Lk = {int(lk[t])}")
+        no_duplicates("indices", idx, "one query's key positions")
+    _attn_common(a, q, None, 1)
+    out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
+    return a
+
+
+# ---- recurrent family -------------------------------------------------------------------------
+
+def _state_dtypes(act):
+    return (torch.float32, act) if act != torch.float32 else (torch.float32,)
+
+
+def check_linear_attention(a: dict, step: bool = False) -> dict:
+    lead = "bsz" if step else "T"
+    q = tensor("q", a["q"], f"{lead} H K")
+    dev = q.device
+    k = tensor("k", a["k"], f"{lead} H K", device=dev)
+    v = tensor("v", a["v"], f"{lead} H V", device=dev)
+    activations("q", q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {_shape(q)}, got {_shape(k)}")
+    dim("v", v, 0, q.shape[0], f"the token count {lead} of q")
+    dim("v", v, 1, q.shape[1], "the head count H of q")
+    a["scale"] = scale("scale", a["scale"], q.shape[2])
+    gate("g", a["g"], (q.shape[0],), lead, q.shape[1], q.shape[2], q.dtype, dev, per_key=True)
+    tail = (q.shape[1], q.shape[2], v.shape[2])
+    check = index_checks_enabled(q)
+    if step:
+        step_state(a, tail, "H K V", q.shape[0], dev, check, _state_dtypes(q.dtype))
+    else:
+        nseq = sequences(a, q.shape[0], dev, check)
+        states(a, tail, "H K V", nseq, q.dtype, dev, check, _state_dtypes(q.dtype))
+    out_tensor(a, tuple(v.shape), q.dtype, dev, f"{lead} H V")
+    return a
+
+
+def check_gated_delta_rule(a: dict, step: bool = False) -> dict:
+    lead = "bsz" if step else "T"
+    q = tensor("q", a["q"], f"{lead} H K")
+    dev = q.device
+    k = tensor("k", a["k"], f"{lead} H K", device=dev)
+    v = tensor("v", a["v"], f"{lead} Hv V", device=dev)
+    activations("q", q, k=k, v=v)
+    if k.shape != q.shape:
+        raise ValueError(f"k: expected the shape of q {_shape(q)}, got {_shape(k)}")
+    dim("v", v, 0, q.shape[0], f"the token count {lead} of q")
+    gqa(v.shape[1], q.shape[1], "v", "q")
+    hv = v.shape[1]
+    if a["g"] is None:
+        raise TypeError("g: expected a log-decay tensor [T, Hv] or [T, Hv, K], got None (use zeros for DeltaNet)")
+    gate("g", a["g"], (q.shape[0],), lead, hv, q.shape[2], q.dtype, dev, per_key=True)
+    beta = tensor("beta", a["beta"], f"{lead} Hv", dtypes=param_dtypes(q.dtype), device=dev)
+    if tuple(beta.shape) != (q.shape[0], hv):
+        raise ValueError(f"beta: expected shape ({q.shape[0]}, {hv}), got {_shape(beta)}")
+    flag("use_qk_l2norm", a["use_qk_l2norm"])
+    a["scale"] = scale("scale", a["scale"], q.shape[2])
+    tail = (hv, q.shape[2], v.shape[2])
+    check = index_checks_enabled(q)
+    if step:
+        step_state(a, tail, "Hv K V", q.shape[0], dev, check, _state_dtypes(q.dtype))
+    else:
+        nseq = sequences(a, q.shape[0], dev, check)
+        states(a, tail, "Hv K V", nseq, q.dtype, dev, check, _state_dtypes(q.dtype))
+    out_tensor(a, tuple(v.shape), q.dtype, dev, f"{lead} Hv V")
+    return a
+
+
+def check_ssd(a: dict, step: bool = False) -> dict:
+    lead = "bsz" if step else "T"
+    x = tensor("x", a["x"], f"{lead} H P")
+    dev = x.device
+    n_tok, heads, p = x.shape
+    pd = param_dtypes(x.dtype)
+    dt = tensor("dt", a["dt"], f"{lead} H", dtypes=pd, device=dev)
+    if tuple(dt.shape) != (n_tok, heads):
+        raise ValueError(f"dt: expected shape ({n_tok}, {heads}), got {_shape(dt)}")
+    A = tensor("A", a["A"], "H", dtypes=pd, device=dev)
+    dim("A", A, 0, heads, "the head count H of x")
+    B = tensor("B", a["B"], f"{lead} G N", device=dev)
+    C = tensor("C", a["C"], f"{lead} G N", device=dev)
+    activations("x", x, B=B, C=C, z=a["z"])
+    dim("B", B, 0, n_tok, f"the token count {lead} of x")
+    if C.shape != B.shape:
+        raise ValueError(f"C: expected the shape of B {_shape(B)}, got {_shape(C)}")
+    gqa(heads, B.shape[1], "x", "B")
+    if a["D"] is not None:
+        D = a["D"]
+        if isinstance(D, torch.Tensor) and D.dim() == 2:
+            tensor("D", D, "H P", dtypes=pd, device=dev)
+            want = (heads, p)
+        else:
+            tensor("D", D, "H", dtypes=pd, device=dev)
+            want = (heads,)
+        if tuple(D.shape) != want:
+            raise ValueError(f"D: expected shape ({', '.join(map(str, want))}), got {_shape(D)}")
+    if a["z"] is not None:
+        tensor("z", a["z"], f"{lead} H P", device=dev)
+        if a["z"].shape != x.shape:
+            raise ValueError(f"z: expected the shape of x {_shape(x)}, got {_shape(a['z'])}")
+    if a["dt_bias"] is not None:
+        tensor("dt_bias", a["dt_bias"], "H", dtypes=pd, device=dev)
+        dim("dt_bias", a["dt_bias"], 0, heads, "the head count H of x")
+    flag("dt_softplus", a["dt_softplus"])
+    lim = a["dt_limit"]
+    if not (isinstance(lim, (tuple, list)) and len(lim) == 2):
+        raise TypeError(f"dt_limit: expected a pair (low, high), got {lim!r}")
+    lo, hi = (float(v) for v in lim)
+    if math.isnan(lo) or math.isnan(hi) or lo > hi:
+        raise ValueError(f"dt_limit: expected low <= high, got {tuple(lim)}")
+    a["dt_limit"] = (lo, hi)
+    tail = (heads, p, B.shape[2])
+    check = index_checks_enabled(x)
+    if step:
+        step_state(a, tail, "H P N", n_tok, dev, check, _state_dtypes(x.dtype))
+    else:
+        nseq = sequences(a, n_tok, dev, check)
+        states(a, tail, "H P N", nseq, x.dtype, dev, check, _state_dtypes(x.dtype))
+    out_tensor(a, tuple(x.shape), x.dtype, dev, f"{lead} H P")
+    return a
+
+
+def check_causal_conv1d(a: dict, step: bool = False) -> dict:
+    lead = "bsz" if step else "T"
+    x = tensor("x", a["x"], f"{lead} C")
+    dev = x.device
+    w = tensor("weight", a["weight"], "C W", dtypes=param_dtypes(x.dtype), device=dev)
+    activations("x", x)
+    dim("weight", w, 0, x.shape[1], "the channel count C of x")
+    if w.shape[1] < 1:
+        raise ValueError(f"weight: the width W must be at least 1, got shape {_shape(w)}")
+    if a["bias"] is not None:
+        tensor("bias", a["bias"], "C", dtypes=param_dtypes(x.dtype), device=dev)
+        dim("bias", a["bias"], 0, x.shape[1], "the channel count C of x")
+    if a["activation"] not in (None, "silu"):
+        raise ValueError(f"activation: expected None or 'silu', got {a['activation']!r}")
+    tail = (x.shape[1], w.shape[1] - 1)
+    check = index_checks_enabled(x)
+    if step:
+        step_state(a, tail, "C W-1", x.shape[0], dev, check, _state_dtypes(x.dtype))
+    else:
+        nseq = sequences(a, x.shape[0], dev, check)
+        states(a, tail, "C W-1", nseq, x.dtype, dev, check, _state_dtypes(x.dtype))
+    out_tensor(a, tuple(x.shape), x.dtype, dev, f"{lead} C")
+    return a

@@ -1,0 +1,142 @@
+"""`portable-attn info | check | bench`."""
+from __future__ import annotations
+
+import argparse
+import os
+import pathlib
+import sys
+
+import numpy as np
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from . import __version__, registry
+from .backend import OPS
+from .platforms import Platform, machine_platforms
+
+ENV_VARS = ("PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_INTERPRET",
+            "PORTABLE_ATTN_CHECK")
+DEVICE_OF = {Platform.CUDA: "cuda", Platform.ROCM: "cuda", Platform.XPU: "xpu"}
+
+
+def default_device() -> str:
+    return DEVICE_OF.get(machine_platforms()[0], "cpu")
+
+
+def declared_support(backend, device: str) -> dict[str, dict[str, str | None]]:
+    """op -> dtype -> None (supported) or the reason, from the backend's own checks on each op's first case."""
+    from .conformance import cases, tensors
+    from .ops import make_call
+
+    table = {}
+    for op in OPS:
+        case = cases.catalogue(cases.SMOKE, [op])[0]
+        raw = case.make(np.random.default_rng(0))
+        table[op] = {}
+        for dtype in ("float32", "float16", "bfloat16"):
+            call = make_call(op, tensors.to_torch(raw, tensors.DTYPES[dtype], device))
+            table[op][dtype] = registry.why_not(backend, call)
+    return table
+
+
+def cmd_info(args, console: Console) -> int:
+    console.print(f"[bold]portable-attn {__version__}[/]")
+    plats = machine_platforms()
+    console.print(f"platforms on this machine: {', '.join(p.value for p in plats)}")
+    for var in ENV_VARS:
+        if os.environ.get(var):
+            console.print(f"  {var}={os.environ[var]}")
+    t = Table(title="backends")
+    for col in ("backend", "available", "platforms", "default priority", "what"):
+        t.add_column(col)
+    for name, b in registry.backends().items():
+        reason = b.available()
+        prio = ", ".join(f"{p.value}#{registry.DEFAULT_PRIORITY[p].index(name) + 1}"
+                         for p in Platform if name in registry.DEFAULT_PRIORITY[p])
+        t.add_row(name, "[green]yes[/]" if reason is None else f"[yellow]no: {reason}[/]",
+                  ", ".join(sorted(p.value for p in b.platforms)), prio or "by name only", b.description)
+    console.print(t)
+    device = default_device()
+    m = Table(title=f"support on {device} (each backend's own checks; `portable-attn check` proves it)")
+    m.add_column("op", no_wrap=True)
+    usable = {n: b for n, b in registry.backends().items() if b.available() is None}
+    for name in usable:
+        m.add_column(name)
+    support = {n: declared_support(b, device) for n, b in usable.items()}
+    for op in OPS:
+        row = []
+        for name in usable:
+            per = support[name][op]
+            ok = [d for d, r in per.items() if r is None]
+            row.append(f"[green]{', '.join(ok)}[/]" if ok else f"[yellow]{next(iter(per.values()))}[/]")
+        m.add_row(op, *row)
+    console.print(m)
+    return 0
+
+
+def cmd_check(args, console: Console) -> int:
+    from .conformance import report, suite
+
+    names = args.backend or suite.available_backends()
+    for n in names:
+        registry.get(n)  # unknown names fail here, listing the valid ones
+    jobs = suite.plan(names, args.tier, args.dtype, args.op)
+    if not jobs:
+        console.print("[red]nothing to run: no case matches[/]")
+        return 2
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True, disable=args.quiet) as bar:
+        task = bar.add_task("conformance", total=len(jobs))
+
+        def step(r):
+            bar.update(task, advance=1, description=f"{r.backend} {r.op} {r.case} [{r.dtype}]")
+        results = suite.run(jobs, args.device or default_device(), step)
+    console.print(report.table(results))
+    meta = {"tier": args.tier, "backends": names, "device": args.device or default_device(), "version": __version__}
+    for path, text in ((args.json, lambda: report.to_json(results, meta)), (args.junit, lambda: report.to_junit(results)),
+                       (args.markdown, lambda: report.markdown(results))):
+        if path:
+            pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
+            pathlib.Path(path).write_text(text())
+    bad = report.failed(results)
+    for r in bad:
+        console.print(f"[red]FAIL[/] {r.backend} {r.op} {r.case} [{r.dtype}]: {r.detail}")
+    counts = {s: sum(r.status == s for r in results) for s in ("pass", "fail", "error", "unsupported")}
+    console.print(f"{counts['pass']} passed, {counts['fail'] + counts['error']} failed, "
+                  f"{counts['unsupported']} unsupported")
+    return 1 if bad else 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="portable-attn", description=__doc__)
+    p.add_argument("--version", action="version", version=__version__)
+    sub = p.add_subparsers(dest="command", required=True)
+    sub.add_parser("info", help="platform, backends and their availability, the per-op support matrix")
+    c = sub.add_parser("check", help="run the conformance suite and print the table")
+    c.add_argument("--backend", action="append", help="backend to check (repeatable; default: every available one)")
+    c.add_argument("--tier", choices=("smoke", "full"), default="smoke")
+    c.add_argument("--dtype", action="append", choices=("float32", "float16", "bfloat16", "float64"))
+    c.add_argument("--op", action="append", choices=OPS)
+    c.add_argument("--device", help="torch device for the inputs (default: the accelerator if any, else cpu)")
+    c.add_argument("--json", help="write the results as JSON here")
+    c.add_argument("--junit", help="write JUnit XML here")
+    c.add_argument("--markdown", help="write the Markdown support matrix here")
+    c.add_argument("--quiet", action="store_true", help="no progress bar")
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    console = Console()
+    if args.command == "check" and args.dtype is None:
+        args.dtype = ["float32", "float16", "bfloat16"]
+    try:
+        return {"info": cmd_info, "check": cmd_check}[args.command](args, console)
+    except ValueError as exc:  # a bad backend name or env var: say it, no traceback
+        console.print(f"[red]error:[/] {exc}")
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,132 @@
+"""Run one conformance case on one backend in one dtype: oracle, low-precision baseline, the backend
+with poisoned outputs, cache rows it must not touch, and the case's invariant when it has one."""
+from __future__ import annotations
+
+import dataclasses
+import time
+import zlib
+
+import numpy as np
+import torch
+
+import portable_attn
+from ..errors import BackendUnavailable, NotSupported
+from ..reference.precision import emulate
+from . import tensors
+from .cases import Case
+from .tolerance import Verdict, combine, compare
+
+ATTENTION = {"attention", "paged_attention", "sparse_attention"}
+
+
+@dataclasses.dataclass
+class Result:
+    backend: str
+    op: str
+    case: str
+    dtype: str
+    status: str            # pass | fail | unsupported | error
+    err: float | None = None
+    tol: float | None = None
+    detail: str = ""
+    seconds: float = 0.0
+
+
+def call(op: str, inputs: dict, backend: str):
+    """Run `op` on `inputs` and return its outputs by name (in-place caches included)."""
+    result = getattr(portable_attn, op)(**inputs, backend=backend)
+    if op in ATTENTION:
+        o, lse = result if inputs.get("return_lse") else (result, None)
+        return {"out": o} | ({"lse": lse} if lse is not None else {})
+    if op == "write_kv_cache":
+        return {"k_cache": inputs["k_cache"], "v_cache": inputs["v_cache"]}
+    if op.endswith("_step"):
+        return {"out": result, "state": inputs["state"]}
+    out, final = result
+    got = {"out": out}
+    if inputs.get("state_indices") is not None:
+        got["cache"] = inputs["initial_state"]
+    elif final is not None:
+        got["final_state"] = final
+    return got
+
+
+def _cache_name(op: str) -> str | None:
+    if op == "write_kv_cache":
+        return None
+    return "state" if op.endswith("_step") else "initial_state"
+
+
+def untouched_rows(op: str, before: dict, after: dict) -> str:
+    """Cache rows that no sequence lists must be bit-identical after the call."""
+    name = _cache_name(op)
+    idx = before.get("state_indices")
+    if name is None or idx is None or before.get(name) is None:
+        return ""
+    listed = set(int(i) for i in idx.tolist() if i >= 0)
+    rows = [r for r in range(before[name].shape[0]) if r not in listed]
+    if rows and not torch.equal(before[name][rows], after[name][rows]):
+        return f"{name}: rows not listed in state_indices changed"
+    return ""
+
+
+def seed_of(case: Case) -> int:
+    """Every dtype and backend sees the same values for a case."""
+    return zlib.crc32(f"{case.op}/{case.name}".encode())
+
+
+def run_case(backend: str, case: Case, dtype: str, device: str = "cpu") -> Result:
+    start = time.perf_counter()
+    res = Result(backend, case.op, case.name, dtype, "error")
+    try:
+        _run(backend, case, tensors.DTYPES[dtype], device, res)
+    except NotSupported as exc:
+        res.status, res.detail = "unsupported", exc.reason
+    except BackendUnavailable as exc:
+        res.status, res.detail = "unsupported", f"unavailable: {exc.reason}"
+    except Exception as exc:  # a crash in a backend is a failure with its message, not a suite abort
+        res.status, res.detail = "error", f"{type(exc).__name__}: {exc}"
+    res.seconds = time.perf_counter() - start
+    return res
+
+
+def _run(backend: str, case: Case, dtype: torch.dtype, device: str, res: Result) -> None:
+    raw = case.make(np.random.default_rng(seed_of(case)))
+    state_dtype = dtype if case.state_in_act_dtype else torch.float32
+    inputs = tensors.to_torch(raw, dtype, device, state_dtype)
+    oracle = call(case.op, tensors.upcast(tensors.clone(inputs)), "reference")
+    with emulate(dtype):
+        emulated = call(case.op, tensors.clone(inputs), "reference")
+    mine = tensors.clone(inputs)
+    if "out" in oracle and case.op != "write_kv_cache":
+        mine["out"] = tensors.poisoned_like(oracle["out"].to(dtype))
+    got = call(case.op, mine, backend)
+    verdicts = {name: compare(got[name], oracle[name], emulated[name], dtype) for name in oracle}
+    verdict = combine(verdicts)
+    problem = untouched_rows(case.op, inputs, mine)
+    if not problem and case.variant is not None:
+        problem = _invariant(backend, case, inputs, got, oracle, emulated, dtype)
+    if not problem and case.deterministic:
+        again = call(case.op, tensors.clone(inputs), backend)
+        if any(not torch.equal(again[n], got[n]) for n in got if n != "cache"):
+            problem = "not deterministic: the same inputs twice gave different bits"
+    res.err, res.tol = verdict.err, verdict.tol
+    if not verdict.ok:
+        res.status, res.detail = "fail", verdict.detail
+    elif problem:
+        res.status, res.detail = "fail", problem
+    else:
+        res.status = "pass"
+
+
+def _invariant(backend, case, inputs, got, oracle, emulated, dtype) -> str:
+    """The variant formulation must agree with the direct call within the same tolerance."""
+    variant = case.variant(lambda op, **kw: call(op, kw, backend), tensors.clone(inputs))
+    verdicts = {}
+    for name, value in variant.items():
+        # the budget of the direct call, centred on it instead of on the oracle
+        budget = compare(got[name], oracle[name], emulated[name], dtype)
+        v = compare(value, got[name], got[name], dtype)
+        verdicts[name] = Verdict(not v.detail and v.err <= budget.tol, v.err, budget.tol, v.detail)
+    verdict = combine(verdicts)
+    return "" if verdict.ok else f"invariant '{case.invariant}' broken: {verdict.detail}"

@@ -1,0 +1,77 @@
+"""Which hardware a call runs on: one enum and cheap probes that never start a device context."""
+from __future__ import annotations
+
+import enum
+import importlib.util
+import os
+
+
+class Platform(str, enum.Enum):
+    CPU = "cpu"
+    CUDA = "cuda"
+    ROCM = "rocm"
+    XPU = "xpu"
+    TPU = "tpu"
+
+
+def _override() -> Platform | None:
+    value = os.environ.get("PORTABLE_ATTN_PLATFORM")
+    if not value:
+        return None
+    try:
+        return Platform(value.lower())
+    except ValueError:
+        valid = ", ".join(p.value for p in Platform)
+        raise ValueError(f"PORTABLE_ATTN_PLATFORM={value!r} is not a platform; expected one of {valid}") from None
+
+
+def platform_of(x) -> Platform:
+    """Platform of an array (torch tensor or jax array), after the env override."""
+    forced = _override()
+    if forced is not None:
+        return forced
+    device = getattr(x, "device", None)
+    kind = getattr(device, "type", None)
+    if kind is not None:  # torch
+        if kind == "cuda":
+            import torch
+
+            return Platform.ROCM if getattr(torch.version, "hip", None) else Platform.CUDA
+        if kind == "xpu":
+            return Platform.XPU
+        if kind == "cpu":
+            return Platform.CPU
+        raise ValueError(f"tensors on device type {kind!r} are not served by any platform")
+    devices = getattr(x, "devices", None)  # jax
+    if callable(devices):
+        name = next(iter(devices())).platform
+        return {"tpu": Platform.TPU, "cpu": Platform.CPU, "gpu": Platform.CUDA, "cuda": Platform.CUDA,
+                "rocm": Platform.ROCM}.get(name, Platform.CPU)
+    raise TypeError(f"expected a torch tensor or jax array, got {type(x).__name__}")
+
+
+def _has_module(name: str) -> bool:
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def machine_platforms() -> list[Platform]:
+    """Accelerators present on this machine (CPU always last), without creating device contexts."""
+    forced = _override()
+    if forced is not None:
+        return [forced]
+    found: list[Platform] = []
+    if _has_module("torch"):
+        import torch
+
+        if torch.cuda.is_available():  # device count via NVML/HIP, no context
+            found.append(Platform.ROCM if getattr(torch.version, "hip", None) else Platform.CUDA)
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available():
+            found.append(Platform.XPU)
+    if _has_module("libtpu"):  # jax.devices() would grab GPU memory on a CUDA box
+        found.append(Platform.TPU)
+    found.append(Platform.CPU)
+    return found

@@ -1,0 +1,120 @@
+"""Backend discovery (built-ins plus the ``portable_attn.backends`` entry-point group) and selection."""
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+import os
+from importlib.metadata import entry_points
+
+from .backend import Backend, Call
+from .errors import BackendUnavailable, NotSupported
+from .platforms import Platform
+
+log = logging.getLogger("portable_attn")
+
+ENTRY_POINT_GROUP = "portable_attn.backends"
+
+# Built-in backends: "module:attribute" of each Backend instance (declarations only, no kernels).
+BUILTIN = {
+    "reference": "portable_attn.reference:BACKEND",
+}
+
+# Default priority per platform; names not registered (not built here) are passed over.
+DEFAULT_PRIORITY = {
+    Platform.CPU: ("cpu", "reference"),
+    Platform.CUDA: ("triton", "reference"),
+    Platform.ROCM: ("triton", "reference"),
+    Platform.XPU: ("triton", "reference"),
+    Platform.TPU: ("pallas",),
+}
+
+
+def _load(target: str) -> Backend:
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+@functools.cache
+def backends() -> dict[str, Backend]:
+    """Every registered backend by name: built-ins first, then entry points (a name clash is an error)."""
+    found = {name: _load(target) for name, target in BUILTIN.items()}
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name in found:
+            raise RuntimeError(f"entry point {ep.value!r} registers backend {ep.name!r}, which already exists")
+        backend = ep.load()
+        backend = backend() if isinstance(backend, type) else backend
+        if not isinstance(backend, Backend) or backend.name != ep.name:
+            raise RuntimeError(f"entry point {ep.name}={ep.value} must name a Backend called {ep.name!r}")
+        found[ep.name] = backend
+    return found
+
+
+def get(name: str) -> Backend:
+    known = backends()
+    if name not in known:
+        raise ValueError(f"unknown backend {name!r}; valid names: {', '.join(sorted(known))}")
+    return known[name]
+
+
+def interpret_mode() -> bool:
+    return os.environ.get("PORTABLE_ATTN_INTERPRET", "0") not in ("", "0")
+
+
+def strict_mode() -> bool:
+    return os.environ.get("PORTABLE_ATTN_STRICT", "0") not in ("", "0")
+
+
+def _parse(spec, source: str) -> list[str]:
+    names = [spec] if isinstance(spec, str) else list(spec)
+    names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"{source} names no backend")
+    for name in names:
+        if name not in backends():
+            raise ValueError(f"{source}: unknown backend {name!r}; valid names: {', '.join(sorted(backends()))}")
+    return names
+
+
+def why_not(backend: Backend, call: Call) -> str | None:
+    """The first reason `backend` cannot run `call`, or None."""
+    return backend.available() or backend.serves(call.platform) or backend.supports(call)
+
+
+@functools.cache
+def _log_once(op: str, backend: str, reason: str) -> None:
+    log.info("portable_attn: %s skips backend %s: %s", op, backend, reason)
+
+
+def select(call: Call, backend=None) -> Backend:
+    """The backend that runs `call`: `backend=` beats PORTABLE_ATTN_BACKEND beats the platform default."""
+    if backend is not None:
+        names = _parse(backend, "backend=")
+    elif os.environ.get("PORTABLE_ATTN_BACKEND"):
+        names = _parse(os.environ["PORTABLE_ATTN_BACKEND"], "PORTABLE_ATTN_BACKEND")
+    else:
+        names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
+    if len(names) == 1:
+        chosen = get(names[0])
+        _raise_if_unusable(chosen, call)
+        return chosen
+    reasons = []
+    for name in names:
+        candidate = get(name)
+        reason = why_not(candidate, call)
+        if reason is None:
+            return candidate
+        if strict_mode():
+            _raise_if_unusable(candidate, call)
+        _log_once(call.op, name, reason)
+        reasons.append(f"{name}: {reason}")
+    raise NotSupported("/".join(names), call.op, "; ".join(reasons) or "no backend for this platform")
+
+
+def _raise_if_unusable(backend: Backend, call: Call) -> None:
+    reason = backend.available()
+    if reason:
+        raise BackendUnavailable(backend.name, reason)
+    reason = backend.serves(call.platform) or backend.supports(call)
+    if reason:
+        raise NotSupported(backend.name, call.op, reason)

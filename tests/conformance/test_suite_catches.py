@@ -1,0 +1,154 @@
+"""The suite must be able to fail: backends with planted bugs are caught, each by the right check."""
+import pytest
+import torch
+
+from portable_attn import registry
+from portable_attn.backend import Backend
+from portable_attn.conformance import SMOKE, catalogue, run_case
+from portable_attn.errors import NotSupported
+from portable_attn.reference import BACKEND as REFERENCE
+
+
+class Mutant(Backend):
+    """The reference with one planted bug, applied to the call's arguments or to its result."""
+
+    platforms = REFERENCE.platforms
+
+    def __init__(self, name, before=None, after=None, ops=None):
+        self.name, self.before, self.after = name, before, after
+        self.ops = ops or REFERENCE.ops
+
+    def run(self, call):
+        args = dict(call.args)
+        if self.before:
+            args = self.before(call.op, args)
+        result = REFERENCE.run(type(call)(call.op, args, call.platform))
+        return self.after(call.op, args, result) if self.after else result
+
+
+def _first(result):
+    return result[0] if isinstance(result, tuple) else result
+
+
+def _noisy(op, args, result):
+    o = _first(result)
+    if o is not None and o.numel():
+        o.add_(1e-2 * o.abs().max().clamp(min=1) * torch.randn_like(o))
+    return result
+
+
+def _unwritten(op, args, result):
+    o = _first(result)
+    if o is not None and o.numel():
+        o[-1].fill_(float("nan"))
+    return result
+
+
+def _touch_other_rows(op, args, result):
+    cache = args.get("state") if op.endswith("_step") else args.get("initial_state")
+    idx = args.get("state_indices")
+    if cache is not None and idx is not None:
+        free = sorted(set(range(cache.shape[0])) - {int(i) for i in idx.tolist()})
+        if free:
+            cache[free[0]] += 1.0
+    return result
+
+
+def _drop_window(op, args):
+    if "window_size" in args:
+        args["window_size"] = (-1, -1)
+    return args
+
+
+def _drop_sinks(op, args):
+    args["sinks"] = None if "sinks" in args else args.get("sinks")
+    return args
+
+
+def _wrong_gqa(op, args):
+    """Query head h reads kv head h % Hkv instead of h // (Hq // Hkv)."""
+    if op == "attention" and args["q"].shape[1] != args["k"].shape[1]:
+        hq, hkv = args["q"].shape[1], args["k"].shape[1]
+        perm = torch.tensor([(h % hkv) * (hq // hkv) + h // hkv for h in range(hq)])
+        args["q"] = args["q"][:, perm]
+        if args.get("sinks") is not None:
+            args["sinks"] = args["sinks"][perm]
+    return args
+
+
+class _Flaky:
+    """Different bits on every call (like an atomic-add reduction)."""
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, op, args, result):
+        self.calls += 1
+        o = _first(result)
+        if o is not None and o.numel() and o.is_floating_point():
+            o.view(-1)[0] = torch.nextafter(o.view(-1)[0], torch.tensor(float("inf"), dtype=o.dtype)) \
+                if self.calls % 2 else o.view(-1)[0]
+        return result
+
+
+def _unsupported_bf16(op, args):
+    first = next(iter(args.values()))
+    if first.dtype == torch.bfloat16:
+        raise NotSupported("mutant", op, "bfloat16 is not handled")
+    return args
+
+
+@pytest.fixture
+def with_backend(monkeypatch):
+    def install(backend):
+        known = dict(registry.backends()) | {backend.name: backend}
+        monkeypatch.setattr(registry, "backends", lambda: known)
+        return backend.name
+    return install
+
+
+def _results(name, ops=None, dtypes=("float32",)):
+    return [run_case(name, c, d) for c in catalogue(SMOKE, ops) for d in dtypes]
+
+
+def test_reference_itself_passes(with_backend):
+    name = with_backend(Mutant("honest"))
+    results = _results(name, ["attention", "ssd_step"])
+    assert results and all(r.status == "pass" for r in results), [r for r in results if r.status != "pass"]
+
+
+@pytest.mark.parametrize("mutant,ops,expect", [
+    (Mutant("noisy", after=_noisy), None, "err"),
+    (Mutant("unwritten", after=_unwritten), None, "NaN"),
+    (Mutant("rows", after=_touch_other_rows), ["linear_attention_step", "ssd"], "rows not listed"),
+    (Mutant("window", before=_drop_window), ["attention"], ""),
+    (Mutant("sinks", before=_drop_sinks), ["attention", "paged_attention", "sparse_attention"], ""),
+    (Mutant("gqa", before=_wrong_gqa), ["attention"], ""),
+])
+def test_planted_bug_is_caught(with_backend, mutant, ops, expect):
+    name = with_backend(mutant)
+    results = _results(name, ops)
+    failed = [r for r in results if r.status == "fail"]
+    assert failed, f"no case caught the {name} mutant"
+    assert any(expect in r.detail for r in failed), [r.detail for r in failed]
+
+
+def test_nondeterminism_is_caught(with_backend):
+    name = with_backend(Mutant("flaky", after=_Flaky()))
+    results = _results(name, ["attention"])
+    assert any("not deterministic" in r.detail for r in results)
+
+
+def test_unsupported_is_never_a_pass(with_backend):
+    name = with_backend(Mutant("partial", before=_unsupported_bf16))
+    results = _results(name, ["causal_conv1d"], dtypes=("float32", "bfloat16"))
+    assert {r.status for r in results if r.dtype == "bfloat16"} == {"unsupported"}
+    assert all("bfloat16 is not handled" in r.detail for r in results if r.dtype == "bfloat16")
+    assert {r.status for r in results if r.dtype == "float32"} == {"pass"}
+
+
+def test_an_op_a_backend_lacks_is_unsupported(with_backend):
+    name = with_backend(Mutant("attn-only", ops=("attention",)))
+    results = _results(name, ["ssd"])
+    assert results and {r.status for r in results} == {"unsupported"}
+    assert "ssd is not implemented" in results[0].detail
