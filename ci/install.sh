@@ -52,7 +52,7 @@ trap 'rm -f "$constraints"' EXIT
 "$python" -m pip list --format=freeze 2>/dev/null \
   | grep -E '^(torch|triton|triton-xpu|pytorch-triton(-[a-z]+)?)==' >"$constraints" || true
 grep -qE '^(triton|triton-xpu|pytorch-triton(-[a-z]+)?)==' "$constraints" || echo "triton==$triton_version" >>"$constraints"
-printf 'jax==%s\njaxlib==%s\n' "$jax_version" "$jax_version" >>"$constraints"
+echo "jax==$jax_version" >>"$constraints"   # jax pins its own jaxlib (and libtpu for jax[tpu])
 echo "constraints: $(tr '\n' ' ' <"$constraints")"
 
 editable=()

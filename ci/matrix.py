@@ -103,11 +103,12 @@ def validate(doc, root: Path = ROOT) -> list[str]:
             err("runner must be a non-empty list of labels")
         if device in DEVICES and device != "cpu" and not (isinstance(runner, list) and "self-hosted" in runner):
             err(f"{device} entries run on self-hosted runners: runner must list `self-hosted`")
-        for key, value in (e.get("env") or {}).items():
+        env, wanted = e.get("env"), e.get("extras")
+        for key, value in (env.items() if isinstance(env, dict) else ()):
             if not (isinstance(key, str) and ENV_KEY.fullmatch(key)) or not isinstance(value, str):
                 err(f"env {key}: names are upper-case identifiers and values are strings (quote them)")
-        for extra in e.get("extras") or []:
-            if extra not in extras:
+        for extra in (wanted if isinstance(wanted, list) else ()):
+            if not isinstance(extra, str) or extra not in extras:
                 err(f"extra `{extra}` is not in pyproject.toml's optional-dependencies")
 
         issue = e.get("issue")
@@ -232,10 +233,14 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "list":
         print(table(doc))
     elif args.command == "gha":
-        devices = [d for d in args.devices.split(",") if d]
+        devices = [d.strip() for d in args.devices.split(",") if d.strip()]
         if unknown := set(devices) - set(DEVICES):
             parser.error(f"unknown device(s) {', '.join(sorted(unknown))}; expected {', '.join(DEVICES)}")
-        print(json.dumps(gha(doc, devices), separators=(",", ":")))
+        plan = gha(doc, devices)
+        if not plan["include"]:  # GitHub rejects an empty matrix with a less helpful message
+            print(f"{args.matrix}: no ready entries for devices {args.devices!r}", file=sys.stderr)
+            return 1
+        print(json.dumps(plan, separators=(",", ":")))
     elif args.command == "run":
         if args.name:
             if unknown := set(args.name) - {e["name"] for e in entries}:

@@ -180,6 +180,11 @@ def test_gha_device_filter(capsys):
     assert include and {i["device"] for i in include} == {"cpu"}
 
 
+def test_gha_refuses_an_empty_matrix(capsys):
+    assert matrix.main(["gha", "--devices", "tpu"]) == 1  # tpu has no ready entry
+    assert "no ready entries for devices 'tpu'" in capsys.readouterr().err
+
+
 def test_list_shows_planned_entries(capsys):
     assert matrix.main(["list"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -208,6 +213,7 @@ BAD = {
     "unknown device": ([{**_ready_entry(), "device": "npu"}], "device `npu` is not one of"),
     "unknown backend": ([{**_ready_entry(), "backend": "flash"}], "backend `flash` is not one of"),
     "unknown extra": ([{**_ready_entry(), "extras": ["gpu"]}], "extra `gpu` is not in pyproject"),
+    "extra not a name": ([{**_ready_entry(), "extras": [["onnx"]]}], "is not in pyproject"),
     "planned without issue": ([_ready_entry(), _drop(_planned_entry(), "issue")], "names the issue"),
     "ready with issue": ([{**_ready_entry(), "issue": 3}], "a ready entry has no `issue`"),
     "wrong image": ([{**_ready_entry(), "image": "Dockerfiles/Dockerfile.cuda"}], "image must be"),
@@ -218,6 +224,8 @@ BAD = {
     "env value not a string": ([{**_ready_entry(), "env": {"TRITON_INTERPRET": 1}}], "values are strings"),
     "typo in a field": ([{**_ready_entry(), "allow_failures": True}], "unknown field `allow_failures`"),
     "bad type": ([{**_ready_entry(), "allow_failure": "no"}], "`allow_failure` must be true/false"),
+    "env not a mapping": ([{**_ready_entry(), "env": ["A=1"]}], "`env` must be a mapping"),
+    "extras not a list": ([{**_ready_entry(), "extras": "onnx"}], "`extras` must be a list"),
     "nothing ready": ([_planned_entry()], "no ready entries"),
 }
 
