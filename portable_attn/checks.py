@@ -66,7 +66,7 @@ def activations(ref_name: str, ref: torch.Tensor, **others) -> None:
 
 
 def param_dtypes(act: torch.dtype) -> tuple:
-    """Gates and parameters may be float32 whatever the activation dtype (or the activation dtype)."""
+    """Gates, parameters and states may be float32 whatever the activation dtype, or that dtype."""
     return (torch.float32, act) if act != torch.float32 else (torch.float32,)
 
 
@@ -199,11 +199,11 @@ def sequences(a: dict, total: int, device, check_values: bool) -> int:
     return cu_seqlens("cu_seqlens", a["cu_seqlens"], total, device, check_values).shape[0] - 1
 
 
-def gate(name: str, g, lead: tuple, lead_dims: str, heads: int, kdim: int, act, device, *, per_key: bool) -> None:
-    """A log-decay gate [*lead, heads] or, where allowed, [*lead, heads, kdim]."""
+def gate(name: str, g, lead: tuple, lead_dims: str, heads: int, kdim: int, act, device) -> None:
+    """A log-decay gate [*lead, heads] or, per key dim, [*lead, heads, kdim]."""
     if g is None:
         return
-    if per_key and isinstance(g, torch.Tensor) and g.dim() == len(lead) + 2:
+    if isinstance(g, torch.Tensor) and g.dim() == len(lead) + 2:
         tensor(name, g, f"{lead_dims} H K", dtypes=param_dtypes(act), device=device)
         want = lead + (heads, kdim)
     else:
@@ -388,61 +388,55 @@ def check_sparse_attention(a: dict) -> dict:
 
 # ---- recurrent family -------------------------------------------------------------------------
 
-def _state_dtypes(act):
-    return (torch.float32, act) if act != torch.float32 else (torch.float32,)
-
-
-def check_linear_attention(a: dict, step: bool = False) -> dict:
-    lead = "bsz" if step else "T"
+def recurrent_qkv(a: dict, lead: str, v_heads: str) -> tuple:
+    """q, k `[lead, H, K]` alike and v `[lead, v_heads, V]` with the same token count."""
     q = tensor("q", a["q"], f"{lead} H K")
-    dev = q.device
-    k = tensor("k", a["k"], f"{lead} H K", device=dev)
-    v = tensor("v", a["v"], f"{lead} H V", device=dev)
+    k = tensor("k", a["k"], f"{lead} H K", device=q.device)
+    v = tensor("v", a["v"], f"{lead} {v_heads} V", device=q.device)
     activations("q", q, k=k, v=v)
     if k.shape != q.shape:
         raise ValueError(f"k: expected the shape of q {_shape(q)}, got {_shape(k)}")
     dim("v", v, 0, q.shape[0], f"the token count {lead} of q")
+    return q, k, v
+
+
+def state_args(a: dict, x: torch.Tensor, tail: tuple, tail_dims: str, step: bool) -> None:
+    """The state arguments of a sequence form (initial_state, ...) or of a step form (state=)."""
+    check = index_checks_enabled(x)
+    if step:
+        step_state(a, tail, tail_dims, x.shape[0], x.device, check, param_dtypes(x.dtype))
+    else:
+        nseq = sequences(a, x.shape[0], x.device, check)
+        states(a, tail, tail_dims, nseq, x.dtype, x.device, check, param_dtypes(x.dtype))
+
+
+def check_linear_attention(a: dict, step: bool = False) -> dict:
+    lead = "bsz" if step else "T"
+    q, k, v = recurrent_qkv(a, lead, "H")
+    dev = q.device
     dim("v", v, 1, q.shape[1], "the head count H of q")
     a["scale"] = scale("scale", a["scale"], q.shape[2])
-    gate("g", a["g"], (q.shape[0],), lead, q.shape[1], q.shape[2], q.dtype, dev, per_key=True)
-    tail = (q.shape[1], q.shape[2], v.shape[2])
-    check = index_checks_enabled(q)
-    if step:
-        step_state(a, tail, "H K V", q.shape[0], dev, check, _state_dtypes(q.dtype))
-    else:
-        nseq = sequences(a, q.shape[0], dev, check)
-        states(a, tail, "H K V", nseq, q.dtype, dev, check, _state_dtypes(q.dtype))
+    gate("g", a["g"], (q.shape[0],), lead, q.shape[1], q.shape[2], q.dtype, dev)
+    state_args(a, q, (q.shape[1], q.shape[2], v.shape[2]), "H K V", step)
     out_tensor(a, tuple(v.shape), q.dtype, dev, f"{lead} H V")
     return a
 
 
 def check_gated_delta_rule(a: dict, step: bool = False) -> dict:
     lead = "bsz" if step else "T"
-    q = tensor("q", a["q"], f"{lead} H K")
+    q, k, v = recurrent_qkv(a, lead, "Hv")
     dev = q.device
-    k = tensor("k", a["k"], f"{lead} H K", device=dev)
-    v = tensor("v", a["v"], f"{lead} Hv V", device=dev)
-    activations("q", q, k=k, v=v)
-    if k.shape != q.shape:
-        raise ValueError(f"k: expected the shape of q {_shape(q)}, got {_shape(k)}")
-    dim("v", v, 0, q.shape[0], f"the token count {lead} of q")
     gqa(v.shape[1], q.shape[1], "v", "q")
     hv = v.shape[1]
     if a["g"] is None:
         raise TypeError("g: expected a log-decay tensor [T, Hv] or [T, Hv, K], got None (use zeros for DeltaNet)")
-    gate("g", a["g"], (q.shape[0],), lead, hv, q.shape[2], q.dtype, dev, per_key=True)
+    gate("g", a["g"], (q.shape[0],), lead, hv, q.shape[2], q.dtype, dev)
     beta = tensor("beta", a["beta"], f"{lead} Hv", dtypes=param_dtypes(q.dtype), device=dev)
     if tuple(beta.shape) != (q.shape[0], hv):
         raise ValueError(f"beta: expected shape ({q.shape[0]}, {hv}), got {_shape(beta)}")
     flag("use_qk_l2norm", a["use_qk_l2norm"])
     a["scale"] = scale("scale", a["scale"], q.shape[2])
-    tail = (hv, q.shape[2], v.shape[2])
-    check = index_checks_enabled(q)
-    if step:
-        step_state(a, tail, "Hv K V", q.shape[0], dev, check, _state_dtypes(q.dtype))
-    else:
-        nseq = sequences(a, q.shape[0], dev, check)
-        states(a, tail, "Hv K V", nseq, q.dtype, dev, check, _state_dtypes(q.dtype))
+    state_args(a, q, (hv, q.shape[2], v.shape[2]), "Hv K V", step)
     out_tensor(a, tuple(v.shape), q.dtype, dev, f"{lead} Hv V")
     return a
 
@@ -490,13 +484,7 @@ def check_ssd(a: dict, step: bool = False) -> dict:
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"dt_limit: expected low <= high, got {tuple(lim)}")
     a["dt_limit"] = (lo, hi)
-    tail = (heads, p, B.shape[2])
-    check = index_checks_enabled(x)
-    if step:
-        step_state(a, tail, "H P N", n_tok, dev, check, _state_dtypes(x.dtype))
-    else:
-        nseq = sequences(a, n_tok, dev, check)
-        states(a, tail, "H P N", nseq, x.dtype, dev, check, _state_dtypes(x.dtype))
+    state_args(a, x, (heads, p, B.shape[2]), "H P N", step)
     out_tensor(a, tuple(x.shape), x.dtype, dev, f"{lead} H P")
     return a
 
@@ -515,12 +503,6 @@ def check_causal_conv1d(a: dict, step: bool = False) -> dict:
         dim("bias", a["bias"], 0, x.shape[1], "the channel count C of x")
     if a["activation"] not in (None, "silu"):
         raise ValueError(f"activation: expected None or 'silu', got {a['activation']!r}")
-    tail = (x.shape[1], w.shape[1] - 1)
-    check = index_checks_enabled(x)
-    if step:
-        step_state(a, tail, "C W-1", x.shape[0], dev, check, _state_dtypes(x.dtype))
-    else:
-        nseq = sequences(a, x.shape[0], dev, check)
-        states(a, tail, "C W-1", nseq, x.dtype, dev, check, _state_dtypes(x.dtype))
+    state_args(a, x, (x.shape[1], w.shape[1] - 1), "C W-1", step)
     out_tensor(a, tuple(x.shape), x.dtype, dev, f"{lead} C")
     return a
