@@ -108,6 +108,13 @@ def cmd_check(args, console: Console) -> int:
     return 1 if bad else 0
 
 
+def cmd_bench(args, console: Console) -> int:
+    from . import bench
+
+    args.device = args.device or default_device()
+    return bench.command(args, console)
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="portable-attn", description=__doc__)
     p.add_argument("--version", action="version", version=__version__)
@@ -123,6 +130,22 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--junit", help="write JUnit XML here")
     c.add_argument("--markdown", help="write the Markdown support matrix here")
     c.add_argument("--quiet", action="store_true", help="no progress bar")
+    b = sub.add_parser("bench", help="time backends and peer implementations side by side; write JSON and PNG plots")
+    b.add_argument("--list", action="store_true", help="list the cases and their sizes, run nothing")
+    b.add_argument("--case", action="extend", nargs="+", metavar="NAME", help="cases to run (default: all)")
+    b.add_argument("--backend", action="extend", nargs="+", metavar="NAME",
+                   help="portable_attn backends to time (default: every available one but reference)")
+    b.add_argument("--peers", action=argparse.BooleanOptionalAction, default=True,
+                   help="also time the peers (SDPA, FlexAttention, transformers' PyTorch paths)")
+    b.add_argument("--repeat", type=int, default=5, help="timed calls per implementation (default 5)")
+    b.add_argument("--warmup", type=int, default=1, help="untimed rounds before them (default 1)")
+    b.add_argument("--quick", action="store_true", help="tiny sizes (tests, CI)")
+    b.add_argument("--device", help="torch device (default: the accelerator if any, else cpu)")
+    b.add_argument("--out", default="bench-results", help="folder for bench.json and the PNGs (default bench-results)")
+    b.add_argument("--mem-budget-gb", type=float, default=16.0,
+                   help="skip peers whose estimated peak exceeds this many GiB (default 16)")
+    b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
+                   help="measure each implementation's peak memory in a worker process")
     return p
 
 
@@ -132,7 +155,7 @@ def main(argv=None) -> int:
     if args.command == "check" and args.dtype is None:
         args.dtype = ["float32", "float16", "bfloat16"]
     try:
-        return {"info": cmd_info, "check": cmd_check}[args.command](args, console)
+        return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args, console)
     except ValueError as exc:  # a bad backend name or env var: say it, no traceback
         console.print(f"[red]error:[/] {exc}")
         return 2

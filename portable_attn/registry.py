@@ -18,6 +18,7 @@ ENTRY_POINT_GROUP = "portable_attn.backends"
 # Built-in backends: "module:attribute" of each Backend instance (declarations only, no kernels).
 BUILTIN = {
     "reference": "portable_attn.reference:BACKEND",
+    "cpu": "portable_attn.backends.cpu:BACKEND",
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.

@@ -1,0 +1,46 @@
+"""The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): chunked, see `chunked.delta`."""
+from __future__ import annotations
+
+import torch
+
+from .chunked import cumulative, delta, split, sweep
+from .states import emit, gather, run_sequences, scatter
+
+
+def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+    """scale x rsqrt(sum x^2 + 1e-6) over the last axis, float32."""
+    x = x.float()
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_().mul_(scale)
+
+
+def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
+                     state_indices=None, has_initial_state=None, cu_seqlens=None, use_qk_l2norm=False, out=None):
+    n_tok, _, kd = q.shape
+    hv = v.shape[1]
+    y = out if out is not None else v.new_empty(v.shape)
+
+    def step(a, b, c, s):
+        qc, kc = split(q[a:b], c), split(k[a:b], c)
+        qc, kc = (_l2norm(qc, scale), _l2norm(kc)) if use_qk_l2norm else (qc.mul_(scale), kc)
+        return delta(qc, kc, split(v[a:b], c), cumulative(g[a:b], c), split(beta[a:b], c), s)
+
+    def kernel(start, end, s0):
+        return sweep(step, y, start, end, s0)
+
+    final = run_sequences(kernel, n_tok, (hv, kd, v.shape[2]), q.device, cu_seqlens, initial_state, state_indices,
+                          has_initial_state, output_final_state)
+    return y, final
+
+
+def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
+                          out=None):
+    hv = v.shape[1]
+    q, k = (_l2norm(q), _l2norm(k)) if use_qk_l2norm else (q.float(), k.float())
+    q, k = q.repeat_interleave(hv // q.shape[1], 1), k.repeat_interleave(hv // k.shape[1], 1)  # [bsz, Hv, K]
+    s = gather(state, state_indices)                                           # [bsz, Hv, K, V]
+    a = g.float().exp()
+    s *= a[..., None, None] if a.dim() == 2 else a[..., None]                   # S' = diag(exp(g_t)) S
+    u = beta.float()[..., None] * (v.float() - (k[..., None, :] @ s).squeeze(-2))  # beta (v - S'^T k)
+    s += k[..., None] * u[..., None, :]                                        # S' + k u^T
+    scatter(state, state_indices, s)
+    return emit(scale * (q[..., None, :] @ s).squeeze(-2), out, v.dtype)

@@ -1,0 +1,34 @@
+"""Linear attention and GLA (SPEC `linear_attention`): chunked, see `chunked.linear`."""
+from __future__ import annotations
+
+import torch
+
+from .chunked import cumulative, linear, split, sweep
+from .states import emit, gather, run_sequences, scatter
+
+
+def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
+                     state_indices=None, has_initial_state=None, cu_seqlens=None, out=None):
+    n_tok, h, kd = q.shape
+    y = out if out is not None else q.new_empty(v.shape)
+
+    def step(a, b, c, s):
+        gs = g[a:b] if g is not None else torch.zeros(b - a, h, device=q.device)
+        return linear(split(q[a:b], c).mul_(scale), split(k[a:b], c), split(v[a:b], c), cumulative(gs, c), s)
+
+    def kernel(start, end, s0):
+        return sweep(step, y, start, end, s0)
+
+    final = run_sequences(kernel, n_tok, (h, kd, v.shape[2]), q.device, cu_seqlens, initial_state, state_indices,
+                          has_initial_state, output_final_state)
+    return y, final
+
+
+def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
+    s = gather(state, state_indices)                              # [bsz, H, K, V]
+    if g is not None:
+        a = g.float().exp()
+        s *= a[..., None, None] if a.dim() == 2 else a[..., None]  # diag(exp(g_t)) S
+    s += k.float()[..., None] * v.float()[..., None, :]           # + k_t^T v_t
+    scatter(state, state_indices, s)
+    return emit(scale * (q.float()[..., None, :] @ s).squeeze(-2), out, q.dtype)

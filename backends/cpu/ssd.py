@@ -1,0 +1,63 @@
+"""Mamba-2 SSD (SPEC `ssd`): linear attention with q = C, k = B, v = d x, log-decay d A (state [P, N]
+is the transposed linear-attention state [N, P]); chunked, see `chunked.linear`."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from .chunked import cumulative, linear, split, sweep
+from .states import emit, gather, run_sequences, scatter
+
+
+def _dt(dt, dt_bias, dt_softplus, dt_limit):
+    """d = clamp(f(dt + dt_bias), dt_limit), float32."""
+    d = dt.float()
+    if dt_bias is not None:
+        d = d + dt_bias.float()
+    if dt_softplus:
+        d = torch.logaddexp(d, torch.zeros_like(d))
+    return d.clamp(min=dt_limit[0], max=dt_limit[1])
+
+
+def _skip_gate(y, x, D, z):
+    """y + D x, times silu(z) when given; float32. D is shaped to broadcast against x."""
+    if D is not None:
+        y = y + D * x
+    if z is not None:
+        y = y * F.silu(z.float())
+    return y
+
+
+def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
+        initial_state=None, output_final_state=False, state_indices=None, has_initial_state=None, cu_seqlens=None,
+        out=None):
+    n_tok, h, p = x.shape
+    d = _dt(dt, dt_bias, dt_softplus, dt_limit)                     # [T, H]
+    dA = d * A.float()                                              # log-decays
+    Dc = None if D is None else D.float().view(h, 1, -1)            # [H, 1, 1|P] against [NC, H, C, P]
+    y = out if out is not None else x.new_empty(x.shape)
+
+    def step(a, b, c, s):
+        xc, dc = split(x[a:b], c), split(d[a:b], c)                 # [NC, H, C, P], [NC, H, C]
+        o, s = linear(split(C[a:b], c), split(B[a:b], c), xc * dc[..., None], cumulative(dA[a:b], c), s)
+        return _skip_gate(o, xc, Dc, None if z is None else split(z[a:b], c)), s
+
+    def kernel(start, end, s0):
+        return sweep(step, y, start, end, s0.transpose(-1, -2)).transpose(-1, -2)
+
+    final = run_sequences(kernel, n_tok, (h, p, B.shape[2]), x.device, cu_seqlens, initial_state, state_indices,
+                          has_initial_state, output_final_state)
+    return y, final
+
+
+def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=(0.0, float("inf")), state_indices=None, out=None):
+    h = x.shape[1]
+    d = _dt(dt, dt_bias, dt_softplus, dt_limit)                                   # [bsz, H]
+    Bh, Ch = (t.float().repeat_interleave(h // t.shape[1], 1) for t in (B, C))    # [bsz, H, N]
+    s = gather(state, state_indices)                                              # [bsz, H, P, N]
+    s *= (d * A.float()).exp()[..., None, None]                                   # exp(d A) h
+    s += (d[..., None] * x.float())[..., None] * Bh[..., None, :]                 # + d x B^T
+    scatter(state, state_indices, s)
+    Dc = None if D is None else D.float().view(h, -1)                               # [H, 1|P]
+    return emit(_skip_gate((s @ Ch[..., None]).squeeze(-1), x.float(), Dc, z), out, x.dtype)

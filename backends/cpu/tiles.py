@@ -1,0 +1,166 @@
+"""The core the cpu attention ops share: one fused-kernel call over some queries and the keys they can
+see, partial results over disjoint key sets merged by log-sum-exp, and block-mask visibility per tile.
+
+Layouts are torch's attention layout `[B, H, L, D]`; callers pass strided views of their token-major
+inputs. Nothing here materialises more than the (query tile x visible keys) scores of one call.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from portable_attn.masks import EMPTY, FULL, PARTIAL
+
+NEG = -math.inf
+SCORE_BUDGET = 1 << 22  # score elements per step of the explicit (softcap) path: 16 MiB of float32
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def bounds(cu: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
+    """(start, end) of each packed sequence; one sequence when `cu` is None."""
+    if cu is None:
+        return [(0, total)]
+    c = cu.tolist()
+    return list(zip(c[:-1], c[1:]))
+
+
+def attend(q, k, v, vis, scale: float, softcap: float, causal: bool = False):
+    """q [B, Hq, L, D], k [B, Hkv, K, D], v [B, Hkv, K, Dv]; vis None (all visible) or bool
+    [B|1, Hq|1, L|1, K]; `causal`: query i sees key i and before (no vis, no softcap).
+
+    Returns o [B, Hq, L, Dv] (q's dtype or float32) and lse [B, Hq, L] float32; a row that sees
+    nothing gets o = 0, lse = -inf.
+    """
+    b, hq, lq, d = q.shape
+    hkv, nk, dv = k.shape[1], k.shape[2], v.shape[3]
+    if nk == 0 or lq == 0 or b == 0:
+        return q.new_zeros(b, hq, lq, dv), q.new_full((b, hq, lq), NEG, dtype=torch.float32)
+    if causal and scale == 0:  # the kernel's own causal mask turns into NaN at scale 0
+        vis, causal = torch.ones(lq, nk, dtype=torch.bool).tril()[None, None], False
+    g = hq // hkv
+    if g > 1 and not causal:  # the g query heads of a kv head as one block of rows: each kv head read once
+        q = q.reshape(b, hkv, g * lq, d)
+        if vis is not None:
+            vis = vis.expand(vis.shape[0], vis.shape[1], lq, nk)
+            vis = (vis.reshape(vis.shape[0], hkv, g * lq, nk) if vis.shape[1] == hq
+                   else vis[:, :, None].expand(-1, -1, g, -1, -1).reshape(vis.shape[0], 1, g * lq, nk))
+    o, lse = (_explicit if softcap > 0 else _fused)(q, k, v, vis, scale, softcap, causal)
+    return o.reshape(b, hq, lq, dv), lse.reshape(b, hq, lq)
+
+
+def unit(x):
+    """x with a contiguous last axis: the kernel assumes one (and silently misreads others)."""
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def _fused(q, k, v, vis, scale, softcap, causal):
+    d, dv = q.shape[-1], v.shape[-1]
+    if dv < d:  # the kernel wants one head dim: zero columns change neither scores nor outputs
+        v = F.pad(v, (0, d - dv))
+    elif dv > d:
+        q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
+    bias = None if vis is None else torch.zeros(vis.shape, dtype=q.dtype).masked_fill_(~vis, NEG)
+    o, lse = _flash(unit(q), unit(k), unit(v), 0.0, causal, attn_mask=bias, scale=scale)
+    if vis is not None:
+        lse = lse.masked_fill(~vis.any(-1), NEG)  # the kernel reports lse = 0 for a row with no key
+    return o[..., :dv], lse
+
+
+def _explicit(q, k, v, vis, scale, softcap, causal):
+    """Scores in float32 (softcap needs them), over key chunks bounded by SCORE_BUDGET, merged by lse."""
+    b, h, r, _ = q.shape
+    q = q.float()
+    step = max(1, SCORE_BUDGET // (b * h * r))
+    o = lse = None
+    for j in range(0, k.shape[2], step):
+        s = scale * (q @ k[:, :, j:j + step].float().transpose(-1, -2))  # [B, H, R, step]
+        s = softcap * torch.tanh(s / softcap)
+        if vis is not None:
+            s = s.masked_fill(~vis[..., j:j + step], NEG)
+        part_lse = torch.logsumexp(s, -1)
+        part = torch.exp(s - part_lse.clamp(min=torch.finfo(s.dtype).min)[..., None]) @ v[:, :, j:j + step].float()
+        o, lse = (part, part_lse) if o is None else merge(o, lse, part, part_lse)
+    return o, lse
+
+
+def _weight(lse, total):
+    """exp(lse - total), 0 where the total is -inf (nothing seen anywhere)."""
+    return torch.where(total > NEG, torch.exp(lse - total), 0.0)[..., None]
+
+
+def merge(o1, lse1, o2, lse2):
+    """Attention over the union of two disjoint key sets from the results over each (float32)."""
+    lse = torch.logaddexp(lse1, lse2)
+    return o1 * _weight(lse1, lse) + o2 * _weight(lse2, lse), lse
+
+
+def add_sinks(o, lse, sinks):
+    """Join the per-head sink logits `sinks [Hq]` to the denominator; o [B, Hq, L, Dv], lse [B, Hq, L]."""
+    if sinks is None:
+        return o, lse
+    total = torch.logaddexp(lse, sinks.float()[:, None])
+    return o * _weight(lse, total), total
+
+
+def store(o, lse, t0: int, ot, lt, sinks) -> None:
+    """Write n tiles of r rows, ot [n, Hq, r, Dv] and lt [n, Hq, r], to query rows t0 .. t0 + n*r of
+    o [Tq, Hq, Dv] and lse [Hq, Tq], joining the sinks first."""
+    ot, lt = add_sinks(ot, lt, sinks)
+    n, hq, r, dv = ot.shape
+    o[t0:t0 + n * r].view(n, r, hq, dv).copy_(ot.transpose(1, 2))
+    lse[:, t0:t0 + n * r].view(hq, n, r).copy_(lt.transpose(0, 1))
+
+
+def band_vis(p, j, causal: bool, window: tuple[int, int]):
+    """Causal/window visibility bool [1, len(p), len(j)] of query positions p and key positions j,
+    or None when every pair is visible."""
+    left, right = window
+    diff = (j[None, :] - p[:, None])[None]  # j - p
+    vis = torch.ones(diff.shape, dtype=torch.bool)
+    if causal:
+        vis &= diff <= 0
+    if left >= 0:
+        vis &= diff >= -left
+    if right >= 0:
+        vis &= diff <= right
+    return None if bool(vis.all()) else vis
+
+
+def block_keys(bm, s: int, p, lo: int, hi: int):
+    """Key positions in [lo, hi) of blocks that `bm` leaves non-EMPTY for some query position in p."""
+    bq, bk = bm.block_size
+    lay = bm.layout[s if bm.layout.shape[0] > 1 else 0]  # [Hm, nqb, nkb]
+    p = p[(p >= 0) & (p < lay.shape[1] * bq)]            # positions outside the layout see nothing
+    if p.numel() == 0:
+        return torch.zeros(0, dtype=torch.long)
+    rows = lay[:, int(p[0]) // bq:int(p[-1]) // bq + 1]
+    blocks = (rows != EMPTY).flatten(0, 1).any(0)         # [nkb]
+    j = torch.arange(lo, min(hi, lay.shape[2] * bk))
+    return j[blocks.index_select(0, j // bk)]
+
+
+def block_vis(bm, s: int, p, j):
+    """What `bm` allows sequence s: bool [Hm, len(p), len(j)], Hm = 1 or the query head count
+    (BlockMask.dense for all heads at once)."""
+    bq, bk = bm.block_size
+    si = s if bm.layout.shape[0] > 1 else 0
+    lay, index = bm.layout[si], bm.partial_index[si]       # [Hm, nqb, nkb]
+    nqb, nkb = lay.shape[1:]
+    inside = ((p >= 0) & (p < nqb * bq))[:, None] & ((j >= 0) & (j < nkb * bk))[None, :]
+    if nqb == 0 or nkb == 0:
+        return torch.zeros_like(inside)[None]
+    # flat index_select gathers: advanced indexing is ~500x slower on the CPU for these sizes
+    qb, kb = p.clamp(0, nqb * bq - 1) // bq, j.clamp(0, nkb * bk - 1) // bk
+    where = (qb[:, None] * nkb + kb[None, :]).flatten()
+    state = lay.flatten(1).index_select(1, where).view(lay.shape[0], p.numel(), j.numel())  # [Hm, L, K]
+    allowed = state == FULL
+    partial = state == PARTIAL
+    if bool(partial.any()):
+        pick = index.flatten(1).index_select(1, where).clamp(min=0).long() * (bq * bk)
+        elem = ((p % bq)[:, None] * bk + (j % bk)[None, :]).flatten()
+        inner = bm.partial_masks.flatten().index_select(0, (pick + elem).flatten()).view_as(state)
+        allowed |= partial & inner
+    return allowed & inside

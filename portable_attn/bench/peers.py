@@ -1,0 +1,136 @@
+"""Peers: what a user would run instead of portable_attn, on the same inputs.
+
+Each `prepare` maps our packed, token-major layout to the peer's outside the timed region and returns
+the timed call. `Impl.what` says exactly what that call does.
+"""
+from __future__ import annotations
+
+import functools
+import importlib
+
+import torch
+import torch.nn.functional as F
+
+from .impls import Impl, Refused
+
+HF_MAMBA2_CHUNK = 256  # Mamba2Config.chunk_size's default
+
+
+def _heads_first(x):
+    return x.transpose(0, 1).unsqueeze(0).contiguous()  # [T, H, D] -> [1, H, T, D]
+
+
+def _attention_layout(args):
+    q, k, v = (_heads_first(args[n]) for n in "qkv")
+    return q, k, v, dict(enable_gqa=q.shape[1] != k.shape[1])
+
+
+def _mask_mod(args):
+    """The visible (query, key) pairs of a prefill attention call (Tq == Tk) as a FlexAttention mask_mod;
+    evaluated on index grids it is also the dense mask."""
+    causal, (left, right) = args["causal"], args["window_size"]
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        keep = kv_idx <= q_idx if causal else kv_idx >= 0
+        if left >= 0:
+            keep = keep & (q_idx - kv_idx <= left)
+        if right >= 0:
+            keep = keep & (kv_idx - q_idx <= right)
+        return keep
+    return mask_mod
+
+
+def _sdpa_causal(args, sizes):
+    q, k, v, gqa = _attention_layout(args)
+    return functools.partial(F.scaled_dot_product_attention, q, k, v, is_causal=True, **gqa)
+
+
+def _sdpa_mask(args, sizes):
+    q, k, v, gqa = _attention_layout(args)
+    idx = torch.arange(q.shape[2], device=q.device)
+    mask = _mask_mod(args)(None, None, idx[:, None], idx[None, :])  # [T, T] bool
+    return functools.partial(F.scaled_dot_product_attention, q, k, v, attn_mask=mask, **gqa)
+
+
+def _dense_mask_bytes(sizes):
+    """The bool mask, one more while building it, and the float copy SDPA makes of it; plus q, k, v, out."""
+    T = sizes["T"]
+    return T * T * (1 + 1 + 4) + 4 * T * sizes["H"] * sizes["D"] * 4
+
+
+EAGER_BLOCK_MASK_PAIRS = 4096 * 4096  # eager create_block_mask holds ~11 bytes per (query, key) pair
+
+
+@functools.cache
+def _flex_fns():
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+
+    # One compile per shape and pattern: a run has more than dynamo's default 8.
+    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+    # Above EAGER_BLOCK_MASK_PAIRS the block mask is built compiled, which never materialises [T, T].
+    return create_block_mask, torch.compile(create_block_mask), torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(args, sizes):
+    try:
+        eager_block_mask, compiled_block_mask, flex = _flex_fns()
+    except ImportError:
+        raise Refused("skipped", f"FlexAttention is not in torch {torch.__version__}") from None
+    q, k, v, gqa = _attention_layout(args)
+    Tq, Tk = q.shape[2], k.shape[2]
+    block_mask_of = eager_block_mask if Tq * Tk <= EAGER_BLOCK_MASK_PAIRS else compiled_block_mask
+    block_mask = block_mask_of(_mask_mod(args), None, None, Tq, Tk, device=q.device)
+    return functools.partial(flex, q, k, v, block_mask=block_mask, **gqa)
+
+
+def _gather_sdpa(args, sizes):
+    q, k_cache, v_cache, table = args["q"].unsqueeze(2), args["k_cache"], args["v_cache"], args["block_table"]
+    if not bool((args["seqused_k"] == table.shape[1] * k_cache.shape[1]).all()):
+        raise Refused("skipped", "gather+SDPA here needs every sequence to fill its block table (no padding mask)")
+
+    def step():
+        k = k_cache[table].flatten(1, 2).transpose(1, 2)  # [B, Hkv, L, D], gathered out of the pages
+        v = v_cache[table].flatten(1, 2).transpose(1, 2)
+        return F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    return step
+
+
+def _hf(module: str, name: str):
+    """The PyTorch function `name` of a transformers model module (the torch path, not a kernel-hub wrapper)."""
+    try:
+        importlib.import_module("transformers").logging.set_verbosity_error()  # its "slow fallback" notices
+        fn = getattr(importlib.import_module(f"transformers.models.{module}"), name)
+    except (ImportError, AttributeError) as exc:
+        raise Refused("skipped", f"transformers with {module}.{name} is not installed ({exc})") from None
+    return getattr(fn, "__wrapped__", fn)
+
+
+def _hf_qwen3next(args, sizes):
+    fn = _hf("qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule")
+    q, k, v, g, beta = (args[n].unsqueeze(0) for n in ("q", "k", "v", "g", "beta"))  # [1, T, H, ...], their layout
+    return functools.partial(fn, q, k, v, g, beta, use_qk_l2norm_in_kernel=args["use_qk_l2norm"])
+
+
+def _hf_mamba2(args, sizes):
+    fn = _hf("mamba2.modeling_mamba2", "mamba2_chunk_scan")
+    x, dt, B, C = (args[n].unsqueeze(0) for n in ("x", "dt", "B", "C"))
+    return functools.partial(fn, x, dt, args["A"], B, C, chunk_size=HF_MAMBA2_CHUNK, D=args["D"],
+                             dt_bias=args["dt_bias"], dt_softplus=args["dt_softplus"])
+
+
+PEERS = {p.name: p for p in (
+    Impl("sdpa-causal", "peer", "F.scaled_dot_product_attention(q, k, v, is_causal=True) on [1, H, T, D] copies",
+         _sdpa_causal),
+    Impl("sdpa-mask", "peer", "F.scaled_dot_product_attention(q, k, v, attn_mask=dense bool [T, T] mask) on "
+         "[1, H, T, D] copies, in a worker process; the mask is built in setup", _sdpa_mask,
+         need_bytes=_dense_mask_bytes, in_child=True),
+    Impl("flex", "peer", "torch.compile(flex_attention)(q, k, v, block_mask) on [1, H, T, D] copies; the block "
+         "mask (create_block_mask, same mask_mod) and the compile are setup", _flex),
+    Impl("gather-sdpa", "peer", "k_cache[block_table], v_cache[block_table] gathered to [B, Hkv, L, D] (timed), "
+         "then F.scaled_dot_product_attention(enable_gqa=True)", _gather_sdpa),
+    Impl("hf-qwen3next", "peer", "transformers Qwen3-Next torch_chunk_gated_delta_rule(use_qk_l2norm_in_kernel=True, "
+         "chunk 64) on [1, T, H, K] views; the whole call (its transposes, fp32 casts, padding) is timed",
+         _hf_qwen3next),
+    Impl("hf-mamba2", "peer", f"transformers Mamba-2 mamba2_chunk_scan torch path (chunk {HF_MAMBA2_CHUNK}): "
+         "softplus(dt + dt_bias), chunked SSD scan, D skip; no z, as in Mamba2Mixer (z goes to its norm)", _hf_mamba2),
+)}

@@ -1,0 +1,65 @@
+"""What a run shows and writes: rich tables, the case list, the JSON file."""
+from __future__ import annotations
+
+import json
+import pathlib
+
+from rich.markup import escape
+from rich.table import Table
+
+from .cases import Case
+
+STATUS_STYLE = {"ok": "green", "skipped": "yellow", "unsupported": "yellow", "unavailable": "yellow", "error": "red"}
+
+
+def case_list(catalogue: dict[str, Case]) -> Table:
+    t = Table(title="benchmark cases")
+    t.add_column("case", no_wrap=True, min_width=max(len(n) for n in catalogue))
+    for col in ("op", "pattern", "points", "sizes", "baseline", "peers"):
+        t.add_column(col)
+    for c in catalogue.values():
+        fixed = {k: v for k, v in c.points[0].sizes.items() if k != c.axis}
+        t.add_row(c.name, c.op, c.pattern, f"{c.axis} = {', '.join(str(p.x) for p in c.points)}",
+                  " ".join(f"{k}={v}" for k, v in fixed.items()), c.baseline, ", ".join(c.peers))
+    return t
+
+
+def _num(value, fmt: str) -> str:
+    return "—" if value is None else format(value, fmt)
+
+
+def _ms(seconds) -> str:
+    return "—" if seconds is None else format(1e3 * seconds, ".0f" if seconds >= 0.1 else ".3g")
+
+
+def tables(results: dict) -> list[Table]:
+    out = []
+    for case in results["cases"]:
+        decode = any(p["bytes"] for p in case["points"])
+        t = Table(title=f"{case['name']}: {case['op']}, {case['pattern']}",
+                  caption=f"vs {case['baseline']}: its median / this median (> 1: faster)")
+        cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if decode else []),
+                "peak MB", "setup s", f"vs {case['baseline']}", "note"]
+        for col in cols:
+            t.add_column(col, justify="left" if col in (case["axis"], "impl", "note") else "right",
+                         no_wrap=col != "note")
+        for point in case["points"]:
+            for i, e in enumerate(point["impls"]):
+                mem = e.get("peak_mem_bytes")
+                status = "" if e["status"] == "ok" else f"{e['status']}: "
+                note = e["reason"] if status else e.get("peak_mem_note") or ""
+                t.add_row(str(point["x"]) if i == 0 else "", e["name"],
+                          _ms(e.get("median_s")), _ms(e.get("min_s")), _ms(e.get("iqr_s")),
+                          _num(e.get("gflops"), ".3g"),
+                          *([_num(e.get("gbps"), ".3g")] if decode else []),
+                          _num(None if mem is None else mem / 2**20, ".0f"), _num(e.get("setup_s"), ".2f"),
+                          _num(e.get("ratio"), ".2f"), f"[{STATUS_STYLE[e['status']]}]{status}{escape(note)}[/]",
+                          end_section=i == len(point["impls"]) - 1)
+        out.append(t)
+    return out
+
+
+def write_json(results: dict, out_dir: pathlib.Path) -> pathlib.Path:
+    path = out_dir / "bench.json"
+    path.write_text(json.dumps(results, indent=1))
+    return path

@@ -1,0 +1,140 @@
+"""One benchmark run: each point of each case timed across its implementations, then peak memory, ratios."""
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import os
+import platform
+import time
+from typing import Callable
+
+import torch
+
+from portable_attn import __version__
+
+from . import cases, impls, memory, plan, timing
+
+NOTES = {
+    "times_s": "seconds per call after `warmup` rounds; every implementation is called once per round, round-robin, "
+               "in this process (sdpa-mask in a worker process, still one call per turn)",
+    "setup_s": "prepare + first call: layout copies, masks, block masks, compiles, lazy imports",
+    "gflops": "FLOPs of the visible work (portable_attn/bench/cases.py) / median",
+    "gbps": "bytes a decode step must move (K, V, q, out, block table) / median",
+    "ratio": "baseline median / this median (> 1: faster than the case's baseline)",
+    "peak_mem_bytes": memory.MEANING,
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    cases: tuple[str, ...]
+    backends: tuple[str, ...]
+    peers: bool = True
+    repeat: int = 5
+    warmup: int = 1
+    quick: bool = False
+    device: str = "cpu"
+    mem_budget_gb: float = 16.0
+    memory: bool = True
+
+
+def machine(device: str) -> dict:
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor()
+    try:
+        transformers = importlib.metadata.version("transformers")
+    except importlib.metadata.PackageNotFoundError:
+        transformers = None
+    info = dict(cpu=cpu, cores=os.cpu_count(), torch_threads=torch.get_num_threads(), torch=torch.__version__,
+                transformers=transformers, portable_attn=__version__, python=platform.python_version(),
+                platform=platform.platform(), device=device,
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    if device.startswith("cuda"):
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
+    t0, info = time.perf_counter(), machine(settings.device)
+    catalogue = cases.catalogue(settings.quick)
+    unknown = [n for n in settings.cases if n not in catalogue]
+    if unknown:
+        raise ValueError(f"unknown case {', '.join(unknown)}; valid names: {', '.join(catalogue)}")
+    results = []
+    for name in settings.cases:
+        case = catalogue[name]
+        points = []
+        for index, point in enumerate(case.points):
+            log(f"{case.name} {case.label(point)}")
+            points.append(_run_point(case, index, point, settings))
+        results.append(dict(name=case.name, op=case.op, pattern=case.pattern, axis=case.axis,
+                            baseline=case.baseline, points=points))
+    if settings.memory:
+        log("peak memory, one worker process")
+        _add_memory(results, settings)
+    return dict(machine=info, settings=dataclasses.asdict(settings), notes=NOTES,
+                elapsed_s=time.perf_counter() - t0, cases=results)
+
+
+def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Settings) -> dict:
+    sync = timing.synchronizer(settings.device)
+    args = case.make(point.sizes, settings.device)
+    todo = plan.impls_for(case, settings.backends, settings.peers)
+    entries = {i.name: dict(name=i.name, kind=i.kind, what=i.what, status="ok", reason=None) for i in todo}
+    runners = {}
+    for impl in todo:
+        entry = entries[impl.name]
+        need = impl.need_bytes(point.sizes) if impl.need_bytes else None
+        if need is not None and need > settings.mem_budget_gb * 2**30:
+            entry.update(status="skipped",
+                         reason=f"needs ≈{need / 1e9:.1f} GB, over the {settings.mem_budget_gb:g} GiB memory budget")
+            continue
+        try:
+            if impl.in_child:
+                runner = timing.ChildRunner(plan.Spec(case.name, index, impl.name, settings.quick, settings.device))
+                entry["setup_s"] = runner.setup_s
+            else:
+                fn, entry["setup_s"] = impls.start(impl, args, point.sizes, sync)
+                runner = functools.partial(timing.timed, fn, sync)
+        except Exception as exc:  # noqa: BLE001 - reported as the implementation's status
+            entry["status"], entry["reason"] = impls.classify(exc, impl)
+            continue
+        runners[impl.name] = runner
+    try:
+        times, failed = timing.round_robin(runners, settings.warmup, settings.repeat)
+    finally:
+        for runner in runners.values():
+            if isinstance(runner, timing.ChildRunner):
+                runner.close()
+    by_name = {i.name: i for i in todo}
+    for name, exc in failed.items():
+        entries[name]["status"], entries[name]["reason"] = impls.classify(exc, by_name[name])
+    flops, nbytes = case.flops(point.sizes), case.bytes(point.sizes) if case.bytes else None
+    for name in runners.keys() - failed.keys():
+        entry = entries[name]
+        entry.update(timing.summary(times[name]))
+        entry["gflops"] = flops / entry["median_s"] / 1e9
+        entry["gbps"] = nbytes / entry["median_s"] / 1e9 if nbytes else None
+    base = entries.get(case.baseline)
+    for entry in entries.values():
+        ok = entry["status"] == "ok" and base is not None and base["status"] == "ok"
+        entry["ratio"] = base["median_s"] / entry["median_s"] if ok else None
+    return dict(label=case.label(point), x=point.x, sizes=point.sizes, flops=flops, bytes=nbytes,
+                impls=list(entries.values()))
+
+
+def _add_memory(results: list[dict], settings: Settings) -> None:
+    where = {}
+    for case in results:
+        for index, point in enumerate(case["points"]):
+            for entry in point["impls"]:
+                if entry["status"] == "ok":
+                    where[plan.Spec(case["name"], index, entry["name"], settings.quick, settings.device)] = entry
+    for spec, value in memory.measure(list(where)).items():
+        where[spec]["peak_mem_bytes"] = value if isinstance(value, int) else None
+        where[spec]["peak_mem_note"] = None if isinstance(value, int) else value
