@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tiles import attend, band_vis, block_keys, block_vis, bounds, merge, store, unit
+from .tiles import attend, band_vis, block_keys, bounds, merge, store, unit
 
 TILE = 256      # query rows per tile (x the GQA group once packed): measured on a 2-core AVX-512 host,
 MIN_TILE = 64   # fp32 flat over 64..256, bf16 best at 256; a narrower window gets tiles about its width
@@ -92,7 +92,7 @@ def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):
         j = torch.arange(lo, hi) if bm is None else block_keys(bm, s, p, lo, hi)
         vis = band_vis(p, j, opts.causal, window)
         if bm is not None:
-            blocks = block_vis(bm, s, p, j)  # [Hm, r, K]
+            blocks = bm.visible(s, p, j)  # [Hm, r, K]
             vis = blocks if vis is None else blocks & vis
         vis = None if vis is None else vis[None]
         if j.numel() == hi - lo:  # keys contiguous: tile i sees keys [lo + i*r, hi + i*r), views only

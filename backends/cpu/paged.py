@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .attention import Options, first_key, sequence
-from .tiles import attend, block_vis, bounds, store
+from .tiles import attend, bounds, store
 
 GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16 MiB: measured best)
 
@@ -60,7 +60,7 @@ def _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse):
         lk = torch.tensor(lens[a:b], dtype=torch.long)[:, None]
         vis = ((j >= first[a:b, None]) & (j < lk))[:, None, None]  # [C, 1, 1, K]
         if opts.block_mask is not None:
-            vis = vis & torch.stack([block_vis(opts.block_mask, s, lk[s - a] - 1, j[s - a])
+            vis = vis & torch.stack([opts.block_mask.visible(s, lk[s - a] - 1, j[s - a])
                                      for s in range(a, b)])  # [C, Hm, 1, K]
         vis = None if bool(vis.all()) else vis
         ot, lt = attend(q[a:b, :, None], kt, vt, vis, opts.scale, opts.softcap)

@@ -11,7 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from portable_attn.masks import EMPTY, FULL, PARTIAL
+from portable_attn.masks import EMPTY
 
 NEG = -math.inf
 SCORE_BUDGET = 1 << 22  # score elements per step of the explicit (softcap) path: 16 MiB of float32
@@ -140,27 +140,3 @@ def block_keys(bm, s: int, p, lo: int, hi: int):
     blocks = (rows != EMPTY).flatten(0, 1).any(0)         # [nkb]
     j = torch.arange(lo, min(hi, lay.shape[2] * bk))
     return j[blocks.index_select(0, j // bk)]
-
-
-def block_vis(bm, s: int, p, j):
-    """What `bm` allows sequence s: bool [Hm, len(p), len(j)], Hm = 1 or the query head count
-    (BlockMask.dense for all heads at once)."""
-    bq, bk = bm.block_size
-    si = s if bm.layout.shape[0] > 1 else 0
-    lay, index = bm.layout[si], bm.partial_index[si]       # [Hm, nqb, nkb]
-    nqb, nkb = lay.shape[1:]
-    inside = ((p >= 0) & (p < nqb * bq))[:, None] & ((j >= 0) & (j < nkb * bk))[None, :]
-    if nqb == 0 or nkb == 0:
-        return torch.zeros_like(inside)[None]
-    # flat index_select gathers: advanced indexing is ~500x slower on the CPU for these sizes
-    qb, kb = p.clamp(0, nqb * bq - 1) // bq, j.clamp(0, nkb * bk - 1) // bk
-    where = (qb[:, None] * nkb + kb[None, :]).flatten()
-    state = lay.flatten(1).index_select(1, where).view(lay.shape[0], p.numel(), j.numel())  # [Hm, L, K]
-    allowed = state == FULL
-    partial = state == PARTIAL
-    if bool(partial.any()):
-        pick = index.flatten(1).index_select(1, where).clamp(min=0).long() * (bq * bk)
-        elem = ((p % bq)[:, None] * bk + (j % bk)[None, :]).flatten()
-        inner = bm.partial_masks.flatten().index_select(0, (pick + elem).flatten()).view_as(state)
-        allowed |= partial & inner
-    return allowed & inside

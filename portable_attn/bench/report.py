@@ -32,34 +32,59 @@ def _ms(seconds) -> str:
     return "—" if seconds is None else format(1e3 * seconds, ".0f" if seconds >= 0.1 else ".3g")
 
 
+def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
+    """Column names and rows (cells, status, last row of its point) of one case's table."""
+    decode = any(p["bytes"] for p in case["points"])
+    cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if decode else []),
+            "peak MB", "setup s", f"vs {case['baseline']}", "note"]
+    rows = []
+    for point in case["points"]:
+        for i, e in enumerate(point["impls"]):
+            mem = e.get("peak_mem_bytes")
+            status = "" if e["status"] == "ok" else f"{e['status']}: "
+            note = e["reason"] if status else e.get("peak_mem_note") or ""
+            rows.append(([str(point["x"]) if i == 0 else "", e["name"],
+                          _ms(e.get("median_s")), _ms(e.get("min_s")), _ms(e.get("iqr_s")),
+                          _num(e.get("gflops"), ".3g"), *([_num(e.get("gbps"), ".3g")] if decode else []),
+                          _num(None if mem is None else mem / 2**20, ".0f"), _num(e.get("setup_s"), ".2f"),
+                          _num(e.get("ratio"), ".2f"), f"{status}{note}"],
+                         e["status"], i == len(point["impls"]) - 1))
+    return cols, rows
+
+
+def _caption(case: dict) -> str:
+    return f"vs {case['baseline']}: its median / this median (> 1: faster)"
+
+
 def tables(results: dict) -> list[Table]:
     out = []
     for case in results["cases"]:
-        decode = any(p["bytes"] for p in case["points"])
-        t = Table(title=f"{case['name']}: {case['op']}, {case['pattern']}",
-                  caption=f"vs {case['baseline']}: its median / this median (> 1: faster)")
-        cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if decode else []),
-                "peak MB", "setup s", f"vs {case['baseline']}", "note"]
+        cols, rows = _grid(case)
+        t = Table(title=f"{case['name']}: {case['op']}, {case['pattern']}", caption=_caption(case))
         for col in cols:
             t.add_column(col, justify="left" if col in (case["axis"], "impl", "note") else "right",
                          no_wrap=col != "note")
-        for point in case["points"]:
-            for i, e in enumerate(point["impls"]):
-                mem = e.get("peak_mem_bytes")
-                status = "" if e["status"] == "ok" else f"{e['status']}: "
-                note = e["reason"] if status else e.get("peak_mem_note") or ""
-                t.add_row(str(point["x"]) if i == 0 else "", e["name"],
-                          _ms(e.get("median_s")), _ms(e.get("min_s")), _ms(e.get("iqr_s")),
-                          _num(e.get("gflops"), ".3g"),
-                          *([_num(e.get("gbps"), ".3g")] if decode else []),
-                          _num(None if mem is None else mem / 2**20, ".0f"), _num(e.get("setup_s"), ".2f"),
-                          _num(e.get("ratio"), ".2f"), f"[{STATUS_STYLE[e['status']]}]{status}{escape(note)}[/]",
-                          end_section=i == len(point["impls"]) - 1)
+        for cells, status, last in rows:
+            t.add_row(*cells[:-1], f"[{STATUS_STYLE[status]}]{escape(cells[-1])}[/]", end_section=last)
         out.append(t)
     return out
+
+
+def markdown(results: dict) -> str:
+    """The same tables in Markdown, headed by the machine they ran on (for BENCHMARKS.md)."""
+    m = results["machine"]
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}, {m['date']}.", ""]
+    for case in results["cases"]:
+        cols, rows = _grid(case)
+        lines += [f"**{case['name']}**: {case['op']}, {case['pattern']} ({_caption(case)})", "",
+                  "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+        lines += ["| " + " | ".join(c.replace("|", "/") for c in cells) + " |" for cells, _, _ in rows]
+        lines.append("")
+    return "\n".join(lines)
 
 
 def write_json(results: dict, out_dir: pathlib.Path) -> pathlib.Path:
     path = out_dir / "bench.json"
     path.write_text(json.dumps(results, indent=1))
+    (out_dir / "bench.md").write_text(markdown(results))
     return path

@@ -36,7 +36,7 @@ def _visible(s: int, lq: int, lk: int, hq: int, causal: bool, window_size: tuple
         vis &= j[None, :] <= p[:, None] + right
     vis = vis.expand(hq, lq, lk)
     if block_mask is not None:
-        vis = vis & torch.stack([block_mask.dense(s, h, p, j) for h in range(hq)])
+        vis = vis & block_mask.visible(s, p, j)
     return vis
 
 
