@@ -246,27 +246,40 @@ def _attn_common(a: dict, q, lk_max: int | None, nseq: int) -> None:
         bm.check_for(nseq=nseq, heads=q.shape[1], max_len=lk_max, device=dev)
 
 
-def check_attention(a: dict) -> dict:
+def attention_qkv(a: dict) -> tuple:
+    """q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] of one dtype and device, Hkv dividing Hq."""
     q = tensor("q", a["q"], "Tq Hq D")
-    dev = q.device
-    k = tensor("k", a["k"], "Tk Hkv D", device=dev)
-    v = tensor("v", a["v"], "Tk Hkv Dv", device=dev)
+    k = tensor("k", a["k"], "Tk Hkv D", device=q.device)
+    v = tensor("v", a["v"], "Tk Hkv Dv", device=q.device)
     activations("q", q, k=k, v=v)
     dim("k", k, 2, q.shape[2], "the head dim D of q")
     dim("v", v, 0, k.shape[0], "the token count Tk of k")
     dim("v", v, 1, k.shape[1], "the kv head count Hkv of k")
     gqa(q.shape[1], k.shape[1], "q", "k")
-    check = index_checks_enabled(q)
+    return q, k, v
+
+
+def cu_pair(a: dict, q, k, check: bool) -> tuple:
+    """cu_seqlens_q and cu_seqlens_k: both or neither, each valid, with one sequence count."""
     cq, ck = a["cu_seqlens_q"], a["cu_seqlens_k"]
     if (cq is None) != (ck is None):
         raise ValueError("cu_seqlens_q / cu_seqlens_k: give both or neither "
                          f"(got cu_seqlens_q={'a tensor' if cq is not None else None}, "
                          f"cu_seqlens_k={'a tensor' if ck is not None else None})")
     if cq is not None:
-        cu_seqlens("cu_seqlens_q", cq, q.shape[0], dev, check)
-        cu_seqlens("cu_seqlens_k", ck, k.shape[0], dev, check)
+        cu_seqlens("cu_seqlens_q", cq, q.shape[0], q.device, check)
+        cu_seqlens("cu_seqlens_k", ck, k.shape[0], q.device, check)
         if cq.shape[0] != ck.shape[0]:
             raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
+    return cq, ck
+
+
+def check_attention(a: dict) -> dict:
+    q, k, v = attention_qkv(a)
+    dev = q.device
+    check = index_checks_enabled(q)
+    cq, ck = cu_pair(a, q, k, check)
+    if cq is not None:
         max_seqlen("max_seqlen_q", a["max_seqlen_q"], cq, check)
         max_seqlen("max_seqlen_k", a["max_seqlen_k"], ck, check)
         nseq = cq.shape[0] - 1
@@ -348,27 +361,13 @@ def check_write_kv_cache(a: dict) -> dict:
 
 
 def check_sparse_attention(a: dict) -> dict:
-    q = tensor("q", a["q"], "Tq Hq D")
+    q, k, v = attention_qkv(a)
     dev = q.device
-    k = tensor("k", a["k"], "Tk Hkv D", device=dev)
-    v = tensor("v", a["v"], "Tk Hkv Dv", device=dev)
-    activations("q", q, k=k, v=v)
-    dim("k", k, 2, q.shape[2], "the head dim D of q")
-    dim("v", v, 0, k.shape[0], "the token count Tk of k")
-    dim("v", v, 1, k.shape[1], "the kv head count Hkv of k")
-    gqa(q.shape[1], k.shape[1], "q", "k")
     idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
     dim("indices", idx, 0, q.shape[0], "the query count Tq")
     dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
     check = index_checks_enabled(q)
-    cq, ck = a["cu_seqlens_q"], a["cu_seqlens_k"]
-    if (cq is None) != (ck is None):
-        raise ValueError("cu_seqlens_q / cu_seqlens_k: give both or neither")
-    if cq is not None:
-        cu_seqlens("cu_seqlens_q", cq, q.shape[0], dev, check)
-        cu_seqlens("cu_seqlens_k", ck, k.shape[0], dev, check)
-        if cq.shape[0] != ck.shape[0]:
-            raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
+    cq, ck = cu_pair(a, q, k, check)
     if check and idx.numel():
         if cq is None:
             lk = torch.full((q.shape[0],), k.shape[0], dtype=torch.int64, device=dev)
