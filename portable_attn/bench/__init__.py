@@ -23,7 +23,7 @@ from . import cases, plan, plots, report, runner
 def command(args, console: Console) -> int:
     """The CLI subcommand: `args` as `portable_attn.cli` parses them (device filled in)."""
     if args.list:
-        console.print(report.case_list(cases.catalogue(args.quick)))
+        console.print(report.case_list(cases.named(args.quick)))
         return 0
     for name in args.backend or ():
         registry.get(name)  # unknown names fail here, listing the valid ones

@@ -13,8 +13,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-DTYPE = torch.float32
-FP32 = 4  # bytes
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +40,11 @@ class Case:
 
 
 def _randn(gen, *shape):
-    return torch.randn(*shape, generator=gen, dtype=DTYPE)
+    return torch.randn(*shape, generator=gen)
+
+
+def _dtype(sizes: dict) -> torch.dtype:
+    return DTYPES[sizes.get("dtype", "fp32")]
 
 
 def _visible_pairs(T: int, left: int) -> int:
@@ -53,7 +56,9 @@ def _visible_pairs(T: int, left: int) -> int:
 
 def _attention_inputs(sizes: dict, device: str) -> dict:
     gen = torch.Generator().manual_seed(0)
-    q, k, v = (_randn(gen, sizes["T"], sizes["H"], sizes["D"]).to(device) for _ in range(3))
+    T, H, D = sizes["T"], sizes["H"], sizes["D"]
+    hkv = sizes.get("Hkv", H)
+    q, k, v = (_randn(gen, T, h, D).to(device, _dtype(sizes)) for h in (H, hkv, hkv))
     left = sizes["W"] - 1 if "W" in sizes else -1
     return dict(q=q, k=k, v=v, causal=True, window_size=(left, 0 if left >= 0 else -1))
 
@@ -67,9 +72,10 @@ def _decode_inputs(sizes: dict, device: str) -> dict:
     B, ctx, BS = sizes["B"], sizes["ctx"], sizes["BS"]
     gen = torch.Generator().manual_seed(0)
     per_seq = ctx // BS
-    k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device) for _ in range(2))
+    k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
+                        for _ in range(2))
     table = torch.randperm(B * per_seq, generator=gen).view(B, per_seq).to(torch.int32)  # pages out of order
-    return dict(q=_randn(gen, B, sizes["Hq"], sizes["D"]).to(device), k_cache=k_cache, v_cache=v_cache,
+    return dict(q=_randn(gen, B, sizes["Hq"], sizes["D"]).to(device, _dtype(sizes)), k_cache=k_cache, v_cache=v_cache,
                 block_table=table.to(device), seqused_k=torch.full((B,), ctx, dtype=torch.int32, device=device),
                 max_seqlen_k=ctx)
 
@@ -81,7 +87,7 @@ def _decode_flops(sizes: dict) -> float:
 def _decode_bytes(sizes: dict) -> float:
     kv = 2 * sizes["B"] * sizes["ctx"] * sizes["Hkv"] * sizes["D"]
     q_and_out = 2 * sizes["B"] * sizes["Hq"] * sizes["D"]
-    return FP32 * (kv + q_and_out) + 4 * sizes["B"] * (sizes["ctx"] // sizes["BS"] + 1)  # + block table, lengths
+    return _dtype(sizes).itemsize * (kv + q_and_out) + 4 * sizes["B"] * (sizes["ctx"] // sizes["BS"] + 1)  # + block table, lengths
 
 
 def _gdr_inputs(sizes: dict, device: str) -> dict:
@@ -110,8 +116,29 @@ def _ssd_flops(sizes: dict) -> float:
     return 5.0 * sizes["T"] * sizes["H"] * sizes["P"] * sizes["N"]
 
 
+def gpu_catalogue() -> dict[str, Case]:
+    """The GPU goals of the triton backend (bf16; on an H100): prefill as fast as SDPA, a 1k window at 32k
+    far cheaper than the same kernel's dense causal run, decode near the memory bandwidth."""
+    def series(axis, values, **fixed):
+        return tuple(Point({axis: v} | fixed, v) for v in values)
+
+    cases = (
+        Case("gpu_causal", "attention", "dense causal prefill, GQA 32/8, bf16", "T", "sdpa-causal",
+             ("sdpa-causal", "flex"), series("T", (8192,), H=32, Hkv=8, D=128, dtype="bf16"),
+             _attention_inputs, _attention_flops),
+        Case("gpu_swa", "attention", "causal with a window W at T=32768 (W=T: dense), GQA 32/8, bf16", "W",
+             "flex", ("flex",), series("W", (1024, 32768), T=32768, H=32, Hkv=8, D=128, dtype="bf16"),
+             _attention_inputs, _attention_flops),
+        Case("gpu_decode_b64", "paged_attention", "paged decode step, batch 64, GQA 32/8, bf16", "ctx",
+             "gather-sdpa", ("gather-sdpa",), series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16, dtype="bf16"),
+             _decode_inputs, _decode_flops, _decode_bytes),
+    )
+    return {c.name: c for c in cases}
+
+
 def catalogue(quick: bool = False) -> dict[str, Case]:
-    """Every case by name; `quick` shrinks every size to seconds-long runs for tests and CI."""
+    """Every case by name; `quick` shrinks every size to seconds-long runs for tests and CI. The GPU cases
+    (`gpu_catalogue`) run only when named with --case."""
     def series(axis, values, **fixed):
         return tuple(Point({axis: v} | fixed, v) for v in values)
 
@@ -144,3 +171,8 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
              ("hf-mamba2",), ssd, _ssd_inputs, _ssd_flops),
     )
     return {c.name: c for c in cases}
+
+
+def named(quick: bool = False) -> dict[str, Case]:
+    """Every case that --case may name: the default ones and the GPU ones."""
+    return catalogue(quick) | gpu_catalogue()

@@ -36,7 +36,7 @@ def impls_for(case: cases.Case, backends, peers: bool) -> list[Impl]:
 
 def materialize(spec: Spec):
     """(case, point, op arguments, implementation) of `spec`, inputs built afresh (same seed, same values)."""
-    case = cases.catalogue(spec.quick)[spec.case]
+    case = cases.named(spec.quick)[spec.case]
     point = case.points[spec.point]
     impl = PEERS[spec.impl] if spec.impl in case.peers else backend(spec.impl, case.op)
     return case, point, case.make(point.sizes, spec.device), impl

@@ -61,7 +61,7 @@ def machine(device: str) -> dict:
 
 def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
     t0, info = time.perf_counter(), machine(settings.device)
-    catalogue = cases.catalogue(settings.quick)
+    catalogue = cases.named(settings.quick)
     unknown = [n for n in settings.cases if n not in catalogue]
     if unknown:
         raise ValueError(f"unknown case {', '.join(unknown)}; valid names: {', '.join(catalogue)}")
