@@ -10,6 +10,8 @@ import functools
 import inspect
 import math
 
+import torch
+
 from . import checks, registry
 from .backend import Call
 from .platforms import platform_of
@@ -44,6 +46,9 @@ def make_call(op: str, args: dict) -> Call:
 
 
 def _dispatch(op: str, local: dict):
+    if torch.compiler.is_compiling():  # dynamo records one custom op; the dispatch below runs inside it
+        from .library import compiled
+        return compiled(op, local)
     call = make_call(op, {k: v for k, v in local.items() if k != "backend"})
     return registry.select(call, local["backend"]).run(call)
 

@@ -19,6 +19,7 @@ ENTRY_POINT_GROUP = "portable_attn.backends"
 BUILTIN = {
     "reference": "portable_attn.reference:BACKEND",
     "cpu": "portable_attn.backends.cpu:BACKEND",
+    "triton": "portable_attn.backends.triton:BACKEND",
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.

@@ -1,0 +1,48 @@
+"""The triton backend: one kernel source for NVIDIA, AMD and Intel GPUs (and Triton's interpreter on
+the CPU, by name, when PORTABLE_ATTN_INTERPRET=1)."""
+import importlib.util
+import os
+
+import torch
+
+from portable_attn.backend import Backend
+from portable_attn.platforms import Platform
+from portable_attn.registry import interpret_mode
+
+
+class TritonBackend(Backend):
+    name = "triton"
+    module = "portable_attn.backends.triton.ops"
+    platforms = frozenset({Platform.CUDA, Platform.ROCM, Platform.XPU})
+    ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention")
+    description = "Triton kernels: online softmax over visible key blocks, paged and split-KV decode"
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("triton") is None:
+            return "triton not installed (pip install 'portable-attn[cuda]')"
+        if interpret_mode():
+            return None
+        xpu = getattr(torch, "xpu", None)
+        if torch.cuda.is_available() or (xpu is not None and xpu.is_available()):
+            return None
+        return "no GPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
+
+    def serves(self, platform: Platform) -> str | None:
+        if platform == Platform.CPU and interpret_mode():
+            return None
+        return super().serves(platform)
+
+    def supports(self, call) -> str | None:
+        reason = super().supports(call)
+        if reason is None:
+            from .support import why_not  # a plain-Python module: importing it decorates no kernel
+            reason = why_not(call)
+        return reason
+
+    def impl(self):
+        if interpret_mode():  # Triton fixes the mode when a kernel is decorated, i.e. on this import
+            os.environ.setdefault("TRITON_INTERPRET", "1")
+        return super().impl()
+
+
+BACKEND = TritonBackend()

@@ -1,0 +1,5 @@
+"""Every op of the triton backend, by name."""
+from .attention import attention  # noqa: F401
+from .paged import paged_attention  # noqa: F401
+from .cache import write_kv_cache  # noqa: F401
+from .sparse import sparse_attention  # noqa: F401
