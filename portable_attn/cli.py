@@ -24,6 +24,19 @@ def default_device() -> str:
     return DEVICE_OF.get(machine_platforms()[0], "cpu")
 
 
+def device_arg(name: str | None) -> str:
+    """--device, or the accelerator if any; a device this machine lacks is an error that says so."""
+    import torch
+
+    device = name or default_device()
+    kind = torch.device(device).type
+    module = getattr(torch, kind, None)
+    if kind != "cpu" and not (module is not None and hasattr(module, "is_available") and module.is_available()):
+        raise ValueError(f"--device {device}: this machine has no {kind} device (torch.{kind}.is_available() is "
+                         f"False); this needs a GPU")
+    return device
+
+
 def declared_support(backend, device: str) -> dict[str, dict[str, str | None]]:
     """op -> dtype -> None (supported) or the reason, from the backend's own checks on each op's first case."""
     from .conformance import cases, tensors
@@ -78,6 +91,7 @@ def cmd_info(args, console: Console) -> int:
 def cmd_check(args, console: Console) -> int:
     from .conformance import report, suite
 
+    device = device_arg(args.device)
     names = args.backend or suite.available_backends()
     for n in names:
         registry.get(n)  # unknown names fail here, listing the valid ones
@@ -91,9 +105,9 @@ def cmd_check(args, console: Console) -> int:
 
         def step(r):
             bar.update(task, advance=1, description=f"{r.backend} {r.op} {r.case} [{r.dtype}]")
-        results = suite.run(jobs, args.device or default_device(), step)
+        results = suite.run(jobs, device, step)
     console.print(report.table(results))
-    meta = {"tier": args.tier, "backends": names, "device": args.device or default_device(), "version": __version__}
+    meta = {"tier": args.tier, "backends": names, "device": device, "version": __version__}
     for path, text in ((args.json, lambda: report.to_json(results, meta)), (args.junit, lambda: report.to_junit(results)),
                        (args.markdown, lambda: report.markdown(results))):
         if path:
@@ -111,7 +125,7 @@ def cmd_check(args, console: Console) -> int:
 def cmd_bench(args, console: Console) -> int:
     from . import bench
 
-    args.device = args.device or default_device()
+    args.device = device_arg(args.device)
     return bench.command(args, console)
 
 

@@ -57,3 +57,10 @@ def test_unknown_backend_is_a_clear_error():
 @pytest.mark.parametrize("argv", [["check", "--tier", "huge"], ["frobnicate"]])
 def test_bad_arguments(argv):
     assert run(*argv).returncode == 2
+
+
+@pytest.mark.parametrize("command", ["check", "bench"])
+def test_a_missing_gpu_is_a_clear_error(command):
+    res = run(command, "--device", "cuda", "--quiet" if command == "check" else "--no-memory")
+    assert res.returncode == 2
+    assert "this machine has no cuda device" in res.stdout and "this needs a GPU" in res.stdout

@@ -46,3 +46,32 @@ def tanh(x):
 @triton.jit
 def clamp(x, lo, hi):
     return tl.minimum(tl.maximum(x, lo), hi)
+
+
+@triton.jit
+def softmax_step(sc, valid, v, m_i, l_i, acc):
+    """One key block of online softmax (natural base): scores sc [R, N], valid [N], values v [N, DV];
+    returns the new (m, l, acc). Rows that have seen nothing keep m = -inf and zeros, never NaN."""
+    sc = tl.where(valid[None, :], sc, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(sc, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m_i - m_use)
+    p = tl.exp(sc - m_use[:, None])
+    return m_new, l_i * alpha + tl.sum(p, 1), acc * alpha[:, None] + dot(p.to(v.dtype), v)
+
+
+@triton.jit
+def join_sink(sink, m_i, l_i, acc):
+    """The sink logit [R] joins the denominator only; returns the new (m, l, acc)."""
+    m_t = tl.maximum(m_i, sink)
+    m_u = tl.where(m_t == float("-inf"), 0.0, m_t)
+    a = tl.exp(m_i - m_u)
+    return m_t, l_i * a + tl.exp(sink - m_u), acc * a[:, None]
+
+
+@triton.jit
+def finish(m_i, l_i, acc):
+    """(o, lse) of an online-softmax state; a row with nothing visible: o = 0, lse = -inf."""
+    m_u = tl.where(m_i == float("-inf"), 0.0, m_i)
+    z = tl.where(l_i > 0, l_i, 1.0)
+    return acc / z[:, None], tl.where(l_i > 0, m_u + tl.log(z), float("-inf"))

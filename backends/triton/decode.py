@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BIG, INTERPRET, clamp, dot, tanh
+from .common import BIG, INTERPRET, clamp, dot, finish, join_sink, softmax_step, tanh
 from .tuning import entry
 
 MAX_SPLITS = 64
@@ -74,29 +74,14 @@ def _split_kernel(q_ptr, kc_ptr, vc_ptr, bt_ptr, su_ptr, sink_ptr, o_ptr, lse_pt
         sc = dot(q, kt) * scale
         if HAS_SOFTCAP:
             sc = softcap * tanh(sc / softcap)
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(vc_ptr + blk[:, None] * vc_sb + off[:, None] * vc_ss + hk * vc_sh + e[None, :] * vc_sd,
                     mask=valid[:, None] & (e[None, :] < DV), other=0.0)  # [BLOCK_N, BLOCK_DV]
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(sc, valid, v, m_i, l_i, acc)
 
     if FINAL and HAS_SINKS:  # one split: the sink joins the denominator here
         sink = tl.load(sink_ptr + h * sk_st, mask=gm, other=float("-inf")).to(tl.float32)
-        m_t = tl.maximum(m_i, sink)
-        m_u = tl.where(m_t == float("-inf"), 0.0, m_t)
-        a = tl.exp(m_i - m_u)
-        l_i = l_i * a + tl.exp(sink - m_u)
-        acc = acc * a[:, None]
-    else:
-        m_u = tl.where(m_i == float("-inf"), 0.0, m_i)
-    z = tl.where(l_i > 0, l_i, 1.0)
-    lse = tl.where(l_i > 0, m_u + tl.log(z), float("-inf"))  # nothing visible: o = 0, lse = -inf
-    o = acc / z[:, None]
+        m_i, l_i, acc = join_sink(sink, m_i, l_i, acc)
+    o, lse = finish(m_i, l_i, acc)
     tl.store(o_ptr + s * o_ss + h[:, None] * o_sh + sp * o_sp + e[None, :] * o_sd, o.to(o_ptr.dtype.element_ty),
              mask=gm[:, None] & (e[None, :] < DV))
     tl.store(lse_ptr + s * l_ss + h * l_sh + sp * l_sp, lse, mask=gm)

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import clamp, dot, tanh
+from .common import clamp, dot, finish, join_sink, softmax_step, tanh
 from .decode import query_heads
 from .tuning import entry
 
@@ -68,30 +68,17 @@ def _sparse_kernel(q_ptr, k_ptr, v_ptr, idx_ptr, cuq_ptr, cuk_ptr, sink_ptr, o_p
         sc = dot(q, kt) * scale
         if HAS_SOFTCAP:
             sc = softcap * tanh(sc / softcap)
-        sc = tl.where(valid[None, :], sc, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(sc, 1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m_i - m_use)
-        p = tl.exp(sc - m_use[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_ptr + row[:, None] * v_st + hk * v_sh + e[None, :] * v_sd,
                     mask=valid[:, None] & (e[None, :] < DV), other=0.0)  # [BLOCK_K, BLOCK_DV]
-        acc = acc * alpha[:, None] + dot(p.to(v.dtype), v)
-        m_i = m_new
+        m_i, l_i, acc = softmax_step(sc, valid, v, m_i, l_i, acc)
 
     if HAS_SINKS:  # one more logit in the denominator
         sink = tl.load(sink_ptr + h * sk_st, mask=gm, other=float("-inf")).to(tl.float32)
-        m_t = tl.maximum(m_i, sink)
-        m_u = tl.where(m_t == float("-inf"), 0.0, m_t)
-        a = tl.exp(m_i - m_u)
-        l_i = l_i * a + tl.exp(sink - m_u)
-        acc = acc * a[:, None]
-    else:
-        m_u = tl.where(m_i == float("-inf"), 0.0, m_i)
-    z = tl.where(l_i > 0, l_i, 1.0)
-    tl.store(o_ptr + t64 * o_st + h[:, None] * o_sh + e[None, :] * o_sd, (acc / z[:, None]).to(o_ptr.dtype.element_ty),
+        m_i, l_i, acc = join_sink(sink, m_i, l_i, acc)
+    o, lse = finish(m_i, l_i, acc)
+    tl.store(o_ptr + t64 * o_st + h[:, None] * o_sh + e[None, :] * o_sd, o.to(o_ptr.dtype.element_ty),
              mask=gm[:, None] & (e[None, :] < DV))
-    tl.store(lse_ptr + h * l_sh + t64 * l_st, tl.where(l_i > 0, m_u + tl.log(z), float("-inf")), mask=gm)
+    tl.store(lse_ptr + h * l_sh + t64 * l_st, lse, mask=gm)
 
 
 def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, softcap=0.0, sinks=None,

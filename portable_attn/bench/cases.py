@@ -124,10 +124,10 @@ def gpu_catalogue() -> dict[str, Case]:
 
     cases = (
         Case("gpu_causal", "attention", "dense causal prefill, GQA 32/8, bf16", "T", "sdpa-causal",
-             ("sdpa-causal", "flex"), series("T", (8192,), H=32, Hkv=8, D=128, dtype="bf16"),
+             ("sdpa-causal", "flex", "flash-attn"), series("T", (8192,), H=32, Hkv=8, D=128, dtype="bf16"),
              _attention_inputs, _attention_flops),
         Case("gpu_swa", "attention", "causal with a window W at T=32768 (W=T: dense), GQA 32/8, bf16", "W",
-             "flex", ("flex",), series("W", (1024, 32768), T=32768, H=32, Hkv=8, D=128, dtype="bf16"),
+             "flex", ("flex", "flash-attn"), series("W", (1024, 32768), T=32768, H=32, Hkv=8, D=128, dtype="bf16"),
              _attention_inputs, _attention_flops),
         Case("gpu_decode_b64", "paged_attention", "paged decode step, batch 64, GQA 32/8, bf16", "ctx",
              "gather-sdpa", ("gather-sdpa",), series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16, dtype="bf16"),

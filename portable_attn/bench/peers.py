@@ -83,6 +83,15 @@ def _flex(args, sizes):
     return functools.partial(flex, q, k, v, block_mask=block_mask, **gqa)
 
 
+def _flash_attn(args, sizes):
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError as exc:
+        raise Refused("skipped", f"flash-attn is not installed ({exc})") from None
+    q, k, v = (args[n].unsqueeze(0) for n in "qkv")  # [1, T, H, D]: its layout, a view of ours
+    return functools.partial(flash_attn_func, q, k, v, causal=args["causal"], window_size=args["window_size"])
+
+
 def _gather_sdpa(args, sizes):
     q, k_cache, v_cache, table = args["q"].unsqueeze(2), args["k_cache"], args["v_cache"], args["block_table"]
     if not bool((args["seqused_k"] == table.shape[1] * k_cache.shape[1]).all()):
@@ -126,6 +135,8 @@ PEERS = {p.name: p for p in (
          need_bytes=_dense_mask_bytes, in_child=True),
     Impl("flex", "peer", "torch.compile(flex_attention)(q, k, v, block_mask) on [1, H, T, D] copies; the block "
          "mask (create_block_mask, same mask_mod) and the compile are setup", _flex),
+    Impl("flash-attn", "peer", "flash_attn.flash_attn_func(q, k, v, causal, window_size) on [1, T, H, D] views "
+         "(GPU only; skipped where flash-attn is not installed)", _flash_attn),
     Impl("gather-sdpa", "peer", "k_cache[block_table], v_cache[block_table] gathered to [B, Hkv, L, D] (timed), "
          "then F.scaled_dot_product_attention(enable_gqa=True)", _gather_sdpa),
     Impl("hf-qwen3next", "peer", "transformers Qwen3-Next torch_chunk_gated_delta_rule(use_qk_l2norm_in_kernel=True, "
