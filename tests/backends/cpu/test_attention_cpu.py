@@ -14,8 +14,7 @@ from portable_attn.backends.cpu import paged as cpu_paged
 from portable_attn.backends.cpu import sparse as cpu_sparse
 from portable_attn.backends.cpu import tiles
 from portable_attn.masks import BlockMask
-
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+from tests.backends.compare import against_reference, assert_close
 
 
 def rand(*shape, dtype=torch.float32, gen=None):
@@ -27,23 +26,7 @@ def gen(seed=0):
 
 
 def both(op, *args, **kw):
-    """(cpu result, float64 reference result on the same values), lse included."""
-    mine = getattr(pa, op)(*args, **kw, return_lse=True, backend="cpu")
-    up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    kw64 = {n: (a.double() if n != "sinks" and isinstance(a, torch.Tensor) and a.is_floating_point() else a)
-            for n, a in kw.items()}
-    return mine, getattr(pa, op)(*up, **kw64, return_lse=True, backend="reference")
-
-
-def assert_close(mine, ref, dtype=torch.float32):
-    (o, lse), (ro, rlse) = mine, ref
-    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
-    assert lse.dtype == torch.float32 and o.dtype == dtype
-    tol = ATOL[dtype] * max(1.0, float(ro.abs().max()))
-    assert float((o.double() - ro).abs().max()) <= tol
-    fin = torch.isfinite(rlse)
-    assert torch.equal(torch.isfinite(lse), fin)
-    assert float((lse.double() - rlse)[fin].abs().max()) <= 1e-4 * max(1.0, float(rlse[fin].abs().max()))
+    return against_reference("cpu", op, *args, **kw)
 
 
 @pytest.fixture

@@ -31,10 +31,10 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import portable_attn as pa  # noqa: E402
+from tests.backends.compare import against_reference, assert_close  # noqa: E402
 from portable_attn.backends.triton import common, flash, tuning  # noqa: E402
 from portable_attn.masks import BlockMask  # noqa: E402
 
-ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(autouse=True)
@@ -51,25 +51,7 @@ def rand(*shape, dtype=torch.float32, g=None):
 
 
 def run_both(op, *args, **kw):
-    """(triton result, float64 reference on the same values), both with lse."""
-    mine = getattr(pa, op)(*args, **kw, return_lse=True, backend="triton")
-    up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
-    kw64 = {n: (a.double() if n not in ("sinks", "out") and isinstance(a, torch.Tensor) and a.is_floating_point()
-                else a) for n, a in kw.items() if n != "out"}
-    return mine, getattr(pa, op)(*up, **kw64, return_lse=True, backend="reference")
-
-
-def assert_close(mine, ref, dtype=torch.float32):
-    (o, lse), (ro, rlse) = mine, ref
-    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
-    assert lse.dtype == torch.float32 and o.dtype == dtype
-    tol = ATOL[dtype] * max(1.0, float(ro.abs().max()))
-    assert float((o.double() - ro).abs().max()) <= tol
-    fin = torch.isfinite(rlse)
-    assert torch.equal(torch.isfinite(lse), fin)
-    assert torch.equal(lse[~fin], rlse[~fin].float())
-    if bool(fin.any()):
-        assert float((lse.double() - rlse)[fin].abs().max()) <= 1e-4 * max(1.0, float(rlse[fin].abs().max()))
+    return against_reference("triton", op, *args, **kw)
 
 
 # ---- the dot helper ---------------------------------------------------------------------------

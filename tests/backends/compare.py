@@ -1,0 +1,28 @@
+"""What the backend tests share: a backend's result beside the float64 reference on the same values."""
+import torch
+
+import portable_attn as pa
+
+ATOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+def against_reference(backend: str, op: str, *args, **kw):
+    """(the backend's (o, lse), the float64 reference's (o, lse)) of one attention-family call."""
+    mine = getattr(pa, op)(*args, **kw, return_lse=True, backend=backend)
+    up = [a.double() if isinstance(a, torch.Tensor) and a.is_floating_point() else a for a in args]
+    kw64 = {n: (a.double() if n != "sinks" and isinstance(a, torch.Tensor) and a.is_floating_point() else a)
+            for n, a in kw.items() if n != "out"}
+    return mine, getattr(pa, op)(*up, **kw64, return_lse=True, backend="reference")
+
+
+def assert_close(mine, ref, dtype=torch.float32):
+    (o, lse), (ro, rlse) = mine, ref
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert lse.dtype == torch.float32 and o.dtype == dtype
+    tol = ATOL[dtype] * max(1.0, float(ro.abs().max()))
+    assert float((o.double() - ro).abs().max()) <= tol
+    fin = torch.isfinite(rlse)
+    assert torch.equal(torch.isfinite(lse), fin)
+    assert torch.equal(lse[~fin], rlse[~fin].float())
+    if bool(fin.any()):
+        assert float((lse.double() - rlse)[fin].abs().max()) <= 1e-4 * max(1.0, float(rlse[fin].abs().max()))
