@@ -44,6 +44,7 @@ class Backend:
     array: str = "torch"                  # "torch" or "jax"
     ops: tuple = OPS
     description: str = ""
+    limits: str = ""                      # what `supports` refuses, in words, for `portable-attn info`
 
     def available(self) -> str | None:
         """None when usable on this machine, else the reason it is not."""

@@ -61,14 +61,15 @@ def cmd_info(args, console: Console) -> int:
         if os.environ.get(var):
             console.print(f"  {var}={os.environ[var]}")
     t = Table(title="backends")
-    for col in ("backend", "available", "platforms", "default priority", "what"):
+    for col in ("backend", "available", "platforms", "default priority", "what", "does not take"):
         t.add_column(col)
     for name, b in registry.backends().items():
         reason = b.available()
         prio = ", ".join(f"{p.value}#{registry.DEFAULT_PRIORITY[p].index(name) + 1}"
                          for p in Platform if name in registry.DEFAULT_PRIORITY[p])
         t.add_row(name, "[green]yes[/]" if reason is None else f"[yellow]no: {reason}[/]",
-                  ", ".join(sorted(p.value for p in b.platforms)), prio or "by name only", b.description)
+                  ", ".join(sorted(p.value for p in b.platforms)), prio or "by name only", b.description,
+                  b.limits or "-")
     console.print(t)
     device = default_device()
     m = Table(title=f"support on {device} (each backend's own checks; `portable-attn check` proves it)")

@@ -1,5 +1,6 @@
 """`portable-attn info` and `check` as a user runs them."""
 import json
+import os
 import re
 import subprocess
 import sys
@@ -18,12 +19,13 @@ def run(*args, env=None):
 
 
 def test_info_shows_platform_backends_and_support():
-    res = run("info")
+    res = run("info", env={**os.environ, "COLUMNS": "200"})  # wide enough that no header wraps
     assert res.returncode == 0, res.stderr
     assert "platforms on this machine: cpu" in res.stdout
     assert "reference" in res.stdout and "yes" in res.stdout
     for op in ("attention", "gated_delta_rule_step", "causal_conv1d"):
         assert op in res.stdout
+    assert "does not take" in res.stdout and "float64" in res.stdout
 
 
 def test_check_writes_reports_and_passes(tmp_path):

@@ -10,6 +10,7 @@ class CpuBackend(Backend):
     module = "portable_attn.backends.cpu.ops"
     platforms = frozenset({Platform.CPU})
     description = "tiled attention over visible blocks, chunked recurrences; float32/16/bf16"
+    limits = "float64 (use reference)"
 
     def supports(self, call):
         if call.dtype == torch.float64:

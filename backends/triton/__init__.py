@@ -16,6 +16,8 @@ class TritonBackend(Backend):
     platforms = frozenset({Platform.CUDA, Platform.ROCM, Platform.XPU})
     ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention")
     description = "Triton kernels: online softmax over visible key blocks, paged and split-KV decode"
+    limits = ("float64 (use reference); head dims D or Dv above 256; the recurrent ops are not built yet "
+              "(they go to the next backend in the list)")
 
     def available(self) -> str | None:
         if importlib.util.find_spec("triton") is None:
