@@ -26,3 +26,18 @@ def assert_close(mine, ref, dtype=torch.float32):
     assert torch.equal(lse[~fin], rlse[~fin].float())
     if bool(fin.any()):
         assert float((lse.double() - rlse)[fin].abs().max()) <= 1e-4 * max(1.0, float(rlse[fin].abs().max()))
+
+
+def paged_cache(g, lens, bs, hkv, d, dv, dtype=torch.float32, spare=3):
+    """(k_cache, v_cache, block_table, seqused_k): a paged cache with a shuffled block table whose
+    unused entries point at a spare block, for sequences of `lens` keys in blocks of `bs`."""
+    nblocks = [-(-n // bs) for n in lens]
+    total = sum(nblocks) + spare
+    perm = torch.randperm(total, generator=g).to(torch.int32)
+    table = torch.full((len(lens), max(nblocks + [1]) + 1), int(perm[-1]), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(nblocks):
+        table[i, :n] = perm[used:used + n]
+        used += n
+    kc, vc = (torch.randn(total, bs, hkv, e, generator=g).to(dtype) for e in (d, dv))
+    return kc, vc, table, torch.tensor(lens, dtype=torch.int32)

@@ -31,7 +31,7 @@ import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
 
 import portable_attn as pa  # noqa: E402
-from tests.backends.compare import against_reference, assert_close  # noqa: E402
+from tests.backends.compare import against_reference, assert_close, paged_cache  # noqa: E402
 from portable_attn.backends.triton import common, flash, tuning  # noqa: E402
 from portable_attn.masks import BlockMask  # noqa: E402
 
@@ -230,25 +230,12 @@ def test_block_mask_any_block_size(block):
 
 # ---- paged ----------------------------------------------------------------------------------------
 
-def _paged_inputs(lens, bs, hkv, d, dv, g, dtype=torch.float32, spare=3):
-    nblocks = [-(-n // bs) for n in lens]
-    total = sum(nblocks) + spare
-    perm = torch.randperm(total, generator=g).to(torch.int32)
-    table = torch.full((len(lens), max(nblocks + [1]) + 1), int(perm[-1]), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(nblocks):
-        table[i, :n] = perm[used:used + n]
-        used += n
-    kc, vc = rand(total, bs, hkv, d, dtype=dtype, g=g), rand(total, bs, hkv, dv, dtype=dtype, g=g)
-    return kc, vc, table, torch.tensor(lens, dtype=torch.int32)
-
-
 @pytest.mark.parametrize("bs", [3, 5])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_paged_odd_blocks_shuffled(bs, dtype):
     g = gen(5 + bs)
     lens = [1, 17, 40, 0, 9]
-    kc, vc, table, seqused = _paged_inputs(lens, bs, 2, 32, 16, g, dtype)
+    kc, vc, table, seqused = paged_cache(g, lens, bs, 2, 32, 16, dtype)
     q = rand(len(lens), 6, 32, dtype=dtype, g=g)
     sinks = rand(6, g=g)
     assert_close(*run_both("paged_attention", q, kc, vc, table, seqused, sinks=sinks), dtype)  # decode
@@ -265,7 +252,7 @@ def test_paged_odd_blocks_shuffled(bs, dtype):
 def test_paged_equals_attention_on_gathered_keys():
     g = gen(9)
     lens, bs = [23, 31], 3
-    kc, vc, table, seqused = _paged_inputs(lens, bs, 1, 16, 16, g)
+    kc, vc, table, seqused = paged_cache(g, lens, bs, 1, 16, 16)
     q = rand(2, 4, 16, g=g)
     got = pa.paged_attention(q, kc, vc, table, seqused, backend="triton")
     ks = [torch.stack([kc[table[i, j // bs], j % bs] for j in range(n)]) for i, n in enumerate(lens)]

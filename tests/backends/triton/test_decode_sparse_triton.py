@@ -26,6 +26,7 @@ from portable_attn.masks import BlockMask  # noqa: E402
 from portable_attn.reference.precision import emulate  # noqa: E402
 
 from portable_attn import library  # noqa: E402
+from tests.backends.compare import paged_cache  # noqa: E402
 from portable_attn.backends.triton import cache, decode, sparse  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -66,18 +67,9 @@ def assert_matches(got, op, *args, dtype, **kw):
 
 
 def paged_inputs(g, lens, bs, hq, hkv, d, dv=None, dtype=torch.float32, spare=3):
-    """A paged cache with a shuffled block table whose unused entries point at a spare block."""
-    dv = dv or d
-    nblocks = [-(-n // bs) for n in lens]
-    total = sum(nblocks) + spare
-    perm = torch.randperm(total, generator=g).to(torch.int32)
-    table = torch.full((len(lens), max(nblocks + [1]) + 1), int(perm[-1]), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(nblocks):
-        table[i, :n] = perm[used:used + n]
-        used += n
-    return (rand(g, len(lens), hq, d, dtype=dtype), rand(g, total, bs, hkv, d, dtype=dtype),
-            rand(g, total, bs, hkv, dv, dtype=dtype), table, torch.tensor(lens, dtype=torch.int32))
+    """One decode query per sequence and a paged cache (tests.backends.compare.paged_cache)."""
+    q = rand(g, len(lens), hq, d, dtype=dtype)
+    return (q, *paged_cache(g, lens, bs, hkv, d, dv or d, dtype, spare))
 
 
 # ---- split-KV decode ---------------------------------------------------------------------------
