@@ -34,7 +34,7 @@ def _shape(x) -> str:
     return "(" + ", ".join(str(d) for d in x.shape) + ")"
 
 
-def tensor(name: str, x, dims: str, *, ndim: int | None = None, dtypes=None, device=None):
+def tensor(name: str, x, dims: str, *, dtypes=None, device=None):
     """`x` must be a tensor with len(dims.split()) axes (`dims` names them for the message)."""
     names = dims.split()
     if not isinstance(x, torch.Tensor):

@@ -22,7 +22,6 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 UPCAST_DOT = tl.constexpr(INTERPRET)
 
 LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
 BIG = 1 << 29  # "unbounded" for window sides: p + BIG and p - BIG stay inside int32
 
 
