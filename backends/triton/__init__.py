@@ -14,7 +14,9 @@ class TritonBackend(Backend):
     name = "triton"
     module = "portable_attn.backends.triton.ops"
     platforms = frozenset({Platform.CUDA, Platform.ROCM, Platform.XPU})
-    ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention")
+    ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention", "linear_attention",
+           "linear_attention_step", "gated_delta_rule", "gated_delta_rule_step", "ssd", "ssd_step",
+           "causal_conv1d", "causal_conv1d_step")
     description = "Triton kernels: online softmax over visible key blocks, paged and split-KV decode"
     limits = ("float64 (use reference); head dims D or Dv above 256; the recurrent ops are not built yet "
               "(they go to the next backend in the list)")

@@ -117,3 +117,40 @@ def flash_tiles(x, *, group: int, max_q: int, head_dim: int, head_dim_v: int, ma
     launch = {"num_warps": e.num_warps if block_q * block_h >= 64 else max(1, min(e.num_warps, 4)),
               "num_stages": num_stages, **dict(e.options)}
     return FlashTiles(block_q, block_h, heads, block_n, block_d, block_dv, launch, mask_rows)
+
+
+@dataclasses.dataclass(frozen=True)
+class RecurrentEntry:
+    """Launch parameters of the recurrent kernels (chunked sequence forms, step forms, conv1d)."""
+    chunk: int        # tokens per chunk of the chunked forms (a multiple of min_dot)
+    block_k: int      # key dims (state rows) per program
+    block_v: int      # value dims (state columns) per program
+    block_t: int      # tokens per program of causal_conv1d
+    block_c: int      # channels per program of causal_conv1d and its step
+    num_warps: int
+    num_stages: int
+    min_dot: int = 16
+    options: tuple = ()
+
+
+RECURRENT = {
+    # small tiles so that the tests' tiny shapes span several chunks and several k/v blocks
+    "interpret": RecurrentEntry(chunk=16, block_k=16, block_v=16, block_t=8, block_c=16, num_warps=1,
+                                num_stages=1),
+    Platform.CUDA: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=4,
+                                  num_stages=2),
+    Platform.ROCM: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=4,
+                                  num_stages=1, options=(("waves_per_eu", 2),)),
+    Platform.XPU: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=8,
+                                 num_stages=2, options=(("grf_mode", "large"),)),
+}
+
+
+def recurrent(x) -> RecurrentEntry:
+    """The recurrent kernels' entry for the platform of tensor `x` (the interpreter's when interpreting)."""
+    if INTERPRET:
+        return RECURRENT["interpret"]
+    platform = platform_of(x)
+    if platform not in RECURRENT:
+        raise ValueError(f"no triton launch table for platform {platform.value}")
+    return RECURRENT[platform]
