@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # The device check of the GPU backends, on a CUDA machine: the conformance `full` tier, then the GPU
-# benchmarks, results written under $OUT (default gpu-results/) as they come, a short table last.
-# It stops itself after GPU_CHECK_SECONDS (default 300) so that a machine start and a rerun fit.
+# benchmarks (attention, then the recurrent ops), results written under $OUT (default gpu-results/) as
+# they come, a short table last: machine.txt, check.{json,txt}, bench.txt, bench/{attention,recurrent}.{json,md}.
+# It stops itself after GPU_CHECK_SECONDS (default 300) so that a machine start and a rerun fit; the
+# benchmarks keep up to BENCH_SECONDS (default 150) of it. Wheels in .whl/ (flash-linear-attention, the
+# recurrent peers; the machine may have no internet) are installed first when present.
 #
 #   OUT=/some/dir bash ci/gpu_check.sh
 set -uo pipefail
@@ -15,23 +18,46 @@ if ! "$python" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() el
   echo "ci/gpu_check.sh needs a CUDA GPU: torch.cuda.is_available() is False here, so nothing was run." >&2
   exit 2
 fi
-"$python" -c 'import portable_attn' 2>/dev/null || "$python" -m pip install -q --no-build-isolation --no-deps -e .
+"$python" -c 'import portable_attn.backends.triton' 2>/dev/null || "$python" -m pip install -q --no-build-isolation --no-deps -e .
+if compgen -G ".whl/*.whl" > /dev/null; then
+  "$python" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # jax may be installed: never let it take the GPU's memory
 deadline=$((SECONDS + budget))
-left() { local s=$((deadline - SECONDS)); echo $((s > 1 ? s : 1)); }
+reserve="${BENCH_SECONDS:-150}"
+((reserve > budget / 2)) && reserve=$((budget / 2))
+left() { local s=$((deadline - SECONDS - ${1:-0})); echo $((s > 1 ? s : 1)); }
+bench() {  # bench NAME KEEP CASES...: one run that leaves KEEP s for what follows, kept as bench/NAME.{json,md}
+  local name=$1 keep=$2 rc; shift 2
+  timeout "$(left "$keep")" "$python" -m portable_attn.cli bench --device cuda --backend triton --case "$@" --no-memory \
+    --out "$out/bench-$name" >> "$out/bench.txt" 2>&1
+  rc=$?
+  mkdir -p "$out/bench"
+  for ext in json md; do
+    [[ -f "$out/bench-$name/bench.$ext" ]] && mv "$out/bench-$name/bench.$ext" "$out/bench/$name.$ext"
+  done
+  rm -rf "$out/bench-$name"  # plots: the returned files are few
+  return $rc
+}
 
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
   "$python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } | tee "$out/machine.txt"
 
-timeout "$(left)" "$python" -m portable_attn.cli check --backend triton --tier full --device cuda --quiet \
-  --json "$out/check.json" --junit "$out/check.xml" --markdown "$out/check.md" > "$out/check.txt" 2>&1
+timeout "$(left "$reserve")" "$python" -m portable_attn.cli check --backend triton --tier full --device cuda \
+  --quiet --json "$out/check.json" > "$out/check.txt" 2>&1
 check_rc=$?
-timeout "$(left)" "$python" -m portable_attn.cli bench --device cuda --backend triton \
-  --case gpu_causal gpu_swa gpu_decode_b64 --no-memory --out "$out/bench" > "$out/bench.txt" 2>&1
-bench_rc=$?
+bench attention $((reserve / 2)) gpu_causal gpu_swa gpu_decode_b64
+attention_rc=$?
+bench recurrent 0 gpu_ssd gpu_gdr gpu_gla gpu_ssd_step gpu_gdr_step gpu_gla_step gpu_conv_step
+recurrent_rc=$?
 
 tail -n 3 "$out/check.txt"
-[[ -f "$out/bench/bench.md" ]] && cat "$out/bench/bench.md" || tail -n 20 "$out/bench.txt"
-echo "check exit $check_rc, bench exit $bench_rc (124: stopped at the ${budget} s budget); results in $out"
-((check_rc == 0 && bench_rc == 0))
+for name in attention recurrent; do
+  [[ -f "$out/bench/$name.md" ]] && cat "$out/bench/$name.md"
+done
+[[ -f "$out/bench/recurrent.md" ]] || tail -n 20 "$out/bench.txt"
+echo "check exit $check_rc (its limit: $((budget - reserve)) s), bench exits $attention_rc $recurrent_rc (124: stopped at" \
+  "the ${budget} s budget); results in $out"
+((check_rc == 0 && attention_rc == 0 && recurrent_rc == 0))

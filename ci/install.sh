@@ -25,7 +25,7 @@ jax_version="${JAX_VERSION:-0.10.2}"        # the jax that CI's interpret mode r
 triton_version="${TRITON_VERSION:-3.9.0}"   # only where no vendor triton is installed
 
 case "$device" in
-  cpu)  extras=(interpret onnx); torch_index=https://download.pytorch.org/whl/cpu ;;  # triton, for its interpreter
+  cpu)  extras=(interpret pallas-interpret onnx); torch_index=https://download.pytorch.org/whl/cpu ;;  # the interpreters
   tpu)  extras=(tpu);       torch_index=https://download.pytorch.org/whl/cpu ;;
   xpu)  extras=(xpu);       torch_index=https://download.pytorch.org/whl/xpu ;;  # brings Triton's XPU backend
   cuda) extras=(cuda);      torch_index="" ;;                                    # torch from the image

@@ -6,6 +6,7 @@ checked on every call; index *values* only when `index_checks_enabled()` (eager 
 """
 from __future__ import annotations
 
+import contextvars
 import math
 import os
 
@@ -16,12 +17,15 @@ from .masks import BlockMask
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 INDEX_DTYPES = (torch.int32,)
 
+# True while portable_attn.jax checks arrays traced by jax.jit: their values are unknown.
+VALUES_UNKNOWN = contextvars.ContextVar("portable_attn_values_unknown", default=False)
+
 
 def index_checks_enabled(x: torch.Tensor | None = None) -> bool:
     """Index values are checked in eager mode, unless PORTABLE_ATTN_CHECK=0 (skipped while tracing)."""
     if os.environ.get("PORTABLE_ATTN_CHECK", "1") == "0":
         return False
-    if torch.compiler.is_compiling():
+    if torch.compiler.is_compiling() or VALUES_UNKNOWN.get():
         return False
     if x is not None and x.is_cuda and torch.cuda.is_current_stream_capturing():
         return False

@@ -17,9 +17,13 @@ backend (triton, cpu, reference), and the eager path keeps no custom-op overhead
   validation would sync the device, which CUDA-graph capture forbids); `backend=` as a string (a
   priority list joined by commas).
 
+- Recurrent ops (schemas in `RECURRENT`, the public op's arguments in order): `out` as for attention.
+  Sequence forms declare `initial_state` mutated (with `state_indices` it is the state cache, written in
+  place) and return the new final state, an empty tensor where the public op returns the cache or None;
+  step forms declare `state` mutated and return nothing.
+
 `compiled(op, args)` is the path `portable_attn.ops._dispatch` takes while `torch.compiler.is_compiling()`;
-importing this module registers the ops and imports no kernel module. The recurrent ops have no custom
-ops yet.
+importing this module registers the ops and imports no kernel module.
 """
 from __future__ import annotations
 
@@ -31,7 +35,6 @@ from portable_attn.masks import BlockMask
 
 Tensor = torch.Tensor
 ATTENTION = ("attention", "paged_attention", "sparse_attention")
-OPS = ATTENTION + ("write_kv_cache",)
 
 
 def _eager(op: str, args: dict):
@@ -133,6 +136,99 @@ def _(k, v, k_cache, v_cache, slot_mapping, backend):
     return None
 
 
+# the recurrent ops' arguments, as the public op orders them (without backend and out)
+RECURRENT = {
+    "linear_attention": "Tensor q, Tensor k, Tensor v, Tensor? g, float? scale, Tensor(a!)? initial_state, "
+                        "bool output_final_state, Tensor? state_indices, Tensor? has_initial_state, Tensor? cu_seqlens",
+    "linear_attention_step": "Tensor q, Tensor k, Tensor v, Tensor(a!) state, Tensor? g, float? scale, "
+                             "Tensor? state_indices",
+    "gated_delta_rule": "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, float? scale, "
+                        "Tensor(a!)? initial_state, bool output_final_state, Tensor? state_indices, "
+                        "Tensor? has_initial_state, Tensor? cu_seqlens, bool use_qk_l2norm",
+    "gated_delta_rule_step": "Tensor q, Tensor k, Tensor v, Tensor g, Tensor beta, Tensor(a!) state, float? scale, "
+                             "Tensor? state_indices, bool use_qk_l2norm",
+    "ssd": "Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor? D, Tensor? z, Tensor? dt_bias, "
+           "bool dt_softplus, float[] dt_limit, Tensor(a!)? initial_state, bool output_final_state, "
+           "Tensor? state_indices, Tensor? has_initial_state, Tensor? cu_seqlens",
+    "ssd_step": "Tensor x, Tensor dt, Tensor A, Tensor B, Tensor C, Tensor(a!) state, Tensor? D, Tensor? z, "
+                "Tensor? dt_bias, bool dt_softplus, float[] dt_limit, Tensor? state_indices",
+    "causal_conv1d": "Tensor x, Tensor weight, Tensor? bias, str? activation, Tensor(a!)? initial_state, "
+                     "bool output_final_state, Tensor? state_indices, Tensor? has_initial_state, Tensor? cu_seqlens",
+    "causal_conv1d_step": "Tensor x, Tensor weight, Tensor? bias, Tensor(a!) state, str? activation, "
+                          "Tensor? state_indices",
+}
+OPS = ATTENTION + ("write_kv_cache",) + tuple(RECURRENT)
+
+
+def _names(op: str) -> list:
+    return [arg.split()[-1] for arg in RECURRENT[op].split(", ")] + ["backend", "out"]
+
+
+def _state_tail(op: str, a: dict) -> tuple:
+    """The state shape of one sequence of sequence form `op`."""
+    if op == "linear_attention":
+        return a["q"].shape[1], a["q"].shape[2], a["v"].shape[2]
+    if op == "gated_delta_rule":
+        return a["v"].shape[1], a["q"].shape[2], a["v"].shape[2]
+    if op == "ssd":
+        return a["x"].shape[1], a["x"].shape[2], a["B"].shape[2]
+    return a["x"].shape[1], a["weight"].shape[1] - 1
+
+
+def _new_final(op: str, a: dict):
+    """What a sequence form's custom op returns: its new final state, else an empty tensor."""
+    if a["state_indices"] is not None or not a["output_final_state"]:
+        return a["out"].new_empty(0)
+    init = a["initial_state"]
+    if init is not None:
+        return init.new_empty(init.shape)
+    nseq = 1 if a["cu_seqlens"] is None else a["cu_seqlens"].shape[0] - 1
+    dtype = a["x"].dtype if op == "causal_conv1d" else torch.float32
+    return a["out"].new_empty((nseq,) + tuple(_state_tail(op, a)), dtype=dtype)
+
+
+def _register(op: str) -> None:
+    names = _names(op)
+    step = op.endswith("_step")
+    schema = f"({RECURRENT[op]}, str? backend, Tensor(b!) out) -> {'()' if step else 'Tensor'}"
+    mutated = ("state" if step else "initial_state", "out")
+
+    def run(*args):
+        a = dict(zip(names, args))
+        result = _eager(op, a)
+        if step:
+            return None
+        if a["state_indices"] is None and a["output_final_state"]:
+            return result[1].contiguous()
+        return a["out"].new_empty(0)
+
+    def fake(*args):
+        return None if step else _new_final(op, dict(zip(names, args)))
+
+    torch.library.custom_op(f"portable_attn::{op}", run, mutates_args=mutated, schema=schema).register_fake(fake)
+
+
+for _op in RECURRENT:
+    _register(_op)
+
+
+def _recurrent(op: str, a: dict, backend: str | None):
+    """The public recurrent op's return value, through its custom op."""
+    out = a["out"]
+    if out is None:
+        like = a["v"] if "v" in a else a["x"]
+        out = like.new_empty(like.shape)
+    a = dict(a, out=out, backend=backend)
+    if "dt_limit" in a:
+        a["dt_limit"] = [float(x) for x in a["dt_limit"]]
+    final = getattr(torch.ops.portable_attn, op)(*(a[n] for n in _names(op)))
+    if op.endswith("_step"):
+        return out
+    if a["state_indices"] is not None:
+        return out, a["initial_state"] if a["output_final_state"] else None
+    return out, final if a["output_final_state"] else None
+
+
 def _backend(spec) -> str | None:
     if spec is None or isinstance(spec, str):
         return spec
@@ -148,8 +244,8 @@ def compiled(op: str, args: dict):
         torch.ops.portable_attn.write_kv_cache(a["k"], a["v"], a["k_cache"], a["v_cache"], a["slot_mapping"],
                                                backend)
         return None
-    if op not in ATTENTION:
-        raise NotImplementedError(f"{op} has no custom op for torch.compile yet")
+    if op in RECURRENT:
+        return _recurrent(op, a, backend)
     q = a["q"]
     out = a["out"]
     if out is None:

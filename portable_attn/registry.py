@@ -20,6 +20,7 @@ BUILTIN = {
     "reference": "portable_attn.reference:BACKEND",
     "cpu": "portable_attn.backends.cpu:BACKEND",
     "triton": "portable_attn.backends.triton:BACKEND",
+    "pallas": "portable_attn.backends.pallas:BACKEND",
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.

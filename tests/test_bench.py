@@ -8,10 +8,12 @@ import re
 import sys
 
 import pytest
+import torch
 
 import portable_attn
 from portable_attn import NotSupported, cli
-from portable_attn.bench import cases, peers, plan
+from portable_attn.bench import cases, fla_peers, peers, plan
+from portable_attn.bench.impls import Refused
 
 
 def bench(out, *args):
@@ -43,24 +45,37 @@ def test_quick_run_writes_json_and_one_plot_per_series(quick_run):
             assert point["flops"] > 0
             entries = {e["name"]: e for e in point["impls"]}
             assert set(entries) == {"reference", *catalogue[case["name"]].peers}
-            base = entries[case["baseline"]]
-            assert base["status"] == "ok", base
+            base = entries.get(case["baseline"])
+            assert base is not None or case["baseline"] is None
             for e in entries.values():
                 assert e["status"] == "ok", e
                 assert len(e["times_s"]) == 2 and 0 < e["min_s"] <= e["median_s"]
-                assert e["ratio"] == pytest.approx(base["median_s"] / e["median_s"])
+                assert e["ratio"] == (pytest.approx(base["median_s"] / e["median_s"]) if base else None)
                 assert e["peak_mem_bytes"] is not None or e["peak_mem_note"]
                 assert (e["gbps"] is not None) == (point["bytes"] is not None)
+                if e["gbps"] is not None:
+                    assert e["bw_frac"] == pytest.approx(e["gbps"] / data["bandwidth"]["gbps"])
     series = [c["name"] for c in data["cases"] if len(c["points"]) > 1]
     assert series and sorted(p.stem for p in out.glob("*.png")) == sorted(series)
+    bw = data["bandwidth"]
+    assert bw["bytes"] == 2 * 16 * 2**20 and bw["gbps"] == pytest.approx(bw["bytes"] / bw["median_s"] / 1e9)
+    md = (out / "bench.md").read_text()
+    assert "Measured bandwidth: " in md and "| % BW |" in md and "no peer to compare with" in md
+
+
+def test_no_bandwidth_copy_without_a_memory_bound_case(tmp_path):
+    rc, data = bench(tmp_path, "--case", "gdr", "--no-memory")
+    assert rc == 0 and data["bandwidth"] is None
+    assert "Measured bandwidth" not in (tmp_path / "bench.md").read_text()
 
 
 def test_missing_transformers_skips_its_peers(tmp_path, monkeypatch):
     for name in [m for m in sys.modules if m.split(".")[0] == "transformers"] + ["transformers"]:
         monkeypatch.setitem(sys.modules, name, None)  # `import transformers...` now fails
-    rc, data = bench(tmp_path, "--case", "gdr", "ssd", "--no-memory")
+    rc, data = bench(tmp_path, "--case", "gdr", "ssd", "gdr_step", "conv_step", "--no-memory")
     assert rc == 0
-    for case, peer in (("gdr", "hf-qwen3next"), ("ssd", "hf-mamba2")):
+    for case, peer in (("gdr", "hf-qwen3next"), ("ssd", "hf-mamba2"), ("gdr_step", "hf-qwen3next-step"),
+                       ("conv_step", "hf-conv-step")):
         e = impl(data, case, peer)
         assert e["status"] == "skipped" and "transformers" in e["reason"]
         ours = impl(data, case, "reference")
@@ -124,3 +139,116 @@ def test_list_prints_the_cases(capsys):
 def test_unknown_names_are_errors(args, capsys, tmp_path):
     assert cli.main(["bench", "--quick", "--out", str(tmp_path), *args]) == 2
     assert "nope" in capsys.readouterr().out
+
+
+STEP_BYTES = {"ssd_step": ("x", "x"), "gdr_step": ("v", "v"), "gla_step": ("v", "v"), "conv_step": ("x", "x")}
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("name", sorted(STEP_BYTES))
+def test_step_bytes_count_every_input_the_output_and_the_state_written_back(name, dtype):
+    case = cases.catalogue(quick=True)[name]
+    sizes = case.points[0].sizes | dict(dtype=dtype)
+    args = case.make(sizes, "cpu")
+    read = sum(t.nbytes for t in args.values() if isinstance(t, torch.Tensor))
+    out = args[STEP_BYTES[name][1]].nbytes
+    state_indices = 4 * sizes["B"]
+    assert case.bytes(sizes) == read + out + args["state"].nbytes + state_indices
+
+
+def test_gpu_cases_are_the_issue_sizes_with_known_peers():
+    gpu = cases.gpu_catalogue()
+    sizes = {n: c.points[0].sizes for n, c in gpu.items()}
+    assert sizes["gpu_ssd"] == dict(T=8192, H=64, P=64, N=128, G=1, dtype="bf16")
+    assert sizes["gpu_gdr"] == dict(T=8192, H=16, K=128, V=128, dtype="bf16")
+    assert sizes["gpu_gdr_step"]["Hv"] == 32 and sizes["gpu_conv_step"] == dict(B=256, C=8192, W=4, dtype="bf16")
+    for name, case in gpu.items():
+        assert set(case.peers) <= set(peers.PEERS) and case.baseline in case.peers
+        if name.endswith("_step"):
+            assert case.graph and case.bytes and case.points[0].sizes["B"] == 256
+
+
+def test_fla_peers_skip_off_cuda_with_a_reason():
+    case = cases.catalogue(quick=True)["ssd"]
+    args = case.make(case.points[0].sizes, "cpu")
+    with pytest.raises(Refused, match="CUDA only") as info:
+        peers.PEERS["fla-ssd"].prepare(args, case.points[0].sizes)
+    assert info.value.status == "skipped"
+
+
+# fla's kernels need a GPU; their argument mappings are checked here against the reference through a
+# float64 stand-in written from fla's documented contract (layout [B, T, H, ...], state [N, HV, K, V] or
+# [N, HV, V, K] with state_v_first, g as log-decay per head or per key dim, GVA by repeat_interleave).
+
+def fake_fla(q, k, v, g=None, beta=None, *, gk=None, scale, initial_state=None, output_final_state=False,
+             state_v_first=False, use_qk_l2norm_in_kernel=False):
+    q, k, v = (t.double() for t in (q, k, v))
+    if use_qk_l2norm_in_kernel:
+        q, k = (t * torch.rsqrt((t * t).sum(-1, keepdim=True) + 1e-6) for t in (q, k))
+    q, k = (t.repeat_interleave(v.shape[2] // q.shape[2], dim=2) for t in (q, k))
+    decay = (gk if gk is not None else g).double()
+    decay = decay[..., None] if decay.dim() == 3 else decay  # [B, T, H, K or 1]
+    B, T, H, K = q.shape
+    S = torch.zeros(B, H, K, v.shape[-1], dtype=torch.float64) if initial_state is None else initial_state.double()
+    S = S.transpose(-1, -2) if state_v_first else S
+    o = []
+    for t in range(T):
+        S = decay[:, t, :, :, None].exp() * S
+        u = v[:, t]
+        if beta is not None:
+            u = beta[:, t, :, None].double() * (u - torch.einsum("bhk,bhkv->bhv", k[:, t], S))
+        S = S + k[:, t, :, :, None] * u[:, :, None, :]
+        o.append(scale * torch.einsum("bhk,bhkv->bhv", q[:, t], S))
+    final = S.transpose(-1, -2) if state_v_first else S
+    return torch.stack(o, 1), final if output_final_state else None
+
+
+def fake_conv_update(x, cache, weight, bias, activation):
+    new = torch.cat([cache[..., 1:], x[..., None]], dim=-1)  # fla's cache: the W newest inputs
+    y = (new * weight).sum(-1) + bias
+    cache.copy_(new)
+    return torch.nn.functional.silu(y) if activation == "silu" else y, cache
+
+
+def _close(got, want):
+    assert float((got.double() - want.double()).abs().max()) <= 1e-4 * max(1.0, float(want.abs().max()))
+
+
+@pytest.mark.parametrize("name, op, mapping", [("ssd", "ssd", fla_peers.ssd_as_simple_gla),
+                                               ("gdr", "gated_delta_rule", fla_peers.gdr_call),
+                                               ("gla", "linear_attention", fla_peers.gla_call)])
+def test_fla_prefill_mappings_match_the_reference(name, op, mapping):
+    case = cases.catalogue(quick=True)[name]
+    args = case.make(case.points[0].sizes, "cpu")
+    o, _ = mapping(args, fake_fla, False)()
+    _close(o.squeeze(0), getattr(portable_attn, op)(**args, backend="reference")[0])
+
+
+@pytest.mark.parametrize("name, op, mapping", [("ssd_step", "ssd_step", fla_peers.ssd_as_simple_gla),
+                                               ("gdr_step", "gated_delta_rule_step", fla_peers.gdr_call),
+                                               ("gla_step", "linear_attention_step", fla_peers.gla_call)])
+def test_fla_step_mappings_match_the_reference(name, op, mapping):
+    case = cases.catalogue(quick=True)[name]
+    args = case.make(case.points[0].sizes, "cpu")
+    o, final = mapping(args, fake_fla, True)()
+    state = args["state"].clone()
+    want = getattr(portable_attn, op)(**(args | dict(state=state)), backend="reference")
+    _close(o.squeeze(1), want)
+    _close(final, state)
+
+
+def test_fla_conv_step_mapping_matches_the_reference():
+    case = cases.catalogue(quick=True)["conv_step"]
+    args = case.make(case.points[0].sizes, "cpu")
+    y, cache = fla_peers.conv_step_call(args, fake_conv_update)()
+    state = args["state"].clone()
+    _close(y, portable_attn.causal_conv1d_step(**(args | dict(state=state)), backend="reference"))
+    _close(cache[..., 1:], state)
+
+
+def test_fla_step_mappings_refuse_a_state_cache_out_of_order():
+    case = cases.catalogue(quick=True)["gdr_step"]
+    args = case.make(case.points[0].sizes, "cpu")
+    args["state_indices"] = torch.arange(len(args["q"]), dtype=torch.int32).flip(0)
+    with pytest.raises(Refused, match="batch order"):
+        fla_peers.gdr_call(args, fake_fla, True)

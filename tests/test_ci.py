@@ -199,7 +199,7 @@ def _ready_entry() -> dict:
 
 
 def _planned_entry() -> dict:
-    return copy.deepcopy(ENTRIES["cpu-pallas-interpret"])
+    return copy.deepcopy(ENTRIES["cpu-onnxruntime"])
 
 
 def _drop(entry: dict, key: str) -> dict:
@@ -282,8 +282,8 @@ def test_run_here_reports_planned_entries_and_runs_only_what_is_here(fake_check,
     reports = tmp_path / "reports"
     assert matrix.run(_tiny_matrix(), here=True, reports=reports, check=check) == 0
     out = capsys.readouterr().out
-    planned_line = next(line for line in out.splitlines() if line.startswith("cpu-pallas-interpret "))
-    assert "planned (#6)" in planned_line and "passed" not in planned_line
+    planned_line = next(line for line in out.splitlines() if line.startswith("cpu-onnxruntime "))
+    assert "planned (unfiled)" in planned_line and "passed" not in planned_line
     assert re.search(r"^cpu-reference\s+passed$", out, re.M)
     assert re.search(r"^cuda-reference\s+skipped: no cuda device here$", out, re.M)
     assert calls() == [{
@@ -307,8 +307,8 @@ def test_run_fails_when_an_entry_fails_unless_it_may(fake_check, tmp_path, monke
 def test_run_a_planned_entry_by_name_runs_nothing(fake_check, tmp_path, monkeypatch, capsys):
     check, calls = fake_check
     monkeypatch.setattr(matrix, "check_command", lambda: check)
-    assert matrix.main(["run", "--here", "--name", "cpu-pallas-interpret", "--reports", str(tmp_path)]) == 0
-    assert "planned (#6): not built yet" in capsys.readouterr().out
+    assert matrix.main(["run", "--here", "--name", "cpu-onnxruntime", "--reports", str(tmp_path)]) == 0
+    assert "planned (unfiled): not built yet" in capsys.readouterr().out
     assert calls() == []
 
 

@@ -5,6 +5,8 @@ import sys
 
 import torch
 
+from portable_attn.bench import cases
+
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
@@ -14,3 +16,9 @@ def test_gpu_check_needs_a_gpu(tmp_path):
                          env={"OUT": str(tmp_path), "PYTHON": sys.executable, "PATH": "/usr/bin:/bin"}, timeout=120)
     assert res.returncode == 2
     assert "needs a CUDA GPU" in res.stderr and "nothing was run" in res.stderr
+
+
+def test_gpu_check_benchmarks_every_gpu_case():
+    script = (ROOT / "ci" / "gpu_check.sh").read_text()
+    bench_lines = " ".join(line for line in script.splitlines() if line.startswith("bench "))
+    assert set(bench_lines.split()) >= set(cases.gpu_catalogue())

@@ -7,7 +7,10 @@ kernel module is imported when PORTABLE_ATTN_INTERPRET=1).
 The interpreter computes bfloat16 `tl.dot` wrongly (it multiplies the raw 16-bit patterns; see
 PITFALLS.md): under it, `dot` upcasts its operands to float32 first. A canary test
 (tests/backends/triton/test_attention_triton.py) fails once upstream fixes that, so this can go.
-On a GPU, float32 operands are multiplied in IEEE float32 (no TF32), as the float32 tolerance needs.
+On a GPU, float32 operands are multiplied at float32 accuracy, as the float32 tolerance needs: on
+NVIDIA as three TF32 tensor-core products (`tf32x3`: ~fp32 accuracy, far faster than FMAs, and it
+avoids Triton 3.6's failure to lower FMA dots in the paged + block-mask flash kernel), elsewhere in
+IEEE float32; PORTABLE_ATTN_TRITON_F32_DOT=ieee|tf32x3 overrides.
 """
 from __future__ import annotations
 
@@ -21,6 +24,19 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 # the same flag as a constexpr global, which jit functions may read
 UPCAST_DOT = tl.constexpr(INTERPRET)
 
+
+def _f32_dot() -> str:
+    """The input precision of float32 dots: tf32x3 on NVIDIA, ieee elsewhere (and with no GPU)."""
+    if os.environ.get("PORTABLE_ATTN_TRITON_F32_DOT"):
+        return os.environ["PORTABLE_ATTN_TRITON_F32_DOT"]
+    try:
+        return "tf32x3" if triton.runtime.driver.active.get_current_target().backend == "cuda" else "ieee"
+    except Exception:  # no GPU driver (the interpreter, or compiling for a target without one)
+        return "ieee"
+
+
+F32_DOT = tl.constexpr("ieee" if INTERPRET else _f32_dot())
+
 LOG2E = 1.4426950408889634
 BIG = 1 << 29  # "unbounded" for window sides: p + BIG and p - BIG stay inside int32
 
@@ -31,7 +47,7 @@ def dot(a, b):
     if UPCAST_DOT:
         return tl.dot(a.to(tl.float32), b.to(tl.float32))
     elif a.dtype == tl.float32:
-        return tl.dot(a, b, input_precision="ieee")
+        return tl.dot(a, b, input_precision=F32_DOT)
     else:
         return tl.dot(a, b)
 
@@ -74,3 +90,18 @@ def finish(m_i, l_i, acc):
     m_u = tl.where(m_i == float("-inf"), 0.0, m_i)
     z = tl.where(l_i > 0, l_i, 1.0)
     return acc / z[:, None], tl.where(l_i > 0, m_u + tl.log(z), float("-inf"))
+
+
+@triton.jit
+def silu(x):
+    """x sigmoid(x), float32."""
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def softplus(x):
+    """log(1 + exp(x)) = max(x, 0) + log1p(exp(-|x|)), float32; log1p(u) = log(1 + u) u / ((1 + u) - 1)
+    keeps the small terms that 1 + u rounds away (no vendor libdevice)."""
+    u = tl.exp(-tl.abs(x))
+    w = 1.0 + u
+    return tl.maximum(x, 0.0) + tl.where(w == 1.0, u, tl.log(w) * (u / (w - 1.0)))

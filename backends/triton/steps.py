@@ -1,15 +1,140 @@
-"""STUB: being built (issue 5)."""
-from portable_attn.errors import NotSupported
+"""Step forms (one decode token per sequence) of linear_attention, gated_delta_rule and ssd: one launch
+of one kernel for the whole batch, grid (bsz, value heads, value blocks).
+
+A program holds the state tile [K, BLOCK_V] of cache row `state_indices[b]` in float32 (every key dim,
+since the output and the delta correction sum over K), reads it once, updates it and writes it back in
+place in the cache's dtype, through the cache's strides. A row of -1 (or, with checks off, any row
+outside the cache) starts from zero and is never written. Constexpr switches pick the op:
+- linear attention: S = diag(exp(g)) S + k^T v, o = scale q S (g per head, per key dim, or none);
+- gated delta rule: u = beta (v - S'^T k) replaces v (q/k heads H serve Hv value heads);
+- ssd: the linear-attention step with q = C, k = d B, v = x, log-decay d A, on the state [P, N] read
+  as its transpose [N, P] (swapped strides), then y + D x and y silu(z); d = clamp(f(dt + dt_bias)).
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+from .common import clamp, silu, softplus
+from .tuning import recurrent
+
+TILE = 8192  # most state elements one program holds (float32 registers)
+NO_DECAY, HEAD_DECAY, KEY_DECAY = 0, 1, 2
 
 
+@triton.jit
+def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, dtb_ptr, d_ptr, z_ptr, idx_ptr, s_ptr, o_ptr,
+                 q_sb, q_sh, q_sk, k_sb, k_sh, k_sk, v_sb, v_sh, v_sv,
+                 g_sb, g_sh, g_sk, beta_sb, beta_sh, d_sh, d_sv, z_sb, z_sh, z_sv,
+                 idx_s, s_ss, s_sh, s_sk, s_sv, o_sb, o_sh, o_sv,
+                 K, V, SLOTS, GROUP, scale, dt_lo, dt_hi,
+                 DECAY: tl.constexpr, DELTA: tl.constexpr, L2NORM: tl.constexpr, SSD: tl.constexpr,
+                 SOFTPLUS: tl.constexpr, HAS_DT_BIAS: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr,
+                 BLOCK_K: tl.constexpr, BLOCK_V: tl.constexpr):
+    b = tl.program_id(0).to(tl.int64)
+    h = tl.program_id(1)
+    hk = h // GROUP                                   # the q/k (B/C) head of value head h
+    row = tl.load(idx_ptr + b * idx_s).to(tl.int64)
+    ok = (row >= 0) & (row < SLOTS)
+    row = tl.where(ok, row, 0)
+    kk = tl.arange(0, BLOCK_K)
+    vv = tl.program_id(2) * BLOCK_V + tl.arange(0, BLOCK_V)
+    km, vm = kk < K, vv < V
 
-def linear_attention_step(*args, **kwargs):
-    raise NotSupported("triton", "linear_attention_step", "not built yet")
+    q = tl.load(q_ptr + b * q_sb + hk * q_sh + kk * q_sk, mask=km, other=0.0).to(tl.float32)   # [BK]
+    k = tl.load(k_ptr + b * k_sb + hk * k_sh + kk * k_sk, mask=km, other=0.0).to(tl.float32)   # [BK]
+    if L2NORM:
+        q = q * tl.rsqrt(tl.sum(q * q, 0) + 1e-6)
+        k = k * tl.rsqrt(tl.sum(k * k, 0) + 1e-6)
+    q = q * scale
+    v = tl.load(v_ptr + b * v_sb + h * v_sh + vv * v_sv, mask=vm, other=0.0).to(tl.float32)    # [BV]
+
+    # the state tile [BK, BV]; a skipped row reads as zero (no rows) and is not stored
+    sm = (kk[:, None] < tl.where(ok, K, 0)) & vm[None, :]
+    s_at = s_ptr + row * s_ss + h * s_sh + kk[:, None] * s_sk + vv[None, :] * s_sv
+    s = tl.load(s_at, mask=sm, other=0.0).to(tl.float32)
+    if DECAY == 1:
+        g = tl.load(g_ptr + b * g_sb + h * g_sh).to(tl.float32)
+        if SSD:  # g is dt: d = clamp(f(dt + dt_bias)), k = d B, log-decay d A
+            if HAS_DT_BIAS:
+                g += tl.load(dtb_ptr + h).to(tl.float32)
+            if SOFTPLUS:
+                g = softplus(g)
+            g = clamp(g, dt_lo, dt_hi)
+            k = k * g
+            g = g * tl.load(a_ptr + h).to(tl.float32)
+        s = s * tl.exp(g)
+    elif DECAY == 2:
+        g = tl.load(g_ptr + b * g_sb + h * g_sh + kk * g_sk, mask=km, other=0.0).to(tl.float32)   # [BK]
+        s = s * tl.exp(g)[:, None]
+    u = v
+    if DELTA:  # u = beta (v - S'^T k)
+        beta = tl.load(beta_ptr + b * beta_sb + h * beta_sh).to(tl.float32)
+        u = beta * (v - tl.sum(s * k[:, None], 0))
+    s = s + k[:, None] * u[None, :]
+    tl.store(s_at, s.to(s_ptr.dtype.element_ty), mask=sm)
+
+    o = tl.sum(s * q[:, None], 0)                                                              # [BV]
+    if HAS_D:
+        o += tl.load(d_ptr + h * d_sh + vv * d_sv, mask=vm, other=0.0).to(tl.float32) * v
+    if HAS_Z:
+        o *= silu(tl.load(z_ptr + b * z_sb + h * z_sh + vv * z_sv, mask=vm, other=0.0).to(tl.float32))
+    tl.store(o_ptr + b * o_sb + h * o_sh + vv * o_sv, o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
-def gated_delta_rule_step(*args, **kwargs):
-    raise NotSupported("triton", "gated_delta_rule_step", "not built yet")
+def _strides(x, n):
+    """The strides of tensor x, or n zeros when it is absent."""
+    return tuple(x.stride()) if x is not None else (0,) * n
 
 
-def ssd_step(*args, **kwargs):
-    raise NotSupported("triton", "ssd_step", "not built yet")
+def _step(q, k, v, o, state, state_strides, idx, *, scale, g=None, beta=None, l2norm=False, ssd=None):
+    """Launch the step kernel: q, k [bsz, Hk, K], v, o [bsz, Hv, V], the state cache read as
+    [slots, Hv, K, V] through `state_strides`; `ssd` holds (A, dt_bias, D, z, softplus, lo, hi)."""
+    bsz, hv, vd = v.shape
+    kd = q.shape[2]
+    if o.numel() == 0:
+        return o
+    e = recurrent(q)
+    block_k = triton.next_power_of_2(kd)
+    block_v = max(1, min(e.block_v, triton.next_power_of_2(vd), TILE // block_k))
+    if ssd is not None:
+        A, dt_bias, D, z, soft, lo, hi = ssd
+        decay = HEAD_DECAY
+        d_st = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else tuple(D.stride()))
+    else:
+        A = dt_bias = D = z = None
+        soft, lo, hi, d_st = False, 0.0, 0.0, (0, 0)
+        decay = NO_DECAY if g is None else (HEAD_DECAY if g.dim() == 2 else KEY_DECAY)
+    g_st = (0, 0, 0) if g is None else (tuple(g.stride()) + (0,))[:3]
+    dummy = q
+    _step_kernel[(bsz, hv, triton.cdiv(vd, block_v))](
+        q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if A is None else A,
+        dummy if dt_bias is None else dt_bias, dummy if D is None else D, dummy if z is None else z,
+        idx, state, o,
+        *q.stride(), *k.stride(), *v.stride(), *g_st, *_strides(beta, 2), *d_st, *_strides(z, 3),
+        idx.stride(0), state.stride(0), state.stride(1), *state_strides, *o.stride(),
+        kd, vd, state.shape[0], hv // q.shape[1], scale, lo, hi,
+        DECAY=decay, DELTA=beta is not None, L2NORM=l2norm, SSD=ssd is not None, SOFTPLUS=soft,
+        HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        BLOCK_K=block_k, BLOCK_V=block_v, num_warps=e.num_warps, num_stages=1, **dict(e.options))
+    return o
+
+
+def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
+    o = out if out is not None else q.new_empty(v.shape)
+    return _step(q, k, v, o, state, (state.stride(2), state.stride(3)), state_indices, scale=scale, g=g)
+
+
+def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
+                          out=None):
+    o = out if out is not None else v.new_empty(v.shape)
+    return _step(q, k, v, o, state, (state.stride(2), state.stride(3)), state_indices, scale=scale, g=g,
+                 beta=beta, l2norm=use_qk_l2norm)
+
+
+def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False,
+             dt_limit=(0.0, float("inf")), state_indices=None, out=None):
+    o = out if out is not None else x.new_empty(x.shape)
+    # state [slots, H, P, N] read as [slots, H, N, P]: key dims N, value dims P
+    return _step(C, B, x, o, state, (state.stride(3), state.stride(2)), state_indices, scale=1.0, g=dt,
+                 ssd=(A, dt_bias, D, z, dt_softplus, dt_limit[0], dt_limit[1]))

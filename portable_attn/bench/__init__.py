@@ -3,6 +3,7 @@
 cases.py   what is measured (op, pattern, sizes, visible FLOPs and bytes)
 impls.py   an implementation under test; backends as implementations
 peers.py   SDPA, FlexAttention, gather+SDPA, the transformers PyTorch paths
+fla_peers.py   flash-linear-attention's Triton kernels (GPU) for the recurrent ops
 plan.py    which implementations a case runs; rebuilding one in a worker process
 timing.py  round-robin timing, medians; the worker for dense-mask peers
 memory.py  peak memory per implementation, in a separate process
@@ -14,6 +15,7 @@ from __future__ import annotations
 import pathlib
 
 from rich.console import Console
+from rich.markup import escape
 
 from portable_attn import registry
 
@@ -34,11 +36,14 @@ def command(args, console: Console) -> int:
         backends=tuple(args.backend or plan.default_backends(args.device)), peers=args.peers, repeat=args.repeat,
         warmup=args.warmup, quick=args.quick, device=args.device, mem_budget_gb=args.mem_budget_gb,
         memory=args.memory)
-    results = runner.run(settings, log=lambda msg: console.print(f"[dim]{msg}[/]"))
-    for table in report.tables(results):
-        console.print(table)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    results = runner.run(settings, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"),
+                         checkpoint=lambda partial: report.write_json(partial, out))
+    for table in report.tables(results):
+        console.print(table)
+    if line := report.bandwidth_line(results):
+        console.print(line)
     written = [report.write_json(results, out)]
     try:
         written += plots.write(results, out)

@@ -3,7 +3,9 @@
 FLOPs count a multiply-add as two and only the work the op's contract asks for: attention counts
 `QK^T` and `PV` over the visible (query, key) pairs; the recurrences count the token-by-token update
 (`gdr`: decay, `S^T k`, the rank-1 update and `S^T q`, 7·K·V per token and value head; `ssd`: decay,
-`dt·x B^T` and `h C`, 5·P·N per token and head), whatever a chunked algorithm does on top.
+`dt·x B^T` and `h C`, 5·P·N per token and head; `gla`: decay, `k^T v` and `q S`, 5·K·V; conv: 2·W per
+token and channel), whatever a chunked algorithm does on top. Bytes (memory-bound cases only) count
+what one call must read and write once: inputs, outputs, and a state cache read and written back.
 """
 from __future__ import annotations
 
@@ -28,12 +30,13 @@ class Case:
     op: str                       # the portable_attn op
     pattern: str
     axis: str                     # the size `Point.x` is ("T", "ctx")
-    baseline: str                 # the implementation the ratios are against
+    baseline: str | None          # the implementation the ratios are against (None: no peer to compare with)
     peers: tuple[str, ...]
     points: tuple[Point, ...]
     make: Callable[[dict, str], dict]          # (sizes, device) -> the op's arguments
     flops: Callable[[dict], float]
-    bytes: Callable[[dict], float] | None = None  # decode: what one step must read and write
+    bytes: Callable[[dict], float] | None = None  # memory-bound cases: what one call must read and write
+    graph: bool = False  # on CUDA, timed as replays of a CUDA graph of several calls (as engines run decode)
 
     def label(self, point: Point) -> str:
         return f"{self.axis}={point.x}"
@@ -45,6 +48,21 @@ def _randn(gen, *shape):
 
 def _dtype(sizes: dict) -> torch.dtype:
     return DTYPES[sizes.get("dtype", "fp32")]
+
+
+def _on(device: str, sizes: dict, acts: dict, params: dict) -> dict:
+    """Activations in the case's dtype, gates/parameters/states in float32, all on `device`."""
+    return ({n: t.to(device, _dtype(sizes)) for n, t in acts.items()}
+            | {n: t.to(device, torch.float32) for n, t in params.items()})
+
+
+def _uniform(gen, lo, hi, *shape):
+    return lo + (hi - lo) * torch.rand(*shape, generator=gen)
+
+
+def _rows(sizes: dict) -> int:
+    """Tokens of one call: the sequence length, or the batch of a step (one token per sequence)."""
+    return sizes["T"] if "T" in sizes else sizes["B"]
 
 
 def _visible_pairs(T: int, left: int) -> int:
@@ -91,47 +109,126 @@ def _decode_bytes(sizes: dict) -> float:
 
 
 def _gdr_inputs(sizes: dict, device: str) -> dict:
-    T, H, K, V = sizes["T"], sizes["H"], sizes["K"], sizes["V"]
+    n, H, Hv, K, V = _rows(sizes), sizes["H"], sizes.get("Hv", sizes["H"]), sizes["K"], sizes["V"]
     gen = torch.Generator().manual_seed(0)
-    args = dict(q=_randn(gen, T, H, K), k=_randn(gen, T, H, K), v=_randn(gen, T, H, V),
-                g=F.logsigmoid(_randn(gen, T, H)), beta=torch.sigmoid(_randn(gen, T, H)))
-    return {n: t.to(device) for n, t in args.items()} | dict(use_qk_l2norm=True)
+    acts = dict(q=_randn(gen, n, H, K), k=_randn(gen, n, H, K), v=_randn(gen, n, Hv, V),
+                beta=torch.sigmoid(_randn(gen, n, Hv)))
+    params = dict(g=F.logsigmoid(_randn(gen, n, Hv)))
+    if "B" in sizes:
+        params["state"] = 0.1 * _randn(gen, n, Hv, K, V)
+    return _on(device, sizes, acts, params) | dict(use_qk_l2norm=True)
 
 
 def _gdr_flops(sizes: dict) -> float:
-    return 7.0 * sizes["T"] * sizes["H"] * sizes["K"] * sizes["V"]
+    return 7.0 * _rows(sizes) * sizes.get("Hv", sizes["H"]) * sizes["K"] * sizes["V"]
+
+
+def _gdr_step_bytes(sizes: dict) -> float:
+    B, H, Hv, K, V = sizes["B"], sizes["H"], sizes["Hv"], sizes["K"], sizes["V"]
+    act = _dtype(sizes).itemsize * B * (2 * H * K + 2 * Hv * V + Hv)  # q, k, v, out, beta
+    return act + 4 * B * Hv * (2 * K * V + 1) + 4 * B  # state read + written, g, state_indices
 
 
 def _ssd_inputs(sizes: dict, device: str) -> dict:
-    T, H, P, N, G = sizes["T"], sizes["H"], sizes["P"], sizes["N"], sizes["G"]
+    n, H, P, N, G = _rows(sizes), sizes["H"], sizes["P"], sizes["N"], sizes["G"]
     gen = torch.Generator().manual_seed(0)
-    uniform = lambda lo, hi, *shape: lo + (hi - lo) * torch.rand(*shape, generator=gen)  # noqa: E731
-    args = dict(x=_randn(gen, T, H, P), dt=0.5 * _randn(gen, T, H), A=-uniform(1.0, 16.0, H),  # Mamba-2's init ranges
-                B=_randn(gen, T, G, N), C=_randn(gen, T, G, N), D=_randn(gen, H),
-                dt_bias=torch.log(torch.expm1(uniform(1e-3, 0.1, H))))
-    return {n: t.to(device) for n, t in args.items()} | dict(dt_softplus=True)
+    acts = dict(x=_randn(gen, n, H, P), dt=0.5 * _randn(gen, n, H), B=_randn(gen, n, G, N), C=_randn(gen, n, G, N))
+    params = dict(A=-_uniform(gen, 1.0, 16.0, H), D=_randn(gen, H),  # Mamba-2's init ranges
+                  dt_bias=torch.log(torch.expm1(_uniform(gen, 1e-3, 0.1, H))))
+    if "B" in sizes:
+        params["state"] = 0.1 * _randn(gen, n, H, P, N)
+    return _on(device, sizes, acts, params) | dict(dt_softplus=True)
 
 
 def _ssd_flops(sizes: dict) -> float:
-    return 5.0 * sizes["T"] * sizes["H"] * sizes["P"] * sizes["N"]
+    return 5.0 * _rows(sizes) * sizes["H"] * sizes["P"] * sizes["N"]
+
+
+def _ssd_step_bytes(sizes: dict) -> float:
+    B, H, P, N, G = sizes["B"], sizes["H"], sizes["P"], sizes["N"], sizes["G"]
+    act = _dtype(sizes).itemsize * B * (2 * H * P + H + 2 * G * N)  # x, y, dt, B, C
+    return act + 4 * (2 * B * H * P * N + 3 * H) + 4 * B  # state read + written, A, D, dt_bias, state_indices
+
+
+def _gla_inputs(sizes: dict, device: str) -> dict:
+    n, H, K, V = _rows(sizes), sizes["H"], sizes["K"], sizes["V"]
+    gen = torch.Generator().manual_seed(0)
+    acts = dict(q=_randn(gen, n, H, K), k=_randn(gen, n, H, K), v=_randn(gen, n, H, V))
+    params = dict(g=F.logsigmoid(_randn(gen, n, H, K)) / 16)  # GLA's gate_logit_normalizer
+    if "B" in sizes:
+        params["state"] = 0.1 * _randn(gen, n, H, K, V)
+    return _on(device, sizes, acts, params)
+
+
+def _gla_flops(sizes: dict) -> float:
+    return 5.0 * _rows(sizes) * sizes["H"] * sizes["K"] * sizes["V"]
+
+
+def _gla_step_bytes(sizes: dict) -> float:
+    B, H, K, V = sizes["B"], sizes["H"], sizes["K"], sizes["V"]
+    act = _dtype(sizes).itemsize * B * H * (2 * K + 2 * V)  # q, k, v, out
+    return act + 4 * B * H * (2 * K * V + K) + 4 * B  # state read + written, g, state_indices
+
+
+def _conv_inputs(sizes: dict, device: str) -> dict:
+    n, C, W = _rows(sizes), sizes["C"], sizes["W"]
+    gen = torch.Generator().manual_seed(0)
+    acts = dict(x=_randn(gen, n, C), weight=_randn(gen, C, W) / W, bias=_randn(gen, C))
+    if "B" in sizes:
+        acts["state"] = _randn(gen, n, C, W - 1)  # the activation dtype, as SPEC's conv state is
+    return _on(device, sizes, acts, {}) | dict(activation="silu")
+
+
+def _conv_flops(sizes: dict) -> float:
+    return 2.0 * _rows(sizes) * sizes["C"] * sizes["W"]
+
+
+def _conv_bytes(sizes: dict) -> float:
+    n, C, W, item = _rows(sizes), sizes["C"], sizes["W"], _dtype(sizes).itemsize
+    state = item * 2 * n * C * (W - 1) + 4 * n if "B" in sizes else 0  # read + written, state_indices
+    return item * (2 * n * C + C * (W + 1)) + state  # x, y, weight, bias
+
+
+def _series(axis, values, **fixed):
+    return tuple(Point({axis: v} | fixed, v) for v in values)
 
 
 def gpu_catalogue() -> dict[str, Case]:
-    """The GPU goals of the triton backend (bf16; on an H100): prefill as fast as SDPA, a 1k window at 32k
-    far cheaper than the same kernel's dense causal run, decode near the memory bandwidth."""
-    def series(axis, values, **fixed):
-        return tuple(Point({axis: v} | fixed, v) for v in values)
-
+    """The GPU goals of the triton backend (bf16; on an H100): prefill as fast as SDPA (attention) and as
+    flash-linear-attention's chunk kernels (recurrences), a 1k window at 32k far cheaper than the same
+    kernel's dense causal run, decode and every step form near the memory bandwidth (batch 256 states)."""
+    bf16 = dict(dtype="bf16")
+    step = "one token per sequence, batch 256, state cache float32 updated in place, bf16, CUDA graph"
     cases = (
         Case("gpu_causal", "attention", "dense causal prefill, GQA 32/8, bf16", "T", "sdpa-causal",
-             ("sdpa-causal", "flex", "flash-attn"), series("T", (8192,), H=32, Hkv=8, D=128, dtype="bf16"),
+             ("sdpa-causal", "flex", "flash-attn"), _series("T", (8192,), H=32, Hkv=8, D=128, **bf16),
              _attention_inputs, _attention_flops),
         Case("gpu_swa", "attention", "causal with a window W at T=32768 (W=T: dense), GQA 32/8, bf16", "W",
-             "flex", ("flex", "flash-attn"), series("W", (1024, 32768), T=32768, H=32, Hkv=8, D=128, dtype="bf16"),
+             "flex", ("flex", "flash-attn"), _series("W", (1024, 32768), T=32768, H=32, Hkv=8, D=128, **bf16),
              _attention_inputs, _attention_flops),
         Case("gpu_decode_b64", "paged_attention", "paged decode step, batch 64, GQA 32/8, bf16", "ctx",
-             "gather-sdpa", ("gather-sdpa",), series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16, dtype="bf16"),
+             "gather-sdpa", ("gather-sdpa",), _series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16, **bf16),
              _decode_inputs, _decode_flops, _decode_bytes),
+        Case("gpu_ssd", "ssd", "Mamba-2 SSD prefill, one group (ngroups=1), dt softplus + bias, D skip, bf16", "T",
+             "fla-ssd", ("fla-ssd", "hf-mamba2"), _series("T", (8192,), H=64, P=64, N=128, G=1, **bf16),
+             _ssd_inputs, _ssd_flops),
+        Case("gpu_gdr", "gated_delta_rule", "gated delta rule prefill, use_qk_l2norm, bf16", "T", "fla-gdr",
+             ("fla-gdr", "hf-qwen3next"), _series("T", (8192,), H=16, K=128, V=128, **bf16), _gdr_inputs, _gdr_flops),
+        Case("gpu_gla", "linear_attention", "GLA prefill: decay per key dim g [T, H, K], bf16", "T", "fla-gla",
+             ("fla-gla",), _series("T", (8192,), H=16, K=128, V=128, **bf16), _gla_inputs, _gla_flops),
+        Case("gpu_ssd_step", "ssd_step", f"Mamba-2 SSD step, one group, {step}", "B", "fla-ssd-step",
+             ("fla-ssd-step",), _series("B", (256,), H=64, P=64, N=128, G=1, **bf16), _ssd_inputs, _ssd_flops,
+             _ssd_step_bytes, graph=True),
+        Case("gpu_gdr_step", "gated_delta_rule_step", f"gated delta rule step, GQA 16/32, use_qk_l2norm, {step}",
+             "B", "fla-gdr-step", ("fla-gdr-step", "hf-qwen3next-step"),
+             _series("B", (256,), H=16, Hv=32, K=128, V=128, **bf16), _gdr_inputs, _gdr_flops, _gdr_step_bytes,
+             graph=True),
+        Case("gpu_gla_step", "linear_attention_step", f"GLA step (decay per key dim), {step}", "B", "fla-gla-step",
+             ("fla-gla-step",), _series("B", (256,), H=32, K=128, V=128, **bf16), _gla_inputs, _gla_flops,
+             _gla_step_bytes, graph=True),
+        Case("gpu_conv_step", "causal_conv1d_step", "causal conv1d step, silu, batch 256, state bf16 in place, "
+             "CUDA graph", "B", "fla-conv-step", ("fla-conv-step", "hf-conv-step"),
+             _series("B", (256,), C=8192, W=4, **bf16), _conv_inputs, _conv_flops, _conv_bytes, graph=True),
     )
     return {c.name: c for c in cases}
 
@@ -139,9 +236,7 @@ def gpu_catalogue() -> dict[str, Case]:
 def catalogue(quick: bool = False) -> dict[str, Case]:
     """Every case by name; `quick` shrinks every size to seconds-long runs for tests and CI. The GPU cases
     (`gpu_catalogue`) run only when named with --case."""
-    def series(axis, values, **fixed):
-        return tuple(Point({axis: v} | fixed, v) for v in values)
-
+    series = _series
     if quick:
         swa = series("T", (128, 256), H=2, D=16, W=32)
         causal = series("T", (128,), H=2, D=16)
@@ -149,6 +244,12 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
         decode_b64 = series("ctx", (128,), B=4, Hq=4, Hkv=2, D=16, BS=16)
         gdr = series("T", (128,), H=2, K=16, V=16)
         ssd = series("T", (128,), H=2, P=8, N=16, G=1)
+        gla = series("T", (128,), H=2, K=16, V=16)
+        conv = series("T", (128,), C=64, W=4)
+        ssd_step = series("B", (4,), H=2, P=8, N=16, G=1)
+        gdr_step = series("B", (4,), H=2, Hv=4, K=16, V=16)
+        gla_step = series("B", (4,), H=2, K=16, V=16)
+        conv_step = series("B", (4,), C=64, W=4)
     else:
         swa = series("T", (4096, 16384, 65536), H=8, D=64, W=1024)
         causal = series("T", (4096, 8192), H=8, D=64)
@@ -156,6 +257,13 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
         decode_b64 = series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16)
         gdr = series("T", (4096,), H=16, K=128, V=128)
         ssd = series("T", (4096,), H=32, P=64, N=128, G=1)  # H=64 takes 3x longer in the HF peer here
+        gla = series("T", (4096,), H=16, K=128, V=128)
+        conv = series("T", (4096,), C=8192, W=4)
+        ssd_step = series("B", (256,), H=32, P=64, N=128, G=1)  # states of 256 MiB each: half the GPU sizes
+        gdr_step = series("B", (256,), H=8, Hv=16, K=128, V=128)
+        gla_step = series("B", (256,), H=16, K=128, V=128)
+        conv_step = series("B", (256,), C=8192, W=4)
+    step = "one token per sequence, state cache float32 updated in place, fp32"
     cases = (
         Case("swa", "attention", "sliding window W, causal, window_size=(W-1, 0), fp32", "T", "flex",
              ("sdpa-mask", "flex"), swa, _attention_inputs, _attention_flops),
@@ -169,6 +277,18 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
              ("hf-qwen3next",), gdr, _gdr_inputs, _gdr_flops),
         Case("ssd", "ssd", "Mamba-2 SSD prefill, dt softplus + bias, D skip, fp32", "T", "hf-mamba2",
              ("hf-mamba2",), ssd, _ssd_inputs, _ssd_flops),
+        Case("gla", "linear_attention", "GLA prefill: decay per key dim g [T, H, K], fp32 (no PyTorch peer)", "T",
+             None, (), gla, _gla_inputs, _gla_flops),
+        Case("conv", "causal_conv1d", "causal conv1d prefill, silu, fp32", "T", "torch-conv1d", ("torch-conv1d",), conv,
+             _conv_inputs, _conv_flops, _conv_bytes),
+        Case("ssd_step", "ssd_step", f"Mamba-2 SSD step, {step} (no PyTorch peer)", "B", None, (), ssd_step,
+             _ssd_inputs, _ssd_flops, _ssd_step_bytes),
+        Case("gdr_step", "gated_delta_rule_step", f"gated delta rule step, GQA 1:2, use_qk_l2norm, {step}", "B",
+             "hf-qwen3next-step", ("hf-qwen3next-step",), gdr_step, _gdr_inputs, _gdr_flops, _gdr_step_bytes),
+        Case("gla_step", "linear_attention_step", f"GLA step (decay per key dim), {step} (no PyTorch peer)", "B",
+             None, (), gla_step, _gla_inputs, _gla_flops, _gla_step_bytes),
+        Case("conv_step", "causal_conv1d_step", "causal conv1d step, silu, state in place, fp32", "B", "hf-conv-step",
+             ("hf-conv-step",), conv_step, _conv_inputs, _conv_flops, _conv_bytes),
     )
     return {c.name: c for c in cases}
 

@@ -11,6 +11,7 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+from .fla_peers import FLA_PEERS
 from .impls import Impl, Refused
 
 HF_MAMBA2_CHUNK = 256  # Mamba2Config.chunk_size's default
@@ -104,13 +105,17 @@ def _gather_sdpa(args, sizes):
     return step
 
 
-def _hf(module: str, name: str):
-    """The PyTorch function `name` of a transformers model module (the torch path, not a kernel-hub wrapper)."""
+def _hf(module: str, *names: str):
+    """The PyTorch function of a transformers model module, under the first of `names` it has (names moved
+    across versions); the torch path, not a kernel-hub wrapper."""
     try:
         importlib.import_module("transformers").logging.set_verbosity_error()  # its "slow fallback" notices
-        fn = getattr(importlib.import_module(f"transformers.models.{module}"), name)
-    except (ImportError, AttributeError) as exc:
-        raise Refused("skipped", f"transformers with {module}.{name} is not installed ({exc})") from None
+        found = importlib.import_module(f"transformers.models.{module}")
+    except ImportError as exc:
+        raise Refused("skipped", f"transformers with {module} is not installed ({exc})") from None
+    fn = next((f for f in (getattr(found, n, None) for n in names) if f is not None), None)
+    if fn is None:
+        raise Refused("skipped", f"this transformers has no {' / '.join(names)} in {module}")
     return getattr(fn, "__wrapped__", fn)
 
 
@@ -118,6 +123,30 @@ def _hf_qwen3next(args, sizes):
     fn = _hf("qwen3_next.modeling_qwen3_next", "torch_chunk_gated_delta_rule")
     q, k, v, g, beta = (args[n].unsqueeze(0) for n in ("q", "k", "v", "g", "beta"))  # [1, T, H, ...], their layout
     return functools.partial(fn, q, k, v, g, beta, use_qk_l2norm_in_kernel=args["use_qk_l2norm"])
+
+
+def _hf_qwen3next_step(args, sizes):
+    fn = _hf("qwen3_next.modeling_qwen3_next", "torch_recurrent_gated_delta_rule")
+    rep = args["v"].shape[1] // args["q"].shape[1]  # GQA heads repeated in setup: not every version does it
+    q, k = (args[n].repeat_interleave(rep, dim=1).unsqueeze(1) for n in "qk")  # [B, 1, Hv, K]
+    v, g, beta = (args[n].unsqueeze(1) for n in ("v", "g", "beta"))
+    return functools.partial(fn, q, k, v, g, beta, initial_state=args["state"], output_final_state=True,
+                             use_qk_l2norm_in_kernel=args["use_qk_l2norm"])
+
+
+def _torch_conv1d(args, sizes):
+    x, w = args["x"].t().unsqueeze(0).contiguous(), args["weight"]  # [1, C, T], as the modules hold it
+
+    def conv():
+        y = F.conv1d(x, w.unsqueeze(1), args["bias"], padding=w.shape[1] - 1, groups=w.shape[0])[..., :x.shape[2]]
+        return F.silu(y) if args["activation"] == "silu" else y
+    return conv
+
+
+def _hf_conv_step(args, sizes):
+    fn = _hf("qwen3_next.modeling_qwen3_next", "torch_causal_conv1d_update", "causal_conv1d_update")
+    return functools.partial(fn, args["x"].unsqueeze(-1), args["state"], args["weight"], args["bias"],
+                             args["activation"])
 
 
 def _hf_mamba2(args, sizes):
@@ -144,4 +173,12 @@ PEERS = {p.name: p for p in (
          _hf_qwen3next),
     Impl("hf-mamba2", "peer", f"transformers Mamba-2 mamba2_chunk_scan torch path (chunk {HF_MAMBA2_CHUNK}): "
          "softplus(dt + dt_bias), chunked SSD scan, D skip; no z, as in Mamba2Mixer (z goes to its norm)", _hf_mamba2),
+    Impl("hf-qwen3next-step", "peer", "transformers Qwen3-Next torch_recurrent_gated_delta_rule on B one-token "
+         "sequences [B, 1, H, K] (q, k heads repeated to Hv in setup), the state cache as initial_state, the new "
+         "float32 state returned", _hf_qwen3next_step),
+    Impl("torch-conv1d", "peer", "F.conv1d(groups=C, padding=W-1) + silu on a [1, C, T] copy, as nn.Conv1d in "
+         "the transformers torch paths", _torch_conv1d),
+    Impl("hf-conv-step", "peer", "transformers Qwen3-Next torch causal_conv1d_update: cat(state, x), F.conv1d, "
+         "state shifted in place", _hf_conv_step),
+    *FLA_PEERS,
 )}

@@ -20,7 +20,7 @@ def case_list(catalogue: dict[str, Case]) -> Table:
     for c in catalogue.values():
         fixed = {k: v for k, v in c.points[0].sizes.items() if k != c.axis}
         t.add_row(c.name, c.op, c.pattern, f"{c.axis} = {', '.join(str(p.x) for p in c.points)}",
-                  " ".join(f"{k}={v}" for k, v in fixed.items()), c.baseline, ", ".join(c.peers))
+                  " ".join(f"{k}={v}" for k, v in fixed.items()), c.baseline or "—", ", ".join(c.peers) or "—")
     return t
 
 
@@ -34,26 +34,41 @@ def _ms(seconds) -> str:
 
 def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
     """Column names and rows (cells, status, last row of its point) of one case's table."""
-    decode = any(p["bytes"] for p in case["points"])
-    cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if decode else []),
-            "peak MB", "setup s", f"vs {case['baseline']}", "note"]
+    moved = any(p["bytes"] for p in case["points"])
+    frac = any(e.get("bw_frac") is not None for p in case["points"] for e in p["impls"])
+    base = case["baseline"]
+    cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if moved else []),
+            *(["% BW"] if frac else []), "peak MB", "setup s", *([f"vs {base}"] if base else []), "note"]
     rows = []
     for point in case["points"]:
         for i, e in enumerate(point["impls"]):
             mem = e.get("peak_mem_bytes")
             status = "" if e["status"] == "ok" else f"{e['status']}: "
             note = e["reason"] if status else e.get("peak_mem_note") or ""
+            bw = None if e.get("bw_frac") is None else 100 * e["bw_frac"]
             rows.append(([str(point["x"]) if i == 0 else "", e["name"],
                           _ms(e.get("median_s")), _ms(e.get("min_s")), _ms(e.get("iqr_s")),
-                          _num(e.get("gflops"), ".3g"), *([_num(e.get("gbps"), ".3g")] if decode else []),
+                          _num(e.get("gflops"), ".3g"), *([_num(e.get("gbps"), ".3g")] if moved else []),
+                          *([_num(bw, ".0f")] if frac else []),
                           _num(None if mem is None else mem / 2**20, ".0f"), _num(e.get("setup_s"), ".2f"),
-                          _num(e.get("ratio"), ".2f"), f"{status}{note}"],
+                          *([_num(e.get("ratio"), ".2f")] if base else []), f"{status}{note}"],
                          e["status"], i == len(point["impls"]) - 1))
     return cols, rows
 
 
 def _caption(case: dict) -> str:
+    if case["baseline"] is None:
+        return "no peer to compare with"
     return f"vs {case['baseline']}: its median / this median (> 1: faster)"
+
+
+def bandwidth_line(results: dict) -> str | None:
+    """The measured bandwidth that `% BW` is a fraction of, or None when no case moved counted bytes."""
+    bw = results.get("bandwidth")
+    if bw is None:
+        return None
+    return (f"Measured bandwidth: {bw['gbps']:.4g} GB/s (a {bw['bytes'] / 2 / 2**20:.0f} MiB device-to-device "
+            f"copy, bytes read + written / median of {bw['repeat']}); % BW is GB/s as a share of it.")
 
 
 def tables(results: dict) -> list[Table]:
@@ -73,7 +88,9 @@ def tables(results: dict) -> list[Table]:
 def markdown(results: dict) -> str:
     """The same tables in Markdown, headed by the machine they ran on (for BENCHMARKS.md)."""
     m = results["machine"]
-    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}, {m['date']}.", ""]
+    gpu = f" ({m['gpu']})" if m.get("gpu") else ""
+    lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}{gpu}, {m['date']}.",
+             *([bandwidth_line(results)] if results.get("bandwidth") else []), ""]
     for case in results["cases"]:
         cols, rows = _grid(case)
         lines += [f"**{case['name']}**: {case['op']}, {case['pattern']} ({_caption(case)})", "",

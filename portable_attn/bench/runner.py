@@ -21,7 +21,11 @@ NOTES = {
                "in this process (sdpa-mask in a worker process, still one call per turn)",
     "setup_s": "prepare + first call: layout copies, masks, block masks, compiles, lazy imports",
     "gflops": "FLOPs of the visible work (portable_attn/bench/cases.py) / median",
-    "gbps": "bytes a decode step must move (K, V, q, out, block table) / median",
+    "gbps": "bytes a memory-bound call must move once (decode: K, V, q, out, block table; steps: inputs, outputs, "
+            "the state read and written back) / median",
+    "bw_frac": "gbps / the bandwidth of a device-to-device copy measured in the same run (`bandwidth`)",
+    "graph": "cases marked graph (GPU steps) time replays of a CUDA graph of 10 calls on CUDA, per call: the launch "
+             "gaps of an engine running decode, not Python's",
     "ratio": "baseline median / this median (> 1: faster than the case's baseline)",
     "peak_mem_bytes": memory.MEANING,
 }
@@ -59,29 +63,54 @@ def machine(device: str) -> dict:
     return info
 
 
-def run(settings: Settings, log: Callable[[str], None] = print) -> dict:
+def run(settings: Settings, log: Callable[[str], None] = print,
+        checkpoint: Callable[[dict], None] = lambda results: None) -> dict:
+    """All cases of `settings`; `checkpoint` gets the results so far after each case (a run stopped by a time
+    limit keeps what it finished)."""
     t0, info = time.perf_counter(), machine(settings.device)
     catalogue = cases.named(settings.quick)
     unknown = [n for n in settings.cases if n not in catalogue]
     if unknown:
         raise ValueError(f"unknown case {', '.join(unknown)}; valid names: {', '.join(catalogue)}")
+    bandwidth = None
+    if any(catalogue[n].bytes for n in settings.cases):
+        log("memory bandwidth: a device-to-device copy")
+        bandwidth = timing.copy_bandwidth(settings.device, *_copy_size(settings))
     results = []
     for name in settings.cases:
         case = catalogue[name]
         points = []
         for index, point in enumerate(case.points):
             log(f"{case.name} {case.label(point)}")
-            points.append(_run_point(case, index, point, settings))
+            points.append(_run_point(case, index, point, settings, bandwidth))
+            log("  " + ", ".join(_progress(e) for e in points[-1]["impls"]))
         results.append(dict(name=case.name, op=case.op, pattern=case.pattern, axis=case.axis,
                             baseline=case.baseline, points=points))
+        checkpoint(_results(info, settings, bandwidth, t0, results))
     if settings.memory:
         log("peak memory, one worker process")
         _add_memory(results, settings)
-    return dict(machine=info, settings=dataclasses.asdict(settings), notes=NOTES,
+    return _results(info, settings, bandwidth, t0, results)
+
+
+def _progress(entry: dict) -> str:
+    setup = f" (setup {entry['setup_s']:.1f} s)" if "setup_s" in entry else ""
+    return f"{entry['name']} {entry['status']}{setup}"
+
+
+def _results(info, settings, bandwidth, t0, results) -> dict:
+    return dict(machine=info, settings=dataclasses.asdict(settings), notes=NOTES, bandwidth=bandwidth,
                 elapsed_s=time.perf_counter() - t0, cases=results)
 
 
-def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Settings) -> dict:
+def _copy_size(settings: Settings) -> tuple[int, int]:
+    """(bytes copied, repetitions): far above the last-level cache, yet quick."""
+    if settings.quick:
+        return 16 * 2**20, 3
+    return (2**30, 20) if settings.device.startswith("cuda") else (256 * 2**20, 5)
+
+
+def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Settings, bandwidth: dict | None) -> dict:
     sync = timing.synchronizer(settings.device)
     args = case.make(point.sizes, settings.device)
     todo = plan.impls_for(case, settings.backends, settings.peers)
@@ -100,7 +129,10 @@ def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Setti
                 entry["setup_s"] = runner.setup_s
             else:
                 fn, entry["setup_s"] = impls.start(impl, args, point.sizes, sync)
-                runner = functools.partial(timing.timed, fn, sync)
+                calls = 1
+                if case.graph and settings.device.startswith("cuda"):
+                    fn, calls = timing.cuda_graph(fn), timing.GRAPH_CALLS
+                runner = functools.partial(timing.timed, fn, sync, calls)
         except Exception as exc:  # noqa: BLE001 - reported as the implementation's status
             entry["status"], entry["reason"] = impls.classify(exc, impl)
             continue
@@ -120,6 +152,7 @@ def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Setti
         entry.update(timing.summary(times[name]))
         entry["gflops"] = flops / entry["median_s"] / 1e9
         entry["gbps"] = nbytes / entry["median_s"] / 1e9 if nbytes else None
+        entry["bw_frac"] = entry["gbps"] / bandwidth["gbps"] if nbytes and bandwidth else None
     base = entries.get(case.baseline)
     for entry in entries.values():
         ok = entry["status"] == "ok" and base is not None and base["status"] == "ok"

@@ -1,6 +1,7 @@
 """Interleaved timing: each repetition calls every implementation once, round-robin, after warm-up rounds."""
 from __future__ import annotations
 
+import functools
 import multiprocessing
 import time
 from typing import Callable
@@ -15,12 +16,42 @@ def synchronizer(device: str) -> Callable[[], None]:
     return torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
 
 
-def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+def timed(fn: Callable[[], object], sync: Callable[[], None], calls: int = 1) -> float:
+    """Seconds per call of `fn`, which makes `calls` calls (a CUDA graph replay)."""
     sync()
     t0 = time.perf_counter()
     fn()
     sync()
-    return time.perf_counter() - t0
+    return (time.perf_counter() - t0) / calls
+
+
+GRAPH_CALLS = 10  # calls captured in one CUDA graph: the launch gaps between them are the engine's, not Python's
+
+
+def cuda_graph(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> Callable[[], object]:
+    """`calls` calls of `fn` captured in one CUDA graph (warmed on a side stream first); its replay."""
+    side, main = torch.cuda.Stream(), torch.cuda.current_stream()
+    side.wait_stream(main)
+    with torch.cuda.stream(side):
+        fn()
+    main.wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    return graph.replay
+
+
+def copy_bandwidth(device: str, nbytes: int, repeat: int) -> dict:
+    """The memory bandwidth a large device-to-device copy reaches here (bytes read + written / median)."""
+    sync = synchronizer(device)
+    src = torch.ones(nbytes, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    copy = functools.partial(dst.copy_, src)
+    copy()
+    times = [timed(copy, sync) for _ in range(repeat)]
+    median = float(np.median(times))
+    return dict(bytes=2 * nbytes, median_s=median, gbps=2 * nbytes / median / 1e9, repeat=repeat)
 
 
 def round_robin(runners: dict[str, Callable[[], float]], warmup: int, repeat: int):

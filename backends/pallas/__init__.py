@@ -1,0 +1,46 @@
+"""The pallas backend: the ops written with JAX and Pallas for TPUs (jax.experimental.pallas.tpu), run
+in Pallas' TPU interpret mode on the CPU, by name, when PORTABLE_ATTN_INTERPRET=1. JAX-native: its jax
+functions serve portable_attn.jax; the torch API reaches them through DLPack (bridge.py)."""
+import importlib.util
+import os
+
+from portable_attn.backend import Backend
+from portable_attn.platforms import Platform, machine_platforms
+from portable_attn.registry import interpret_mode
+
+
+class PallasBackend(Backend):
+    name = "pallas"
+    module = "portable_attn.backends.pallas.ops"
+    platforms = frozenset({Platform.TPU})
+    array = "jax"
+    description = ("Pallas TPU kernels: flash attention over the key tiles listed per query tile (scalar "
+                   "prefetch), paged pages read in place, top-k gather")
+    limits = ("float64 (use reference); head dims D or Dv above 256; block-mask blocks that are not multiples "
+              "of 8 (the TPU's tiling)")
+
+    def available(self) -> str | None:
+        if importlib.util.find_spec("jax") is None:
+            return "jax not installed (pip install 'portable-attn[tpu]', or '[pallas-interpret]' on a CPU)"
+        if interpret_mode() or Platform.TPU in machine_platforms():
+            return None
+        return "no TPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
+
+    def serves(self, platform: Platform) -> str | None:
+        if platform == Platform.CPU and interpret_mode():
+            return None
+        return super().serves(platform)
+
+    def supports(self, call) -> str | None:
+        reason = super().supports(call)
+        if reason is None:
+            from .support import why_not  # imports no jax
+            reason = why_not(call)
+        return reason
+
+    def impl(self):
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX on a GPU box (PITFALLS)
+        return super().impl()
+
+
+BACKEND = PallasBackend()
