@@ -15,9 +15,10 @@ class PallasBackend(Backend):
     platforms = frozenset({Platform.TPU})
     array = "jax"
     description = ("Pallas TPU kernels: flash attention over the key tiles listed per query tile (scalar "
-                   "prefetch), paged pages read in place, top-k gather")
-    limits = ("float64 (use reference); head dims D or Dv above 256; block-mask blocks that are not multiples "
-              "of 8 (the TPU's tiling)")
+                   "prefetch), paged pages read in place, top-k gather; chunked recurrences (WY delta rule) "
+                   "with the state in VMEM; conv1d and step forms as jitted JAX")
+    limits = ("float64 (use reference); attention head dims D or Dv above 256; block-mask blocks that are not "
+              "multiples of 8 (the TPU's tiling); recurrent state dims above 512")
 
     def available(self) -> str | None:
         if importlib.util.find_spec("jax") is None:

@@ -109,7 +109,7 @@ def dot_tn(a, b):
     return lax.dot_general(a, b, (((0,), (0,)), ((), ())), **_DOT)
 
 
-def _iota(shape, axis):
+def iota(shape, axis):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
@@ -147,7 +147,7 @@ class Decay:
         c = b.shape[0]
         if self.kind == "key":
             return self._scores_per_key(queries, b)
-        row, col = _iota((c, c), 0), _iota((c, c), 1)
+        row, col = iota((c, c), 0), iota((c, c), 1)
         if self.kind is None:
             return [jnp.where(col <= row, dot_nt(a, b), 0.0) for a in queries]
         decay = jnp.exp(jnp.where(col <= row, self.G - self.other, -jnp.inf))     # [C, C]
@@ -160,14 +160,14 @@ class Decay:
         G, sub = self.G, self.sub
         c, k = G.shape
         shift = sub.bit_length() - 1
-        rows = _iota((c, k), 0)
+        rows = iota((c, k), 0)
         blk, off = rows >> shift, rows & (sub - 1)
         out = [jnp.zeros((c, c), F32) for _ in queries]
         for J in range(c // sub - 1):
             r = self.ref[pl.ds((J + 1) * sub - 1, 1), :]                            # [1, Kp]
             kj = b * jnp.exp(jnp.where(blk == J, r - G, -jnp.inf))                 # rows of J only
             out = [o + dot_nt(a * jnp.exp(jnp.where(blk > J, G - r, -jnp.inf)), kj) for o, a in zip(out, queries)]
-        row, col = _iota((c, c), 0), _iota((c, c), 1)
+        row, col = iota((c, c), 0), iota((c, c), 1)
         for d in range(sub):
             bd, Gd = (b, G) if d == 0 else (pltpu.roll(b, d, 0), pltpu.roll(G, d, 0))   # row i: token i - d
             e = bd * jnp.exp(jnp.where(off >= d, G - Gd, -jnp.inf))
@@ -181,7 +181,7 @@ def unit_lower_inverse(n):
     the diagonal blocks of size b (b = 1: the identity); two neighbouring blocks A, B merge into one of
     size 2b with t_BA = -t_BB n_BA t_AA (exact block elimination, two products per level, log2(C) levels)."""
     c = n.shape[0]
-    row, col = _iota((c, c), 0), _iota((c, c), 1)
+    row, col = iota((c, c), 0), iota((c, c), 1)
     t = (row == col).astype(F32)
     level = 0                                                     # b = 2**level
     while (1 << level) < c:

@@ -51,8 +51,8 @@ def _gated_delta_rule(q, k, v, g, beta, initial_state, state_indices, has_initia
         qc = qc * scale
         vc, b = v_ref[...].astype(jnp.float32), beta_ref[...].astype(jnp.float32)     # [C, Vp], [C, 1]
         aqk, akk = decay.scores([qc, kc], kc)
-        row, col = (jax.lax.broadcasted_iota(jnp.int32, akk.shape, a) for a in (0, 1))
-        t = ch.unit_lower_inverse(jnp.where(col < row, akk, 0.0) * b)            # (I + beta A)^-1
+        below = ch.iota(akk.shape, 1) < ch.iota(akk.shape, 0)                         # j < i
+        t = ch.unit_lower_inverse(jnp.where(below, akk, 0.0) * b)                      # (I + beta A)^-1
         w = ch.dot(t, decay.from_start(b * kc))
         u = ch.dot(t, b * vc) - ch.dot(w, s)                                            # U - W S_0
         o = ch.dot(decay.from_start(qc), s) + ch.dot(aqk, u)

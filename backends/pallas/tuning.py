@@ -40,10 +40,13 @@ class Recurrent:
 
 
 RECURRENT = {
-    "v4": Recurrent(chunk=64, sub=16),
-    "v5e": Recurrent(chunk=64, sub=16),
+    # chunk 128: the MXU width of v4/v5e/v5p (half of v6e's), and the products that contract the chunk
+    # (k^T v into the state) transpose whole 128 x 128 tiles
+    "v4": Recurrent(chunk=128, sub=16),
+    "v5e": Recurrent(chunk=128, sub=16),
     "v5p": Recurrent(chunk=128, sub=16),
     "v6e": Recurrent(chunk=128, sub=16),
+    # the tests' shapes then span several chunks and sub-chunks
     "interpret": Recurrent(chunk=32, sub=8),
 }
 

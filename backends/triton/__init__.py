@@ -17,9 +17,10 @@ class TritonBackend(Backend):
     ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention", "linear_attention",
            "linear_attention_step", "gated_delta_rule", "gated_delta_rule_step", "ssd", "ssd_step",
            "causal_conv1d", "causal_conv1d_step")
-    description = "Triton kernels: online softmax over visible key blocks, paged and split-KV decode"
-    limits = ("float64 (use reference); head dims D or Dv above 256; the recurrent ops are not built yet "
-              "(they go to the next backend in the list)")
+    description = ("Triton kernels: online softmax over visible key blocks, paged and split-KV decode; chunked "
+                   "recurrences (WY delta rule), one-launch step forms")
+    limits = ("float64 (use reference); attention head dims D or Dv above 256; state key dims above 256 in "
+              "gated_delta_rule and the step forms; conv width W above 256")
 
     def available(self) -> str | None:
         if importlib.util.find_spec("triton") is None:

@@ -511,7 +511,8 @@ def state_pass(p: Plan, k, v, g, st: States, n_heads: int, kdim: int, vdim: int,
         x.dt_bias.stride(0) if x.dt_bias is not None else 0, x.A.stride(0),
         *_strides3(w), *_strides3(u), *sa["strides"], hbuf.stride(0), hbuf.stride(1), hbuf.stride(2),
         k.shape[0], kdim, vdim, p.n_chunks, sa["NSLOTS"], float(x.limit[0]), float(x.limit[1]),
-        GROUP=n_heads // k.shape[1], GATE=_gate(g, ssd), SSD=ssd is not None, SOFTPLUS=x.softplus, HAS_BIAS=x.dt_bias is not None, DELTA=delta,
+        GROUP=n_heads // k.shape[1], GATE=_gate(g, ssd), SSD=ssd is not None, SOFTPLUS=x.softplus,
+        HAS_BIAS=x.dt_bias is not None, DELTA=delta,
         VARLEN=p.varlen, INIT=sa["INIT"], HAS_FLAG=sa["HAS_FLAG"], FINAL=sa["FINAL"],
         C=p.chunk, BK=bk, BV=bv, **p.launch())
     return hbuf, vnew

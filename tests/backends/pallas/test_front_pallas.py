@@ -107,3 +107,14 @@ def test_bridge_copies_listed_cache_rows_only():
     y = ops._step(lambda **a: (jnp.ones((1, 2)), new), dict(x=torch.zeros(1, 2), state=state, out=None,
                                                              state_indices=torch.tensor([4], dtype=torch.int32)))
     assert torch.equal(state[4], torch.full((2, 3), 7.0, dtype=torch.bfloat16)) and y.shape == (1, 2)
+
+
+def test_large_recurrent_states_are_refused_with_the_reason():
+    """A state whose K or V (SSD: N or P) is above 512 does not fit the chunk kernel's VMEM: refused."""
+    q = torch.randn(4, 1, 520)
+    v = torch.randn(4, 1, 16)
+    with pytest.raises(pa.NotSupported, match="above 512"):
+        pa.linear_attention(q, q, v, backend="pallas")
+    x, dt, A, B = torch.randn(4, 1, 600), torch.rand(4, 1), -torch.rand(1), torch.randn(4, 1, 16)
+    with pytest.raises(pa.NotSupported, match="above 512"):
+        pa.ssd(x, dt, A, B, B, backend="pallas")

@@ -60,6 +60,7 @@ def direct(op: str, inputs: dict):
 
 
 C = tuning.recurrent().chunk
+TPU_BLOCKS = sorted({tuning.RECURRENT[g] for g in tuning.GENERATIONS}, key=lambda b: (b.chunk, b.sub))  # distinct
 F32, BF16 = torch.float32, torch.bfloat16
 
 
@@ -236,9 +237,6 @@ def test_step_default_rows_bf16_state(op):
     assert torch.equal(s[3:], state[3:])
 
 
-TPU_BLOCKS = sorted({tuning.RECURRENT[g] for g in tuning.GENERATIONS}, key=lambda b: (b.chunk, b.sub))
-
-
 @pytest.mark.parametrize("blocks", TPU_BLOCKS, ids=str)
 @pytest.mark.parametrize("op", ["linear_attention", "gated_delta_rule"])
 def test_tpu_block_sizes_run(op, blocks, monkeypatch):
@@ -279,13 +277,12 @@ def _structs(op, T=300, nseq=3):
         S((5, 4, 64, 128), f32), cu, idx
 
 
-@pytest.mark.parametrize("gen", tuning.GENERATIONS)
+@pytest.mark.parametrize("blocks", TPU_BLOCKS, ids=str)
 @pytest.mark.parametrize("op,gate", [("linear_attention", None), ("linear_attention", "head"),
                                      ("linear_attention", "key"), ("gated_delta_rule", "head"),
                                      ("gated_delta_rule", "key"), ("ssd", "head")])
-def test_lowers_for_tpu(op, gate, gen, monkeypatch):
+def test_lowers_for_tpu(op, gate, blocks, monkeypatch):
     monkeypatch.setattr(chunk, "interpret", lambda: None)          # compile for the TPU, not interpret
-    blocks = tuning.recurrent(gen)
     args, cache, cu, idx = _structs(op)
     S = jax.ShapeDtypeStruct
     T = args[0].shape[0]

@@ -32,6 +32,7 @@ import triton.language as tl  # noqa: E402
 
 import portable_attn as pa  # noqa: E402
 from tests.backends.compare import against_reference, assert_close, paged_cache  # noqa: E402
+from tests.backends.triton.lowering import VENDORS, assert_lowers  # noqa: E402
 from portable_attn.backends.triton import common, flash, tuning  # noqa: E402
 from portable_attn.masks import BlockMask  # noqa: E402
 
@@ -370,16 +371,10 @@ def test_bad_indices_never_fault():
 
 # ---- the compiled kernel ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("vendor", ["cuda", "hip"])
+@pytest.mark.parametrize("vendor", VENDORS)
 def test_kernel_compiles_for_gpu_targets(vendor):
-    """Lower the kernel (each constexpr path) for sm_90 (with its float32 dot, tf32x3) and gfx942 (ieee)
-    without a GPU, in a child process without the interpreter: the interpreter accepts code the
-    compiler rejects."""
-    code = textwrap.dedent("""
-        import sys
-        import triton
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, compile
+    """Lower the flash kernel (each constexpr path) for a GPU target (tests/backends/triton/lowering.py)."""
+    assert_lowers(vendor, """
         from portable_attn.backends.triton import flash
         fn = flash._flash_fwd
         ptrs = {"LSE": "*fp32", "SINKS": "*fp32", "LAYOUT": "*i8", "PMASK": "*u8", "TSTATE": "*i8"}
@@ -390,34 +385,24 @@ def test_kernel_compiles_for_gpu_targets(vendor):
                  ("fp32", True, False, True, False, True, 16, 2, 64, 64, 32),
                  ("fp32", True, True, True, False, False, 32, 2, 32, 32, 32),  # failed with triton 3.6's FMA dot
                  ("bf16", True, True, True, True, False, 8, 2, 32, 256, 256)]
-        targets = {"cuda": (GPUTarget("cuda", 90, 32), {"num_warps": 4, "num_stages": 3}),
-                   "hip": (GPUTarget("hip", "gfx942", 64), {"num_warps": 4, "num_stages": 1, "waves_per_eu": 2})}
-        for target, opts in (targets[sys.argv[1]],):
-            for dt, varlen, paged, mask, cap, sinks, bq, bh, bn, bd, bdv in cases:
-                sig = {}
-                for name in fn.arg_names:
-                    if name in consts:
-                        sig[name] = "constexpr"
-                    elif name in ("Q", "K", "V", "O"):
-                        sig[name] = "*" + dt
-                    elif name in ptrs:
-                        sig[name] = ptrs[name]
-                    elif name in i32:
-                        sig[name] = "*i32"
-                    elif name in ("scale2", "cap2", "inv_cap"):
-                        sig[name] = "fp32"
-                    else:
-                        sig[name] = "i32"
-                ce = dict(GROUP=4, HEADS=min(bh, 4), VARLEN=varlen, SOFTCAP=cap, HAS_SINKS=sinks, PAGED=paged,
-                          HAS_MASK=mask, MASK_SEQS=mask, MASK_HEADS=mask, STORE_LSE=True, COUNT=False,
-                          BLOCK_Q=bq, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
-                compile(ASTSource(fn, sig, ce), target=target, options=opts)
-        print("compiled")
-    """)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PORTABLE_ATTN_INTERPRET")}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    env["PORTABLE_ATTN_TRITON_F32_DOT"] = "tf32x3" if vendor == "cuda" else "ieee"  # what a GPU of each picks
-    res = subprocess.run([sys.executable, "-c", code, vendor], env=env, capture_output=True, text=True, timeout=600)
-    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("this triton install has no GPU toolchain")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+        runs = []
+        for dt, varlen, paged, mask, cap, sinks, bq, bh, bn, bd, bdv in cases:
+            sig = {}
+            for name in fn.arg_names:
+                if name in consts:
+                    sig[name] = "constexpr"
+                elif name in ("Q", "K", "V", "O"):
+                    sig[name] = "*" + dt
+                elif name in ptrs:
+                    sig[name] = ptrs[name]
+                elif name in i32:
+                    sig[name] = "*i32"
+                elif name in ("scale2", "cap2", "inv_cap"):
+                    sig[name] = "fp32"
+                else:
+                    sig[name] = "i32"
+            ce = dict(GROUP=4, HEADS=min(bh, 4), VARLEN=varlen, SOFTCAP=cap, HAS_SINKS=sinks, PAGED=paged,
+                      HAS_MASK=mask, MASK_SEQS=mask, MASK_HEADS=mask, STORE_LSE=True, COUNT=False,
+                      BLOCK_Q=bq, BLOCK_H=bh, BLOCK_N=bn, BLOCK_D=bd, BLOCK_DV=bdv)
+            runs.append((fn, sig, ce))
+    """, {"num_warps": 4, "num_stages": 3 if vendor == "cuda" else 1})

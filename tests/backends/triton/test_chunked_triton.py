@@ -30,6 +30,7 @@ from portable_attn.platforms import Platform  # noqa: E402
 from portable_attn.reference.precision import emulate  # noqa: E402
 
 from portable_attn.backends.triton import support, tuning  # noqa: E402
+from tests.backends.triton.lowering import VENDORS, assert_lowers  # noqa: E402
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -188,7 +189,8 @@ def test_non_contiguous_inputs_and_out():
     B, C = rand(g, t, 2, 16)[:, :1], rand(g, 16, t, 1).permute(1, 2, 0)
     check("ssd", torch.float32, x=x, dt=rand(g, h, t).t(), A=-rand(g, 2 * h)[::2].abs(), B=B, C=C,
           dt_limit=(0.0, float("inf")))
-    check("gated_delta_rule", torch.float32, q=q, k=kk, v=vv, g=-rand(g, h, t).abs().t(), beta=rand(g, h, t).sigmoid().t())
+    check("gated_delta_rule", torch.float32, q=q, k=kk, v=vv, g=-rand(g, h, t).abs().t(),
+          beta=rand(g, h, t).sigmoid().t())
 
 
 @pytest.mark.parametrize("op", ["linear_attention", "gated_delta_rule", "ssd"])
@@ -231,8 +233,8 @@ def test_no_tokens(op):
     cache = rand(g, 3, *tail)
     before = cache.clone()
     getattr(pa, op)(**kw, cu_seqlens=torch.zeros(3, dtype=torch.int32), initial_state=cache,
-                    state_indices=torch.tensor([2, 0], dtype=torch.int32), has_initial_state=torch.tensor([True, False]),
-                    backend="triton")
+                    state_indices=torch.tensor([2, 0], dtype=torch.int32),
+                    has_initial_state=torch.tensor([True, False]), backend="triton")
     assert torch.equal(cache[[1, 2]], before[[1, 2]]) and torch.equal(cache[0], torch.zeros_like(cache[0]))
 
 
@@ -272,15 +274,13 @@ def test_support_reasons():
 
 # ---- the compiled kernels -----------------------------------------------------------------------------
 
-def test_kernels_compile_for_gpu_targets():
-    """Lower every chunk kernel (each constexpr path) for sm_90 and gfx942 without a GPU, in a child process
-    without the interpreter: the interpreter accepts code the compilers reject."""
-    code = textwrap.dedent("""
-        from triton.backends.compiler import GPUTarget
-        from triton.compiler import ASTSource, compile
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_kernels_compile_for_gpu_targets(vendor):
+    """Lower every chunk kernel (each constexpr path) for a GPU target (tests/backends/triton/lowering.py)."""
+    assert_lowers(vendor, """
         from portable_attn.backends.triton import chunk
 
-        def sig(fn, act, consts, fp32=(), i32p=(), i1p=(), floats=("lo", "hi", "scale"), state="fp32"):
+        def sig(fn, act, fp32=(), i32p=(), i1p=(), floats=("lo", "hi", "scale"), state="fp32"):
             s = {}
             for p in fn.params:
                 n = p.name
@@ -309,28 +309,18 @@ def test_kernels_compile_for_gpu_targets():
         for act, gates in (("bf16", paths), ("fp16", paths[3:4]), ("fp32", paths[4:])):
             for i, (gate, ssd, delta) in enumerate(gates):
                 varlen, init, final = ((False, 0, 1), (True, 2, 2), (True, 1, 0))[i % 3]
-                runs.append((chunk._chunk_state, sig(chunk._chunk_state, act, None, fp32=("G_", "DT", "DTB", "A_", "U_"),
-                             i32p=("IDX", "CU", "OFFS"), i1p=("HAS",), state="bf16" if init == 2 else "fp32"),
+                runs.append((chunk._chunk_state, sig(chunk._chunk_state, act,
+                             fp32=("G_", "DT", "DTB", "A_", "U_"), i32p=("IDX", "CU", "OFFS"), i1p=("HAS",),
+                             state="bf16" if init == 2 else "fp32"),
                              dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, DELTA=delta, VARLEN=varlen,
                                   INIT=init, HAS_FLAG=init == 2, FINAL=final, C=64, BK=128 if delta else 64, BV=64)))
-                runs.append((chunk._chunk_output, sig(chunk._chunk_output, act, None,
+                runs.append((chunk._chunk_output, sig(chunk._chunk_output, act,
                              fp32=("G_", "DT", "DTB", "A_", "D_"), i32p=("CU", "OFFS", "SEQ")),
                              dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, HAS_D=ssd, HAS_Z=ssd,
                                   VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
                 if delta:
-                    runs.append((chunk._delta_wy, sig(chunk._delta_wy, act, None, fp32=("G_", "BETA", "U_"),
+                    runs.append((chunk._delta_wy, sig(chunk._delta_wy, act, fp32=("G_", "BETA", "U_"),
                                  i32p=("CU", "OFFS", "SEQ")),
                                  dict(GROUP=2, GATE=gate, VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
-            runs.append((chunk._l2norm, sig(chunk._l2norm, act, None), dict(BT=32, BK=128)))
-        for target, opts in ((GPUTarget("cuda", 90, 32), {"num_warps": 4, "num_stages": 2}),
-                             (GPUTarget("hip", "gfx942", 64), {"num_warps": 4, "num_stages": 1, "waves_per_eu": 2})):
-            for fn, s, ce in runs:
-                compile(ASTSource(fn, s, ce), target=target, options=opts)
-        print("compiled", len(runs))
-    """)
-    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PORTABLE_ATTN_INTERPRET")}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=1500)
-    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
-        pytest.skip("this triton install has no GPU toolchain")
-    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+            runs.append((chunk._l2norm, sig(chunk._l2norm, act), dict(BT=32, BK=128)))
+    """, {"num_warps": 4, "num_stages": 2 if vendor == "cuda" else 1}, timeout=1500)

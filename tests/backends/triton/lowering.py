@@ -1,0 +1,35 @@
+"""Lowering the triton kernels for real GPU targets without a GPU (and without the interpreter, which
+accepts code the compilers reject): sm_90 with the float32 dot an NVIDIA GPU picks (tf32x3), gfx942
+with IEEE float32 dots. CI also runs these tests under the GPU image's Triton (3.6)."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+VENDORS = ("cuda", "hip")
+_TARGET = {"cuda": 'GPUTarget("cuda", 90, 32)', "hip": 'GPUTarget("hip", "gfx942", 64)'}
+_OPTIONS = {"cuda": {}, "hip": {"waves_per_eu": 2}}
+_F32_DOT = {"cuda": "tf32x3", "hip": "ieee"}
+
+
+def assert_lowers(vendor: str, build: str, options: dict, timeout: int = 900) -> None:
+    """Run `build` (Python source defining `runs`, a list of (kernel, signature, constexprs)) in a child
+    process and compile every run for the vendor's target with `options`."""
+    code = "\n".join([
+        "from triton.backends.compiler import GPUTarget",
+        "from triton.compiler import ASTSource, compile",
+        textwrap.dedent(build),
+        f"for fn, sig, ce in runs:",
+        f"    compile(ASTSource(fn, sig, ce), target={_TARGET[vendor]}, options={dict(options, **_OPTIONS[vendor])!r})",
+        "print('compiled', len(runs))",
+    ])
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PORTABLE_ATTN_INTERPRET")}
+    env.update(TRITON_DEFAULT_FP_FUSION="1", PORTABLE_ATTN_TRITON_F32_DOT=_F32_DOT[vendor])
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=timeout)
+    if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
+        pytest.skip("this triton install has no GPU toolchain")
+    assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
