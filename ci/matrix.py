@@ -11,6 +11,7 @@ Every command validates first. Needs Python >= 3.11 (tomllib) and PyYAML; `run` 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import json
 import os
 import re
@@ -167,39 +168,60 @@ def check_command() -> list[str]:
 
 
 def run(entries: list[dict], *, here: bool = False, reports: Path = Path("reports"),
-        check: list[str] | None = None) -> int:
-    """Run `check` for each ready entry (with --here: each whose device is present); 1 if one that
-    may not fail failed. Planned entries are reported as planned, never run."""
+        check: list[str] | None = None, jobs: int = 1) -> int:
+    """Run `check` for each ready entry (with --here: each whose device is present), `jobs` at a time
+    (each entry's output then goes to reports/<name>.log, printed when it ends); 1 if one that may not
+    fail failed. Planned entries are reported as planned, never run."""
     check = check or check_command()
     present = devices_here() if here else set(DEVICES)
-    outcomes, failed = [], False
+    outcomes = {}
+    runnable = []
     for e in entries:
         if e["status"] == "planned":
-            outcomes.append((e["name"], status_of(e) + ": not built yet"))
-            continue
-        if e["device"] not in present:
-            outcomes.append((e["name"], f"skipped: no {e['device']} device here"))
-            continue
-        reports.mkdir(parents=True, exist_ok=True)
-        cmd = [*check, "--backend", e["backend"], "--tier", e["tier"],
-               "--junit", str(reports / f"{e['name']}.xml"), "--json", str(reports / f"{e['name']}.json")]
-        env = entry_env(e)
-        print(f"== {e['name']}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}", flush=True)
-        try:
-            rc = subprocess.run(cmd, env={**os.environ, **env}).returncode
-        except OSError as exc:
-            print(f"cannot run {cmd[0]}: {exc}", file=sys.stderr)
-            rc = 127
-        if rc == 0:
-            outcomes.append((e["name"], "passed"))
-        elif e["allow_failure"]:
-            outcomes.append((e["name"], f"FAILED (exit {rc}), allowed to fail"))
+            outcomes[e["name"]] = status_of(e) + ": not built yet"
+        elif e["device"] not in present:
+            outcomes[e["name"]] = f"skipped: no {e['device']} device here"
         else:
-            outcomes.append((e["name"], f"FAILED (exit {rc})"))
+            runnable.append(e)
+    if runnable:
+        reports.mkdir(parents=True, exist_ok=True)
+    with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+        codes = dict(zip((e["name"] for e in runnable),
+                         pool.map(lambda e: _run_entry(e, check, reports, logged=jobs > 1), runnable)))
+    failed = False
+    for e in runnable:
+        rc = codes[e["name"]]
+        if rc == 0:
+            outcomes[e["name"]] = "passed"
+        elif e["allow_failure"]:
+            outcomes[e["name"]] = f"FAILED (exit {rc}), allowed to fail"
+        else:
+            outcomes[e["name"]] = f"FAILED (exit {rc})"
             failed = True
-    width = max((len(name) for name, _ in outcomes), default=0)
-    print("\n".join(f"{name.ljust(width)}  {outcome}" for name, outcome in outcomes))
+    width = max((len(name) for name in outcomes), default=0)
+    print("\n".join(f"{e['name'].ljust(width)}  {outcomes[e['name']]}" for e in entries))
     return 1 if failed else 0
+
+
+def _run_entry(e: dict, check: list[str], reports: Path, logged: bool) -> int:
+    """One entry's check; its output to the terminal, or (logged) to reports/<name>.log, shown at the end."""
+    cmd = [*check, "--backend", e["backend"], "--tier", e["tier"],
+           "--junit", str(reports / f"{e['name']}.xml"), "--json", str(reports / f"{e['name']}.json")]
+    env = entry_env(e)
+    header = f"== {e['name']}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}"
+    log = reports / f"{e['name']}.log"
+    try:
+        if not logged:
+            print(header, flush=True)
+            return subprocess.run(cmd, env={**os.environ, **env}).returncode
+        with open(log, "w") as out:
+            rc = subprocess.run([*cmd, "--quiet"], env={**os.environ, **env}, stdout=out,
+                                stderr=subprocess.STDOUT).returncode
+        print(header + "\n" + log.read_text(), flush=True)
+        return rc
+    except OSError as exc:
+        print(f"cannot run {cmd[0]}: {exc}", file=sys.stderr)
+        return 127
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--here", action="store_true", help="only entries whose device this machine has")
     p_run.add_argument("--name", action="append", help="this entry only (repeatable)")
     p_run.add_argument("--reports", type=Path, default=Path("reports"), help="JUnit/JSON folder")
+    p_run.add_argument("--jobs", type=int, default=1, help="entries run at a time (default 1)")
     args = parser.parse_args(argv)
 
     try:
@@ -246,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
             if unknown := set(args.name) - {e["name"] for e in entries}:
                 parser.error(f"unknown entry {', '.join(sorted(unknown))}; see `ci/matrix.py list`")
             entries = [e for e in entries if e["name"] in args.name]
-        return run(entries, here=args.here, reports=args.reports)
+        return run(entries, here=args.here, reports=args.reports, jobs=args.jobs)
     return 0
 
 

@@ -9,6 +9,7 @@ import argparse
 import pathlib
 import sys
 
+from portable_attn import registry
 from portable_attn.conformance import report
 
 START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
@@ -16,7 +17,7 @@ START, END = "<!-- support-matrix:start -->", "<!-- support-matrix:end -->"
 
 def render(paths: list[str]) -> str:
     results = [r for p in paths for r in report.from_json(pathlib.Path(p).read_text())]
-    return report.markdown(results)
+    return report.markdown(results, registry.implementation_notes())
 
 
 def replace_block(text: str, block: str) -> str:

@@ -110,7 +110,7 @@ def cmd_check(args, console: Console) -> int:
     console.print(report.table(results))
     meta = {"tier": args.tier, "backends": names, "device": device, "version": __version__}
     for path, text in ((args.json, lambda: report.to_json(results, meta)), (args.junit, lambda: report.to_junit(results)),
-                       (args.markdown, lambda: report.markdown(results))):
+                       (args.markdown, lambda: report.markdown(results, registry.implementation_notes()))):
         if path:
             pathlib.Path(path).parent.mkdir(parents=True, exist_ok=True)
             pathlib.Path(path).write_text(text())

@@ -60,6 +60,11 @@ def get(name: str) -> Backend:
     return known[name]
 
 
+def implementation_notes() -> dict:
+    """{(backend, op): how it is implemented} where a backend says (`Backend.notes`), for the support matrix."""
+    return {(name, op): note for name, b in backends().items() for op, note in b.notes.items()}
+
+
 def interpret_mode() -> bool:
     return os.environ.get("PORTABLE_ATTN_INTERPRET", "0") not in ("", "0")
 

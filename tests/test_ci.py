@@ -304,6 +304,17 @@ def test_run_fails_when_an_entry_fails_unless_it_may(fake_check, tmp_path, monke
     assert "allowed to fail" in capsys.readouterr().out
 
 
+def test_run_with_jobs_runs_entries_side_by_side_and_shows_each_log(fake_check, tmp_path, capsys):
+    check, calls = fake_check
+    second = {**_ready_entry(), "name": "cpu-cpu", "backend": "cpu"}
+    assert matrix.run([_ready_entry(), second], here=True, reports=tmp_path, check=check, jobs=2) == 0
+    out = capsys.readouterr().out
+    assert re.search(r"^cpu-reference\s+passed$", out, re.M) and re.search(r"^cpu-cpu\s+passed$", out, re.M)
+    assert sorted(c["argv"][1] for c in calls()) == ["cpu", "reference"]
+    assert all(c["argv"][-1] == "--quiet" for c in calls())  # no progress bars interleaved
+    assert (tmp_path / "cpu-cpu.log").exists() and "== cpu-cpu:" in out
+
+
 def test_run_a_planned_entry_by_name_runs_nothing(fake_check, tmp_path, monkeypatch, capsys):
     check, calls = fake_check
     monkeypatch.setattr(matrix, "check_command", lambda: check)

@@ -3,6 +3,7 @@ in Pallas' TPU interpret mode on the CPU, by name, when PORTABLE_ATTN_INTERPRET=
 functions serve portable_attn.jax; the torch API reaches them through DLPack (bridge.py)."""
 import importlib.util
 import os
+import sys
 
 from portable_attn.backend import Backend
 from portable_attn.platforms import Platform, machine_platforms
@@ -17,6 +18,16 @@ class PallasBackend(Backend):
     description = ("Pallas TPU kernels: flash attention over the key tiles listed per query tile (scalar "
                    "prefetch), paged pages read in place, top-k gather; chunked recurrences (WY delta rule) "
                    "with the state in VMEM; conv1d and step forms as jitted JAX")
+    float64 = False
+    interpretable = True
+    support = "portable_attn.backends.pallas.support"  # plain Python: importing it loads no kernel
+    notes = {
+        "sparse_attention": "keys gathered in XLA, then the kernel",
+        "write_kv_cache": "jitted JAX scatter",
+        "causal_conv1d": "jitted JAX",
+        **{op: "jitted JAX" for op in ("linear_attention_step", "gated_delta_rule_step", "ssd_step",
+                                        "causal_conv1d_step")},
+    }
     limits = ("float64 (use reference); attention head dims D or Dv above 256; block-mask blocks that are not "
               "multiples of 8 (the TPU's tiling); recurrent state dims above 512")
 
@@ -27,21 +38,13 @@ class PallasBackend(Backend):
             return None
         return "no TPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
 
-    def serves(self, platform: Platform) -> str | None:
-        if platform == Platform.CPU and interpret_mode():
-            return None
-        return super().serves(platform)
-
-    def supports(self, call) -> str | None:
-        reason = super().supports(call)
-        if reason is None:
-            from .support import why_not  # imports no jax
-            reason = why_not(call)
-        return reason
-
     def impl(self):
         os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX on a GPU box (PITFALLS)
         return super().impl()
+
+    def release(self) -> None:
+        if "jax" in sys.modules:  # nothing compiled yet otherwise
+            sys.modules["jax"].clear_caches()
 
 
 BACKEND = PallasBackend()

@@ -1,8 +1,6 @@
 """What the pallas kernels handle, checked before any kernel module (or jax) is imported."""
 from __future__ import annotations
 
-import torch
-
 from portable_attn.backend import Call
 
 MAX_HEAD_DIM = 256  # one step keeps q, the key and value tiles and the float32 accumulator in VMEM
@@ -13,8 +11,6 @@ CHUNKED = ("linear_attention", "gated_delta_rule", "ssd")
 
 def why_not(call: Call) -> str | None:
     """None when the pallas kernels run this call, else the reason."""
-    if call.dtype == torch.float64:
-        return "float64 is the reference's job (use backend='reference'; JAX runs without 64-bit floats)"
     a = call.args
     if call.op in ("attention", "paged_attention", "sparse_attention"):
         k, v = (a["k_cache"], a["v_cache"]) if call.op == "paged_attention" else (a["k"], a["v"])

@@ -14,11 +14,11 @@ class TritonBackend(Backend):
     name = "triton"
     module = "portable_attn.backends.triton.ops"
     platforms = frozenset({Platform.CUDA, Platform.ROCM, Platform.XPU})
-    ops = ("attention", "paged_attention", "write_kv_cache", "sparse_attention", "linear_attention",
-           "linear_attention_step", "gated_delta_rule", "gated_delta_rule_step", "ssd", "ssd_step",
-           "causal_conv1d", "causal_conv1d_step")
     description = ("Triton kernels: online softmax over visible key blocks, paged and split-KV decode; chunked "
                    "recurrences (WY delta rule), one-launch step forms")
+    float64 = False
+    interpretable = True
+    support = "portable_attn.backends.triton.support"  # plain Python: importing it loads no kernel
     limits = ("float64 (use reference); attention head dims D or Dv above 256; state key dims above 256 in "
               "gated_delta_rule and the step forms; conv width W above 256")
 
@@ -31,18 +31,6 @@ class TritonBackend(Backend):
         if torch.cuda.is_available() or (xpu is not None and xpu.is_available()):
             return None
         return "no GPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
-
-    def serves(self, platform: Platform) -> str | None:
-        if platform == Platform.CPU and interpret_mode():
-            return None
-        return super().serves(platform)
-
-    def supports(self, call) -> str | None:
-        reason = super().supports(call)
-        if reason is None:
-            from .support import why_not  # a plain-Python module: importing it decorates no kernel
-            reason = why_not(call)
-        return reason
 
     def impl(self):
         if interpret_mode():  # Triton fixes the mode when a kernel is decorated, i.e. on this import

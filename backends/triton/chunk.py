@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import dot
+from .common import clamp, dot, silu, softplus
 from .tuning import recurrent
 
 SUB = 16  # sub-chunk of the per-key-dim decay scores
@@ -74,8 +74,8 @@ def _dt(DT, DTB, tok, tm, h, sd_t, sd_h, sdb, lo, hi, SOFTPLUS: tl.constexpr, HA
     if HAS_BIAS:
         d += tl.load(DTB + h * sdb).to(tl.float32)
     if SOFTPLUS:
-        d = tl.maximum(d, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(d)))
-    d = tl.minimum(tl.maximum(d, lo), hi)
+        d = softplus(d)
+    d = clamp(d, lo, hi)
     return tl.where(tm, d, 0.0)
 
 
@@ -293,7 +293,7 @@ def _chunk_output(
             o += tl.load(D_ + h * sD_h + vv * sD_v, mask=vm, other=0.0).to(tl.float32)[None, :] * x.to(tl.float32)
         if HAS_Z:
             z = tl.load(Z_ + tok[:, None] * sz_t + h * sz_h + vv[None, :] * sz_v, mask=vtm, other=0.0).to(tl.float32)
-            o *= z / (1.0 + tl.exp(-z))
+            o *= silu(z)
         tl.store(O_ + tok[:, None] * so_t + h * so_h + vv[None, :] * so_v, o.to(O_.dtype.element_ty), mask=vtm)
 
 

@@ -1,8 +1,6 @@
 """What the triton kernels handle, checked on the host before any kernel module is imported."""
 from __future__ import annotations
 
-import torch
-
 from portable_attn.backend import Call
 
 HEAD_DIMS = (32, 64, 80, 96, 128, 192, 256)  # padded to the next power of two inside the kernels
@@ -14,8 +12,6 @@ MAX_CONV_WIDTH = 256  # causal_conv1d_step (conv.py): a program holds its channe
 
 def why_not(call: Call) -> str | None:
     """None when the triton kernels run this call, else the reason."""
-    if call.dtype == torch.float64:
-        return "float64 is the reference's job (use backend='reference')"
     if call.op in ("attention", "paged_attention"):
         return _flash_reason(call)
     if call.op == "sparse_attention":

@@ -48,14 +48,15 @@ TABLES = {
 }
 
 
-def entry(x) -> Entry:
-    """The table entry for the platform of tensor `x` (the interpreter's when interpreting)."""
+def entry(x, tables: dict = TABLES):
+    """The entry of `tables` (default: the attention kernels') for the platform of tensor `x` (the
+    interpreter's when interpreting)."""
     if INTERPRET:
-        return TABLES["interpret"]
+        return tables["interpret"]
     platform = platform_of(x)
-    if platform not in TABLES:
+    if platform not in tables:
         raise ValueError(f"no triton launch table for platform {platform.value}")
-    return TABLES[platform]
+    return tables[platform]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,9 +149,4 @@ RECURRENT = {
 
 def recurrent(x) -> RecurrentEntry:
     """The recurrent kernels' entry for the platform of tensor `x` (the interpreter's when interpreting)."""
-    if INTERPRET:
-        return RECURRENT["interpret"]
-    platform = platform_of(x)
-    if platform not in RECURRENT:
-        raise ValueError(f"no triton launch table for platform {platform.value}")
-    return RECURRENT[platform]
+    return entry(x, RECURRENT)

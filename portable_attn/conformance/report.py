@@ -84,8 +84,9 @@ def to_junit(results: list[Result]) -> str:
     return ET.tostring(root, encoding="unicode")
 
 
-def markdown(results: list[Result]) -> str:
-    """The support matrix for the docs: op x backend, with the dtypes that passed."""
+def markdown(results: list[Result], notes: dict | None = None) -> str:
+    """The support matrix for the docs: op x backend, with the dtypes that passed, the reasons of the
+    cases a backend refused beside them, and `notes[(backend, op)]` (how it is implemented) where given."""
     backends = sorted({r.backend for r in results})
     lines = ["| op | " + " | ".join(backends) + " |", "|---|" + "---|" * len(backends)]
     ops = [op for op in OPS if any(r.op == op for r in results)]
@@ -96,12 +97,16 @@ def markdown(results: list[Result]) -> str:
             per = {d: summarise(g) for (bb, o, d), g in grouped.items() if bb == b and o == op}
             passed = [d for d, (s, _) in per.items() if s == "pass"]
             if any(s == "fail" for s, _ in per.values()):
-                row.append("fails: " + ", ".join(d for d, (s, _) in per.items() if s == "fail"))
+                cell = "fails: " + ", ".join(d for d, (s, _) in per.items() if s == "fail")
             elif passed:
-                row.append("yes (" + ", ".join(passed) + ")")
+                refused = dict.fromkeys(r.detail for r in results
+                                        if (r.backend, r.op) == (b, op) and r.status == "unsupported")
+                cell = "yes (" + ", ".join(passed) + ")" + "".join(f"; not: {why}" for why in refused)
             elif per:
-                row.append("no: " + next(iter(per.values()))[1])
+                cell = "no: " + next(iter(per.values()))[1]
             else:
-                row.append("")
+                cell = ""
+            note = (notes or {}).get((b, op))
+            row.append(f"{cell} [{note}]" if cell and note else cell)
         lines.append(f"| `{op}` | " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"

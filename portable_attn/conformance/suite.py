@@ -24,6 +24,7 @@ def run(jobs: list[tuple[str, Case, str]], device: str = "cpu",
     results = []
     for backend, case, dtype in jobs:
         res = run_case(backend, case, dtype, device)
+        registry.get(backend).release()  # the suite runs hundreds of shapes no program would mix
         results.append(res)
         if progress:
             progress(res)

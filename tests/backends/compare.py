@@ -41,3 +41,14 @@ def paged_cache(g, lens, bs, hkv, d, dv, dtype=torch.float32, spare=3):
         used += n
     kc, vc = (torch.randn(total, bs, hkv, e, generator=g).to(dtype) for e in (d, dv))
     return kc, vc, table, torch.tensor(lens, dtype=torch.int32)
+
+
+def state_tail(op: str, args: dict) -> tuple:
+    """The per-sequence state shape of a recurrent sequence op called with `args`."""
+    if op == "linear_attention":
+        return tuple(args["q"].shape[1:]) + (args["v"].shape[2],)
+    if op == "gated_delta_rule":
+        return (args["v"].shape[1], args["q"].shape[2], args["v"].shape[2])
+    if op == "ssd":
+        return tuple(args["x"].shape[1:]) + (args["B"].shape[2],)
+    return (args["x"].shape[1], args["weight"].shape[1] - 1)

@@ -8,6 +8,7 @@ import torch
 
 import portable_attn as pa
 from portable_attn.backends.cpu import chunked
+from tests.backends.compare import state_tail
 
 F32, BF16 = torch.float32, torch.bfloat16
 C, BLOCK = chunked.CHUNK, chunked.BLOCK
@@ -53,16 +54,6 @@ def inputs(op, gen, T, *, dtype=F32, gate="head", decay="weak"):
                 activation="silu")
 
 
-def tail(op, a):
-    if op == "linear_attention":
-        return tuple(a["q"].shape[1:]) + (a["v"].shape[2],)
-    if op == "gated_delta_rule":
-        return (a["v"].shape[1], a["q"].shape[2], a["v"].shape[2])
-    if op == "ssd":
-        return tuple(a["x"].shape[1:]) + (a["B"].shape[2],)
-    return (a["x"].shape[1], a["weight"].shape[1] - 1)
-
-
 def cu_of(lens):
     return torch.tensor([0] + torch.tensor(lens).cumsum(0).tolist(), dtype=torch.int32)
 
@@ -98,7 +89,7 @@ def test_packed_chunk_and_block_boundaries(op):
     lens = BOUNDARY_LENS + [0]
     a = inputs(op, gen, sum(lens))
     slots = len(lens) + 4
-    cache = randn(gen, slots, *tail(op, a), scale=0.5)
+    cache = randn(gen, slots, *state_tail(op, a), scale=0.5)
     rows = torch.randperm(slots, generator=gen)[:len(lens)].to(torch.int32)
     rows[3] = -1
     has = torch.rand(len(lens), generator=gen) < 0.7
@@ -118,7 +109,7 @@ def test_long_sequence_many_blocks(op, gate, dtype):
     gen = torch.Generator().manual_seed(2)
     T = 2 * BLOCK + 3 * C + 5
     a = inputs(op, gen, T, dtype=dtype, gate=gate)
-    init = randn(gen, 1, *tail(op, a), scale=0.5, dtype=dtype if op == "causal_conv1d" else F32)
+    init = randn(gen, 1, *state_tail(op, a), scale=0.5, dtype=dtype if op == "causal_conv1d" else F32)
     got, want, _ = both(op, **a, initial_state=init, output_final_state=True)
     assert got[0].dtype == dtype and got[1].dtype == init.dtype
     assert_close(got[0], want[0], dtype)
@@ -135,7 +126,7 @@ def test_strong_decays(op, gate, decay):
     whose chunk spans sit just below and above chunked.SPAN (the two forms of the per-key scores)."""
     gen = torch.Generator().manual_seed(3)
     a = inputs(op, gen, C + 37, gate=gate, decay=decay)
-    init = randn(gen, 1, *tail(op, a))
+    init = randn(gen, 1, *state_tail(op, a))
     got, want, _ = both(op, **a, initial_state=init, output_final_state=True)
     assert_close(got[0], want[0])
     assert_close(got[1], want[1])
@@ -145,7 +136,7 @@ def test_strong_decays(op, gate, decay):
 def test_empty(op):
     gen = torch.Generator().manual_seed(4)
     a = inputs(op, gen, 0)
-    init = randn(gen, 2, *tail(op, a))
+    init = randn(gen, 2, *state_tail(op, a))
     out, final = getattr(pa, op)(**a, initial_state=init, cu_seqlens=cu_of([0, 0]), output_final_state=True,
                                  backend="cpu")
     assert out.shape[0] == 0 and torch.equal(final, init)
@@ -170,7 +161,7 @@ def test_strided_inputs_and_cache_view(op):
     a = inputs(op, gen, sum(lens))
     a = {n: strided(x) if n in TOKEN_ARGS and isinstance(x, torch.Tensor) and x.dim() > 1 else x for n, x in a.items()}
     assert not a["x" if "x" in a else "q"].is_contiguous()
-    buf = randn(gen, 7, 2, *tail(op, a), scale=0.5)
+    buf = randn(gen, 7, 2, *state_tail(op, a), scale=0.5)
     cache = buf[:, 1]                                              # rows of a strided view
     before = buf.clone()
     rows = torch.tensor([4, -1, 1], dtype=torch.int32)
@@ -197,7 +188,7 @@ def test_large_batch_step(step, dtype):
     gen = torch.Generator().manual_seed(6)
     bsz, slots = 96, 160
     a = inputs(STEPS[step], gen, bsz, dtype=dtype, gate="key" if step != "ssd_step" else "head")
-    buf = randn(gen, slots, *tail(STEPS[step], a), 3, scale=0.5, dtype=dtype)
+    buf = randn(gen, slots, *state_tail(STEPS[step], a), 3, scale=0.5, dtype=dtype)
     state = buf[..., 1]
     rows = torch.randperm(slots, generator=gen)[:bsz].to(torch.int32)
     rows[torch.randperm(bsz, generator=gen)[:9]] = -1

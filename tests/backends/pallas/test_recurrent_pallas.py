@@ -14,23 +14,17 @@ jax = pytest.importorskip("jax")
 import jax.numpy as jnp  # noqa: E402
 
 from portable_attn.backends.pallas import chunk, conv, delta, linear, ssd, tuning  # noqa: E402
-from portable_attn.backends.pallas.compat import pltpu  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
 from portable_attn.reference.precision import emulate  # noqa: E402
 
 import portable_attn as pa  # noqa: E402
+from tests.backends.compare import state_tail  # noqa: E402
 
 FUNCS = {"linear_attention": linear.linear_attention, "linear_attention_step": linear.linear_attention_step,
          "gated_delta_rule": delta.gated_delta_rule, "gated_delta_rule_step": delta.gated_delta_rule_step,
          "ssd": ssd.ssd, "ssd_step": ssd.ssd_step,
          "causal_conv1d": conv.causal_conv1d, "causal_conv1d_step": conv.causal_conv1d_step}
 TORCH = {jnp.dtype(n): getattr(torch, n) for n in ("float32", "float16", "bfloat16")}
-
-
-@pytest.fixture(autouse=True)
-def _interpret_state():
-    yield
-    pltpu.reset_tpu_interpret_mode_state()
 
 
 def to_jax(x):
@@ -95,16 +89,6 @@ def inputs(op, gen, T, *, gate="head", strong=False):
     return dict(x=randn(gen, T, 24), weight=randn(gen, 24, 4, scale=0.5), bias=randn(gen, 24), activation="silu")
 
 
-def tail(op, a):
-    if op == "linear_attention":
-        return tuple(a["q"].shape[1:]) + (a["v"].shape[2],)
-    if op == "gated_delta_rule":
-        return (a["v"].shape[1], a["q"].shape[2], a["v"].shape[2])
-    if op == "ssd":
-        return tuple(a["x"].shape[1:]) + (a["B"].shape[2],)
-    return (a["x"].shape[1], a["weight"].shape[1] - 1)
-
-
 ACT = {"q", "k", "v", "x", "z", "B", "C", "weight", "bias"}
 
 
@@ -152,7 +136,7 @@ def test_packed_chunks_ragged_cache(op, gate):
     lens = [1, C - 1, C, 2 * C + 3, 0]
     a = cast(inputs(op, gen, sum(lens), gate=gate), F32)
     slots = len(lens) + 3
-    cache = randn(gen, slots, *tail(op, a), scale=0.5).float()
+    cache = randn(gen, slots, *state_tail(op, a), scale=0.5).float()
     rows = torch.randperm(slots, generator=gen)[:len(lens)].to(torch.int32)
     rows[2] = -1
     has = torch.tensor([True, False, True, True, True])
@@ -170,7 +154,7 @@ def test_strong_decays(op, gate):
     """Log-decays of -20..-40 a token (a chunk sums far below -88): no overflow, no NaN."""
     gen = torch.Generator().manual_seed(3)
     a = cast(inputs(op, gen, C + 11, gate=gate, strong=True), F32)
-    init = randn(gen, 1, *tail(op, a)).float()
+    init = randn(gen, 1, *state_tail(op, a)).float()
     (y, s), (wy, ws), (by, bs) = both(op, **a, initial_state=init, output_final_state=True)
     check(y, wy, by, F32)
     check(s, ws, bs, F32)
@@ -182,7 +166,7 @@ def test_bf16_cache_and_activations(op):
     gen = torch.Generator().manual_seed(5)
     lens = [C + 5, 3]
     a = cast(inputs(op, gen, sum(lens)), BF16)
-    cache = randn(gen, 4, *tail(op, a), scale=0.5).to(BF16)
+    cache = randn(gen, 4, *state_tail(op, a), scale=0.5).to(BF16)
     rows = torch.tensor([3, 0], dtype=torch.int32)
     (y, c), (wy, wc), (by, bc) = both(op, BF16, **a, initial_state=cache, state_indices=rows,
                                       cu_seqlens=cu_of(lens), output_final_state=True)
@@ -196,7 +180,7 @@ def test_no_tokens(op):
     """T = 0: empty outputs; the final states are the initial ones (a cache row rewritten as it was)."""
     gen = torch.Generator().manual_seed(4)
     a = cast(inputs(op, gen, 0), F32)
-    init = randn(gen, 2, *tail(op, a)).float()
+    init = randn(gen, 2, *state_tail(op, a)).float()
     y, final = direct(op, dict(a, initial_state=init, cu_seqlens=cu_of([0, 0]), output_final_state=True))
     assert y.shape[0] == 0 and torch.equal(final, init)
     y, final = direct(op, dict(a, initial_state=init.clone(), output_final_state=False))
@@ -209,7 +193,7 @@ def test_jit(op):
     gen = torch.Generator().manual_seed(6)
     lens = [5, 0, C + 2]
     a = cast(inputs(op, gen, sum(lens)), F32)
-    cache = randn(gen, 4, *tail(op, a), scale=0.5).float()
+    cache = randn(gen, 4, *state_tail(op, a), scale=0.5).float()
     arrays = {n: to_jax(v) for n, v in a.items() if isinstance(v, torch.Tensor)}
     static = {n: v for n, v in a.items() if not isinstance(v, torch.Tensor)}
     idx = jnp.asarray([2, -1, 0], jnp.int32)
@@ -230,7 +214,7 @@ def test_step_default_rows_bf16_state(op):
     gen = torch.Generator().manual_seed(7)
     seq_op = op[:-len("_step")]
     a = cast(inputs(seq_op, gen, 3, gate="key" if seq_op == "linear_attention" else "head"), BF16)
-    state = randn(gen, 5, *tail(seq_op, a), scale=0.5).to(BF16)
+    state = randn(gen, 5, *state_tail(seq_op, a), scale=0.5).to(BF16)
     (y, s), (wy, ws), (by, bs) = both(op, BF16, **a, state=state)
     check(y, wy, by, BF16)
     check(s, ws, bs, BF16)
@@ -246,7 +230,7 @@ def test_tpu_block_sizes_run(op, blocks, monkeypatch):
     gen = torch.Generator().manual_seed(9)
     lens = [blocks.chunk + 9, 5]
     a = cast(inputs(op, gen, sum(lens), gate="key"), F32)
-    init = randn(gen, 2, *tail(op, a)).float()
+    init = randn(gen, 2, *state_tail(op, a)).float()
     (y, s), (wy, ws), (by, bs) = both(op, **a, initial_state=init, cu_seqlens=cu_of(lens), output_final_state=True)
     check(y, wy, by, F32)
     check(s, ws, bs, F32)

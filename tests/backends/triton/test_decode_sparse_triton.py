@@ -32,12 +32,6 @@ from portable_attn.backends.triton import cache, decode, sparse  # noqa: E402
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    """The triton backend serves the CPU in interpret mode."""
-    monkeypatch.setenv("PORTABLE_ATTN_INTERPRET", "1")
-
-
 def gen(seed):
     return torch.Generator().manual_seed(seed)
 

@@ -12,9 +12,6 @@ every kernel for sm_90 and gfx942.
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
-import textwrap
 
 import pytest
 import torch
@@ -27,17 +24,11 @@ import portable_attn as pa  # noqa: E402
 from portable_attn.backends.triton import tuning  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
 from portable_attn.reference.precision import emulate  # noqa: E402
-from tests.backends.triton.lowering import VENDORS, assert_lowers  # noqa: E402
+from tests.backends.triton.child import VENDORS, assert_lowers, assert_survives  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
 NAN = float("nan")
 TILES = tuning.RECURRENT["interpret"]
-
-
-@pytest.fixture(autouse=True)
-def interpret(monkeypatch):
-    """The triton backend serves the CPU in interpret mode."""
-    monkeypatch.setenv("PORTABLE_ATTN_INTERPRET", "1")
 
 
 def gen(seed):
@@ -299,7 +290,7 @@ def test_bad_state_indices_never_fault():
     """With PORTABLE_ATTN_CHECK=0, rows far outside the cache (and below -1) read nothing and write
     nothing, and cu_seqlens past the tokens reads nothing outside x (in a child process: a fault there
     fails this test, not the run)."""
-    code = textwrap.dedent("""
+    assert_survives("""
         import torch, portable_attn as pa
         g = torch.Generator().manual_seed(0)
         r = lambda *s: torch.randn(*s, generator=g)
@@ -322,11 +313,7 @@ def test_bad_state_indices_never_fault():
         assert torch.equal(st, keep) and torch.equal(ss, keep_ss) and torch.equal(cs, keep_cs)
         pa.causal_conv1d(r(9, 8), r(8, 4), initial_state=cs, state_indices=torch.tensor([0, 1], dtype=torch.int32),
                          cu_seqlens=torch.tensor([0, 700, -50], dtype=torch.int32), backend="triton")
-        print("survived")
     """)
-    env = dict(os.environ, PORTABLE_ATTN_CHECK="0", PORTABLE_ATTN_INTERPRET="1", TRITON_INTERPRET="1")
-    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
-    assert res.returncode == 0 and "survived" in res.stdout, res.stderr[-2000:]
 
 
 # ---- the compiled kernels -----------------------------------------------------------------------

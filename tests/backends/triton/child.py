@@ -1,6 +1,9 @@
-"""Lowering the triton kernels for real GPU targets without a GPU (and without the interpreter, which
-accepts code the compilers reject): sm_90 with the float32 dot an NVIDIA GPU picks (tf32x3), gfx942
-with IEEE float32 dots. CI also runs these tests under the GPU image's Triton (3.6)."""
+"""Checks the triton tests run in a child process.
+
+`assert_lowers`: lowering the kernels for real GPU targets without a GPU (and without the interpreter,
+which accepts code the compilers reject): sm_90 with the float32 dot an NVIDIA GPU picks (tf32x3),
+gfx942 with IEEE float32 dots. CI also runs these tests under the GPU image's Triton (3.6).
+`assert_survives`: calls with bad index values and the checks off end normally (no memory fault)."""
 from __future__ import annotations
 
 import os
@@ -23,7 +26,7 @@ def assert_lowers(vendor: str, build: str, options: dict, timeout: int = 900) ->
         "from triton.backends.compiler import GPUTarget",
         "from triton.compiler import ASTSource, compile",
         textwrap.dedent(build),
-        f"for fn, sig, ce in runs:",
+        "for fn, sig, ce in runs:",
         f"    compile(ASTSource(fn, sig, ce), target={_TARGET[vendor]}, options={dict(options, **_OPTIONS[vendor])!r})",
         "print('compiled', len(runs))",
     ])
@@ -33,3 +36,12 @@ def assert_lowers(vendor: str, build: str, options: dict, timeout: int = 900) ->
     if res.returncode != 0 and "ptxas" in res.stderr and "not found" in res.stderr.lower():
         pytest.skip("this triton install has no GPU toolchain")
     assert res.returncode == 0 and "compiled" in res.stdout, res.stderr[-4000:]
+
+
+def assert_survives(calls: str) -> None:
+    """Run `calls` (Python source; bad index values) under the interpreter with PORTABLE_ATTN_CHECK=0 in a
+    child process: it must end normally."""
+    code = textwrap.dedent(calls) + "\nprint('survived')\n"
+    env = dict(os.environ, PORTABLE_ATTN_CHECK="0", PORTABLE_ATTN_INTERPRET="1", TRITON_INTERPRET="1")
+    res = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0 and "survived" in res.stdout, res.stderr[-2000:]
