@@ -52,7 +52,8 @@ def _seq(CU, s, T, VARLEN: tl.constexpr):
 
 @triton.jit
 def _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN: tl.constexpr, C: tl.constexpr):
-    """First token and token count of global chunk c (a count <= 0: no such chunk)."""
+    """First token and token count of global chunk c (a count <= 0: no such chunk), and its rows: offsets
+    t [C], valid rows tm [C] and token indices tok [C] (int64)."""
     if VARLEN:
         s = tl.load(SEQ + c)
         ok = (s >= 0) & (s < NSEQ)
@@ -64,7 +65,8 @@ def _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN: tl.constexpr, C: tl.constexpr):
     else:
         start = c * C
         n_c = tl.minimum(T - start, C)
-    return start, n_c
+    t = tl.arange(0, C)
+    return start, n_c, t, t < n_c, (start + t).to(tl.int64)
 
 
 @triton.jit
@@ -247,11 +249,8 @@ def _chunk_output(
     vv = tl.program_id(2) * BV + tl.arange(0, BV)
     vm = vv < V
     hk = h // GROUP
-    start, n_c = _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN, C)
+    start, n_c, t, tm, tok = _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN, C)
     if n_c > 0:
-        t = tl.arange(0, C)
-        tm = t < n_c
-        tok = (start + t).to(tl.int64)
         causal = t[None, :] <= t[:, None]
         acc = tl.zeros([C, BV], dtype=tl.float32)                             # (q exp(G)) S_0
         sc = tl.zeros([C, C], dtype=tl.float32)                               # A
@@ -309,11 +308,8 @@ def _delta_wy(
     c = tl.program_id(0)
     h = tl.program_id(1)
     hk = h // GROUP
-    start, n_c = _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN, C)
+    start, n_c, t, tm, tok = _chunk(CU, OFFS, SEQ, c, T, NSEQ, VARLEN, C)
     if n_c > 0:
-        t = tl.arange(0, C)
-        tm = t < n_c
-        tok = (start + t).to(tl.int64)
         beta = tl.load(BETA + tok * sb_t + h * sb_h, mask=tm, other=0.0).to(tl.float32)
         a = tl.zeros([C, C], dtype=tl.float32)
         if GATE == 1:
