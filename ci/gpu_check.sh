@@ -2,8 +2,10 @@
 # The device check of the GPU backends, on a CUDA machine: the conformance `full` tier, then the GPU
 # benchmarks (attention, then the recurrent ops), results written under $OUT (default gpu-results/) as
 # they come, a short table last: machine.txt, check.{json,txt}, bench.txt, bench/{attention,recurrent}.{json,md}.
-# It stops itself after GPU_CHECK_SECONDS (default 300) so that a machine start and a rerun fit; the
-# benchmarks keep up to BENCH_SECONDS (default 150) of it. Wheels in .whl/ (flash-linear-attention, the
+# It stops itself after GPU_CHECK_SECONDS (default 300, so that a machine start and a rerun fit in a
+# 15-minute device lease; 480 runs everything on an H100) and the benchmarks keep up to BENCH_SECONDS
+# (default 150) of it; check.json is kept current, so a stopped check leaves what it found (compiling
+# every kernel variant of the full tier takes minutes on a fresh machine). Wheels in .whl/ (flash-linear-attention, the
 # recurrent peers; the machine may have no internet) are installed first when present.
 #
 #   OUT=/some/dir bash ci/gpu_check.sh

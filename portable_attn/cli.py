@@ -103,12 +103,17 @@ def cmd_check(args, console: Console) -> int:
     with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
                   console=console, transient=True, disable=args.quiet) as bar:
         task = bar.add_task("conformance", total=len(jobs))
+        meta = {"tier": args.tier, "backends": names, "device": device, "version": __version__}
+        done = []
 
         def step(r):
             bar.update(task, advance=1, description=f"{r.backend} {r.op} {r.case} [{r.dtype}]")
+            done.append(r)
+            if args.json:  # kept current, so that a run stopped at a time limit leaves what it found
+                pathlib.Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+                pathlib.Path(args.json).write_text(report.to_json(done, meta))
         results = suite.run(jobs, device, step)
     console.print(report.table(results))
-    meta = {"tier": args.tier, "backends": names, "device": device, "version": __version__}
     for path, text in ((args.json, lambda: report.to_json(results, meta)), (args.junit, lambda: report.to_junit(results)),
                        (args.markdown, lambda: report.markdown(results, registry.implementation_notes()))):
         if path:
