@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The device check of the GPU backends, on a CUDA machine: the conformance `full` tier, then the GPU
-# benchmarks (attention, then the recurrent ops), results written under $OUT (default gpu-results/) as
+# benchmarks (the recurrent ops, then attention), results written under $OUT (default gpu-results/) as
 # they come, a short table last: machine.txt, check.{json,txt}, bench.txt, bench/{attention,recurrent}.{json,md}.
 # It stops itself after GPU_CHECK_SECONDS (default 300, so that a machine start and a rerun fit in a
 # 15-minute device lease; 480 runs everything on an H100) and the benchmarks keep up to BENCH_SECONDS
 # (default 150) of it; check.json is kept current, so a stopped check leaves what it found (compiling
-# every kernel variant of the full tier takes minutes on a fresh machine). Wheels in .whl/ (flash-linear-attention, the
+# every kernel variant of the full tier takes minutes on a fresh machine). GPU_CHECK_OPS (space-separated op
+# names) limits the check to those ops. Wheels in .whl/ (flash-linear-attention, the
 # recurrent peers; the machine may have no internet) are installed first when present.
 #
 #   OUT=/some/dir bash ci/gpu_check.sh
@@ -47,19 +48,21 @@ bench() {  # bench NAME KEEP CASES...: one run that leaves KEEP s for what follo
   "$python" -c 'import torch, triton; print("torch", torch.__version__, "triton", triton.__version__)'
 } | tee "$out/machine.txt"
 
+ops=()
+for op in ${GPU_CHECK_OPS:-}; do ops+=(--op "$op"); done
 timeout "$(left "$reserve")" "$python" -m portable_attn.cli check --backend triton --tier full --device cuda \
-  --quiet --json "$out/check.json" > "$out/check.txt" 2>&1
+  "${ops[@]}" --quiet --json "$out/check.json" > "$out/check.txt" 2>&1
 check_rc=$?
-bench attention $((reserve / 2)) gpu_causal gpu_swa gpu_decode_b64
-attention_rc=$?
-bench recurrent 0 gpu_ssd gpu_gdr gpu_gla gpu_ssd_step gpu_gdr_step gpu_gla_step gpu_conv_step
+bench recurrent $((reserve * 2 / 5)) gpu_ssd gpu_gdr gpu_gla gpu_ssd_step gpu_gdr_step gpu_gla_step gpu_conv_step
 recurrent_rc=$?
+bench attention 0 gpu_causal gpu_swa gpu_decode_b64
+attention_rc=$?
 
 tail -n 3 "$out/check.txt"
-for name in attention recurrent; do
+for name in recurrent attention; do
   [[ -f "$out/bench/$name.md" ]] && cat "$out/bench/$name.md"
 done
 [[ -f "$out/bench/recurrent.md" ]] || tail -n 20 "$out/bench.txt"
-echo "check exit $check_rc (its limit: $((budget - reserve)) s), bench exits $attention_rc $recurrent_rc (124: stopped at" \
+echo "check exit $check_rc (its limit: $((budget - reserve)) s), bench exits $recurrent_rc $attention_rc (124: stopped at" \
   "the ${budget} s budget); results in $out"
 ((check_rc == 0 && attention_rc == 0 && recurrent_rc == 0))

@@ -10,7 +10,8 @@ cumulative log-decay from the chunk start (per head [C], or per key dim [C, K]) 
   the output kernel; the whole key dim is one tile (w S_0 contracts it).
 - `_chunk_output`: one program per (chunk, head, value block) computes o, parallel over chunks.
 - `_delta_wy` (delta rule): per (chunk, head) the WY form, A = strictly-lower beta_i (k_i . k_j) exp(G_i - G_j),
-  T = (I + A)^-1 by forward substitution, w = T (beta k exp(G)), u = T (beta v).
+  T = (I + A)^-1 (`_unit_lower_inverse`: 4 diagonal blocks by forward substitution, then block rows by dots),
+  w = T (beta k exp(G)), u = T (beta v).
 SSD is linear attention with q = C, k = B, v = d x and log-decay d A (d the processed dt, computed in float32
 in each kernel); its state [P, N] is the [N, P] state read and written through swapped strides.
 
@@ -133,6 +134,27 @@ def _dot_full(a, b):
         return dot(a, hi) + dot(a, (b - hi.to(tl.float32)).to(a.dtype))
 
 
+@triton.jit
+def _unit_lower_inverse(a, C: tl.constexpr):
+    """(I + a)^-1 for a strictly lower [C, C] float32, in 4 diagonal blocks of C/4 rows. D^-1, the inverse of
+    the diagonal blocks: forward substitution, row i of every block at once (row i of T is e_i - a[i, :] T,
+    the rows above it in its block final), one dot per step. Then the block rows below the first, in order:
+    T_b = D_b^-1 (E_b - N_b T), N the part of a below the diagonal blocks. C/4 - 1 + 6 dots, not C - 1 steps."""
+    t = tl.arange(0, C)
+    blk = t // (C // 4)
+    same = blk[:, None] == blk[None, :]
+    dinv = (t[:, None] == t[None, :]).to(tl.float32)
+    ad = tl.where(same, a, 0.0)
+    for i in range(1, C // 4):
+        row = ((t % (C // 4)) == i)[:, None]
+        dinv = tl.where(row, dinv - dot(tl.where(row, ad, 0.0), dinv), dinv)
+    n = tl.where(same, 0.0, a)
+    inv = dinv
+    for b in range(1, 4):
+        inv -= dot(dinv, tl.where((blk == b)[:, None], dot(n, inv), 0.0))
+    return inv
+
+
 # ---- kernels --------------------------------------------------------------------------------------
 
 @triton.jit
@@ -218,8 +240,12 @@ def _chunk_state(
             last = tl.sum(tl.where(t[None, :] == C - 1, gc, 0.0), 1)
             kt = kt.to(tl.float32) * tl.exp(last[:, None] - gc)
             state = state * tl.exp(last)[:, None]
-        # the decayed operand (float32) at full accuracy: a 16-bit rounding of it is the final state's error
-        if GATE == 2:
+        # the decayed operand (float32) at full accuracy: a 16-bit rounding of it is the final state's error;
+        # but the delta rule's v_new is 16-bit already, and one more rounding of it (as fla does) keeps one
+        # dot on the walk's critical path instead of two
+        if DELTA and GATE == 1:
+            state += dot(kt, v.to(K_.dtype.element_ty))
+        elif GATE == 2:
             state += _dot_full(kt, v.to(K_.dtype.element_ty))
         elif GATE == 1:
             state += _dot_full(kt, v)
@@ -329,12 +355,7 @@ def _delta_wy(
         if GATE == 1:
             a *= tl.exp(tl.where(t[None, :] < t[:, None], gc[:, None] - gc[None, :], float("-inf")))
         a *= beta[:, None]
-        # T = (I + a)^-1, a strictly lower: row i of T is e_i - a[i, :] T (rows above i are final)
-        inv = (t[:, None] == t[None, :]).to(tl.float32)
-        for i in range(1, n_c):
-            ai = tl.sum(tl.where(t[:, None] == i, a, 0.0), 0)                          # a[i, :]
-            ri = tl.where(t == i, 1.0, 0.0) - tl.sum(ai[:, None] * inv, 0)
-            inv = tl.where(t[:, None] == i, ri[None, :], inv)
+        inv = _unit_lower_inverse(a, C)
         # beta (per head also exp(G)) joins the columns of T, so that k and v enter the dots unrounded
         tb = inv * beta[None, :]
         if GATE == 1:

@@ -7,8 +7,14 @@ initial state (column W-1 + (p - start)). Pass 2, grid (sequences, channel tiles
 states (the last W-1 inputs, reaching into the initial state for a sequence shorter than W-1): a later
 launch, so no program of pass 1 still reads a cache row it rewrites, and a barrier between its loads and
 stores, since a short sequence's final state reads the row it overwrites.
-Step: grid (bsz, channel tiles); a program loads the window [state columns, x], writes y and stores
-the window shifted by one back into cache row `state_indices[b]` (again loads, barrier, stores).
+Step: grid (bsz, channel tiles of `step_block_c`, a few hundred channels). A program reads its part of
+cache row `state_indices[b]` once, as the window [BC, next_pow2(W)] = [state columns 0..W-2, x], writes
+y and stores that same tile one column to the left (column m into state column m-1: the window shifted,
+x the newest), again loads, barrier, stores. A row of W-1 elements is no power of two, so accesses stay
+per element, but a warp's load or store covers the whole windows of adjacent channels (8 x 4 at W=4):
+one contiguous run of the row. Dense rows ([C, W-1] contiguous, the usual cache) take offsets from
+the tile's start known at compile time (W is a constexpr): one base address per thread, fewer
+registers, more programs resident; other layouts use their strides.
 A row of -1 (or, with checks off, outside the cache) reads as zero and is never written.
 """
 from __future__ import annotations
@@ -115,46 +121,48 @@ def _final_kernel(x_ptr, cu_ptr, s_ptr, idx_ptr, has_ptr, f_ptr,
              mask=(jm & keep)[None, :] & cm[:, None])
 
 
-@triton.jit
-def _window(x_ptr, s_ptr, b, row, ok, c, cm, m, x_sc, s_ss, s_sc, s_sw, W):
-    """Columns m [BW] of the window [state columns 0..W-2, x] of channels c, float32 [BC, BW]."""
-    ms = cm[:, None] & (m < tl.where(ok, W - 1, 0))[None, :]
-    val = tl.load(s_ptr + row * s_ss + c[:, None] * s_sc + m[None, :] * s_sw, mask=ms, other=0.0)
-    mx = cm[:, None] & (m == W - 1)[None, :]
-    return val.to(tl.float32) + tl.load(x_ptr + b + c[:, None] * x_sc + 0 * m[None, :], mask=mx,
-                                        other=0.0).to(tl.float32)
-
-
-@triton.jit
+@triton.jit(do_not_specialize=["x_sc"])  # x_sc == 1 would lay x's tile out along channels (see below)
 def _step_kernel(x_ptr, w_ptr, bias_ptr, s_ptr, idx_ptr, y_ptr,
                  x_sb, x_sc, w_sc, w_sw, s_ss, s_sc, s_sw, idx_s, y_sb, y_sc,
-                 C, W, SLOTS,
-                 HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
+                 C, SLOTS,
+                 W: tl.constexpr, DENSE: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+                 BLOCK_C: tl.constexpr, BLOCK_W: tl.constexpr):
     b = tl.program_id(0).to(tl.int64)
-    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    c0 = tl.program_id(1) * BLOCK_C
+    i = tl.arange(0, BLOCK_C)                                             # [BC] channel in the tile
+    c = c0 + i
+    m = tl.arange(0, BLOCK_W)                                             # [BW] window column
     cm = c < C
-    m = tl.arange(0, BLOCK_W)
     row = tl.load(idx_ptr + b * idx_s).to(tl.int64)
     ok = (row >= 0) & (row < SLOTS)
-    row = tl.where(ok, row, 0)
-    xb = b * x_sb
-    win = _window(x_ptr, s_ptr, xb, row, ok, c, cm, m, x_sc, s_ss, s_sc, s_sw, W)          # [BC, BW]
-    shifted = _window(x_ptr, s_ptr, xb, row, ok, c, cm, m + 1, x_sc, s_ss, s_sc, s_sw, W)
+    cols = tl.where(ok, W - 1, 0)                                         # state columns read and written
+    s_row = s_ptr + tl.where(ok, row, 0) * s_ss
+    if DENSE:  # [C, W-1] contiguous: offsets from the tile's first element known at compile time
+        at = s_row + c0.to(tl.int64) * (W - 1) + i[:, None] * (W - 1) + m[None, :]   # [BC, BW]
+        step = 1
+    else:
+        at = s_row + c[:, None] * s_sc + m[None, :] * s_sw
+        step = s_sw
+    # the window [state columns 0..W-2, x]; x's addresses run along m like the state's, so that the
+    # [BC, BW] tiles share one layout (no conversion through shared memory)
+    win = tl.load(at, mask=cm[:, None] & (m < cols)[None, :], other=0.0).to(tl.float32)
+    win += tl.load(x_ptr + b * x_sb + c[:, None] * x_sc + (m - (W - 1))[None, :],
+                   mask=cm[:, None] & (m == W - 1)[None, :], other=0.0).to(tl.float32)
     w = tl.load(w_ptr + c[:, None] * w_sc + m[None, :] * w_sw, mask=cm[:, None] & (m < W)[None, :],
                 other=0.0).to(tl.float32)
-    y = tl.sum(win * w, 1)
+    y = tl.sum(win * w, 1)                                                # [BC]
     if HAS_BIAS:
         y += tl.load(bias_ptr + c, mask=cm, other=0.0).to(tl.float32)
     if SILU:
         y = silu(y)
     tl.store(y_ptr + b * y_sb + c * y_sc, y.to(y_ptr.dtype.element_ty), mask=cm)
     tl.debug_barrier()  # every load of the row above is done before any store below
-    tl.store(s_ptr + row * s_ss + c[:, None] * s_sc + m[None, :] * s_sw, shifted.to(s_ptr.dtype.element_ty),
-             mask=cm[:, None] & (m < tl.where(ok, W - 1, 0))[None, :])
+    # the window shifted by one: column m becomes state column m-1 (x the newest)
+    tl.store(at - step, win.to(s_ptr.dtype.element_ty), mask=cm[:, None] & ((m >= 1) & (m <= cols))[None, :])
 
 
-def _block_c(e, c: int, block_w: int) -> int:
-    return max(1, min(e.block_c, triton.next_power_of_2(c), TILE // block_w))
+def _block_c(want: int, c: int, block_w: int) -> int:
+    return max(1, min(want, triton.next_power_of_2(c), TILE // block_w))
 
 
 def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, output_final_state=False,
@@ -177,7 +185,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     has_s = 0 if has_initial_state is None else has_initial_state.stride(0)
     slots = 0 if initial_state is None else initial_state.shape[0]
     launch = {"num_warps": e.num_warps, "num_stages": 1, **dict(e.options)}
-    block_c = _block_c(e, ch, 1)
+    block_c = _block_c(e.block_c, ch, 1)
     if n_tok and ch and nseq:
         _conv_kernel[(triton.cdiv(n_tok, e.block_t), triton.cdiv(ch, block_c))](
             x, weight, dummy if bias is None else bias, cu, s, idx, has, y,
@@ -193,7 +201,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
         return y, None
     if wd > 1 and ch and nseq:
         block_w = triton.next_power_of_2(wd - 1)
-        block_c = _block_c(e, ch, block_w)
+        block_c = _block_c(e.block_c, ch, block_w)
         _final_kernel[(nseq, triton.cdiv(ch, block_c))](
             x, cu, s, idx, has, final,
             *x.stride(), cu_s, *s_st, idx_s, has_s, *final.stride(),
@@ -210,10 +218,11 @@ def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_in
         return y
     e = recurrent(x)
     block_w = triton.next_power_of_2(wd)
-    block_c = _block_c(e, ch, block_w)
+    block_c = _block_c(e.step_block_c, ch, block_w)
+    dense = wd == 1 or (state.stride(1) == wd - 1 and (wd == 2 or state.stride(2) == 1))
     _step_kernel[(bsz, triton.cdiv(ch, block_c))](
         x, weight, x if bias is None else bias, state, state_indices, y,
         *x.stride(), *weight.stride(), *state.stride(), state_indices.stride(0), *y.stride(),
-        ch, wd, state.shape[0], HAS_BIAS=bias is not None, SILU=activation == "silu",
+        ch, state.shape[0], W=wd, DENSE=dense, HAS_BIAS=bias is not None, SILU=activation == "silu",
         BLOCK_C=block_c, BLOCK_W=block_w, num_warps=e.num_warps, num_stages=1, **dict(e.options))
     return y

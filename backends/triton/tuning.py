@@ -127,7 +127,9 @@ class RecurrentEntry:
     block_k: int      # key dims (state rows) per program
     block_v: int      # value dims (state columns) per program
     block_t: int      # tokens per program of causal_conv1d
-    block_c: int      # channels per program of causal_conv1d and its step
+    block_c: int      # channels per program of causal_conv1d
+    step_block_c: int  # channels per program of causal_conv1d_step (capped at conv.TILE window elements); the
+                       # GPU entries give a thread 16 window elements at W=4 (sm_90: 64-72 registers, 7-8 programs/SM)
     num_warps: int
     num_stages: int
     min_dot: int = 16
@@ -136,14 +138,16 @@ class RecurrentEntry:
 
 RECURRENT = {
     # small tiles so that the tests' tiny shapes span several chunks and several k/v blocks
-    "interpret": RecurrentEntry(chunk=16, block_k=16, block_v=16, block_t=8, block_c=16, num_warps=1,
-                                num_stages=1),
-    Platform.CUDA: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=4,
-                                  num_stages=2),
-    Platform.ROCM: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=4,
-                                  num_stages=1, options=(("waves_per_eu", 2),)),
-    Platform.XPU: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, num_warps=8,
-                                 num_stages=2, options=(("grf_mode", "large"),)),
+    "interpret": RecurrentEntry(chunk=16, block_k=16, block_v=16, block_t=8, block_c=16, step_block_c=16,
+                                num_warps=1, num_stages=1),
+    # H200 sweep (ci/tune_triton.py; BENCHMARKS.md): 8 warps slower for the chunked and step kernels,
+    # step_block_c 256 and 512 alike and 1024 slower, block_v 32 within the noise of 64
+    Platform.CUDA: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, step_block_c=512,
+                                  num_warps=4, num_stages=2),
+    Platform.ROCM: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, step_block_c=1024,
+                                  num_warps=4, num_stages=1, options=(("waves_per_eu", 2),)),
+    Platform.XPU: RecurrentEntry(chunk=64, block_k=64, block_v=64, block_t=64, block_c=128, step_block_c=1024,
+                                 num_warps=8, num_stages=2, options=(("grf_mode", "large"),)),
 }
 
 

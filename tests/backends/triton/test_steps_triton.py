@@ -88,7 +88,7 @@ K, V = 24, 40  # K not a power of two (masked rows); V spans three value blocks 
 
 
 def test_tiles_span_several_value_blocks():
-    assert TILES.block_v < V / 2 and TILES.block_c < 40 and TILES.block_t < 9
+    assert TILES.block_v < V / 2 and max(TILES.block_c, TILES.step_block_c) < 40 and TILES.block_t < 9
 
 
 def step_inputs(op, g, bsz, dtype, variant):
@@ -222,15 +222,25 @@ def test_conv_new_final_state(state, dtype):
 
 
 @pytest.mark.parametrize("dtype", [F32, BF16], ids=str)
-@pytest.mark.parametrize("w", [1, 2, 4])
-def test_conv_step(w, dtype):
-    """W = 1 (a state [slots, C, 0]), channels over several blocks, permuted rows with -1, strided cache."""
+@pytest.mark.parametrize("w", [1, 2, 3, 4, 5])
+@pytest.mark.parametrize("layout", ["strided", "dense"])
+def test_conv_step(layout, w, dtype):
+    """W = 1 (a state [slots, C, 0]) to 5, channels over several blocks (the last one ragged), permuted rows
+    with -1; a strided cache, or dense rows [C, W-1] (the kernel's compile-time offsets) with a gap between
+    them. The buffer around the cache stays bit-identical."""
     g = gen(40 + w)
     bsz, ch, slots = 5, 40, 8
     kw = conv_inputs(g, bsz, ch, w, dtype, bias=w != 2, act="silu" if w != 2 else None)
-    buf = rand(g, slots, ch, w - 1, 2, dtype=dtype)
-    kw.update(state=buf[..., 1], state_indices=cache_rows(g, bsz, slots, skip=(1, 4)))
+    if layout == "strided":
+        buf = rand(g, slots, ch, w - 1, 2, dtype=dtype)
+        state, rest = buf[..., 1], buf[..., 0]
+    else:
+        buf = rand(g, slots, ch + 1, w - 1, dtype=dtype)
+        state, rest = buf[:, :ch], buf[:, ch:]
+    before = rest.clone()
+    kw.update(state=state, state_indices=cache_rows(g, bsz, slots, skip=(1, 4)))
     check("causal_conv1d_step", kw, dtype, "state")
+    assert torch.equal(rest, before)
 
 
 def test_conv_steps_equal_sequence():
@@ -322,6 +332,7 @@ def test_bad_state_indices_never_fault():
 def test_kernels_compile_for_gpu_targets(vendor):
     """Lower every step and conv kernel (each constexpr path) for a GPU target (tests/backends/triton/lowering.py)."""
     assert_lowers(vendor, """
+        import triton
         from portable_attn.backends.triton import conv, steps
 
         def sig(fn, ptrs, floats=()):
@@ -357,11 +368,15 @@ def test_kernels_compile_for_gpu_targets(vendor):
                                               BLOCK_C=128)
                 fn = conv._final_kernel
                 yield fn, sig(fn, ptrs), dict(ce, IN_PLACE=ce["STATE"] == 2, BLOCK_C=128, BLOCK_W=4)
-            for act, bias, silu, bw in (("bf16", True, True, 4), ("fp32", False, False, 1)):
-                ptrs = {n: "*" + act for n in ("x_ptr", "s_ptr", "y_ptr", "bias_ptr", "w_ptr")}
-                ptrs.update(idx_ptr="*i32")
+            for act, st, bias, silu, w, dense, bc in (("bf16", "bf16", True, True, 4, True, 512),
+                                                      ("fp16", "fp32", True, False, 3, False, 1024),
+                                                      ("fp32", "fp32", False, False, 1, True, 1024),
+                                                      ("bf16", "fp32", False, True, 256, True, 16)):
+                ptrs = {n: "*" + act for n in ("x_ptr", "y_ptr", "bias_ptr", "w_ptr")}
+                ptrs.update(idx_ptr="*i32", s_ptr="*" + st)
                 fn = conv._step_kernel
-                yield fn, sig(fn, ptrs), dict(HAS_BIAS=bias, SILU=silu, BLOCK_C=128, BLOCK_W=bw)
+                yield fn, sig(fn, ptrs), dict(W=w, DENSE=dense, HAS_BIAS=bias, SILU=silu, BLOCK_C=bc,
+                                              BLOCK_W=triton.next_power_of_2(w))
 
         runs = [*step_cases(), *conv_cases()]
     """, {"num_warps": 4, "num_stages": 1})
