@@ -265,7 +265,7 @@ def test_support_reasons():
 def test_kernels_compile_for_gpu_targets(vendor):
     """Lower every chunk kernel (each constexpr path) for a GPU target (tests/backends/triton/lowering.py)."""
     assert_lowers(vendor, """
-        from portable_attn.backends.triton import chunk
+        from portable_attn.backends.triton import chunk, delta as delta_rule
 
         def sig(fn, act, fp32=(), i32p=(), i1p=(), floats=("lo", "hi", "scale"), state="fp32"):
             s = {}
@@ -306,8 +306,8 @@ def test_kernels_compile_for_gpu_targets(vendor):
                              dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, HAS_D=ssd, HAS_Z=ssd,
                                   VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
                 if delta:
-                    runs.append((chunk._delta_wy, sig(chunk._delta_wy, act, fp32=("G_", "BETA", "U_"),
+                    runs.append((delta_rule._delta_wy, sig(delta_rule._delta_wy, act, fp32=("G_", "BETA", "U_"),
                                  i32p=("CU", "OFFS", "SEQ")),
                                  dict(GROUP=2, GATE=gate, VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
-            runs.append((chunk._l2norm, sig(chunk._l2norm, act), dict(BT=32, BK=128)))
+            runs.append((delta_rule._l2norm, sig(delta_rule._l2norm, act), dict(BT=32, BK=128)))
     """, {"num_warps": 4, "num_stages": 2 if vendor == "cuda" else 1}, timeout=1500)
