@@ -42,17 +42,19 @@ def variants(base, vary: list[str]) -> list:
     return list(dict.fromkeys(entries))
 
 
+def start(case, args, sync):
+    """The case's triton call, made once (compiles)."""
+    return impls.start(impls.backend("triton", case.op), args, case.points[0].sizes, sync)[0]
+
+
 def time_entry(case, args, sync, device: str, repeat: int) -> float:
-    fn, _ = impls.start(impls.backend("triton", case.op), args, case.points[0].sizes, sync)
-    calls = 1
-    if case.graph and device.startswith("cuda"):
-        fn, calls = timing.cuda_graph(fn), timing.GRAPH_CALLS
+    fn, calls = timing.per_call(start(case, args, sync), case.graph, device)
     return statistics.median(timing.timed(fn, sync, calls) for _ in range(repeat))
 
 
 def profile(case, args, sync, calls: int = 3) -> None:
     """Device time per kernel over `calls` calls of the case's triton call (warmed first)."""
-    fn, _ = impls.start(impls.backend("triton", case.op), args, case.points[0].sizes, sync)
+    fn = start(case, args, sync)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
             fn()

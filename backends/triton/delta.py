@@ -37,7 +37,6 @@ def _unit_lower_inverse(a, C: tl.constexpr):
     return inv
 
 
-
 @triton.jit
 def _keys(K_, G_, tok, tm, k0, hk, h, sk_t, sk_h, sk_k, sg_t, sg_h, sg_k, K, GATE: tl.constexpr, BK: tl.constexpr):
     """Key block k0 of the chunk's rows `tok` [C]: dims kk [BK], their mask km, the tile mask [C, BK], the keys
@@ -102,7 +101,6 @@ def _delta_wy(
                      mask=vtm)
 
 
-
 @triton.jit
 def _l2norm(X, Y, sx_t, sx_h, sx_k, T, H, K, BT: tl.constexpr, BK: tl.constexpr):
     """y = x rsqrt(sum_K x^2 + 1e-6) in float32, for BT rows of one head; Y contiguous [T, H, K]."""
@@ -114,7 +112,6 @@ def _l2norm(X, Y, sx_t, sx_h, sx_k, T, H, K, BT: tl.constexpr, BK: tl.constexpr)
     x = tl.load(X + row * sx_t + h * sx_h + kk[None, :] * sx_k, mask=m, other=0.0).to(tl.float32)
     y = x / tl.sqrt(tl.sum(x * x, 1) + 1e-6)[:, None]
     tl.store(Y + row * (H * K) + h * K + kk[None, :], y.to(Y.dtype.element_ty), mask=m)
-
 
 
 def wy_pass(p: Plan, k, v, g, beta) -> tuple:
@@ -135,7 +132,6 @@ def wy_pass(p: Plan, k, v, g, beta) -> tuple:
         GROUP=hv // k.shape[1], GATE=_gate(g, None), VARLEN=p.varlen,
         C=p.chunk, BK=e.block_k, BV=e.block_v, SUB_=SUB, **p.launch())
     return w, u
-
 
 
 def l2norm(x: torch.Tensor) -> torch.Tensor:

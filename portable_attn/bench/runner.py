@@ -129,9 +129,7 @@ def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Setti
                 entry["setup_s"] = runner.setup_s
             else:
                 fn, entry["setup_s"] = impls.start(impl, args, point.sizes, sync)
-                calls = 1
-                if case.graph and settings.device.startswith("cuda"):
-                    fn, calls = timing.cuda_graph(fn), timing.GRAPH_CALLS
+                fn, calls = timing.per_call(fn, case.graph, settings.device)
                 runner = functools.partial(timing.timed, fn, sync, calls)
         except Exception as exc:  # noqa: BLE001 - reported as the implementation's status
             entry["status"], entry["reason"] = impls.classify(exc, impl)

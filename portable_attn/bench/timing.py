@@ -42,6 +42,13 @@ def cuda_graph(fn: Callable[[], object], calls: int = GRAPH_CALLS) -> Callable[[
     return graph.replay
 
 
+def per_call(fn: Callable[[], object], graph: bool, device: str) -> tuple[Callable[[], object], int]:
+    """(timed callable, calls it makes): a case marked graph is timed as replays of a CUDA graph on CUDA."""
+    if graph and device.startswith("cuda"):
+        return cuda_graph(fn), GRAPH_CALLS
+    return fn, 1
+
+
 def copy_bandwidth(device: str, nbytes: int, repeat: int) -> dict:
     """The memory bandwidth a large device-to-device copy reaches here (bytes read + written / median)."""
     sync = synchronizer(device)
