@@ -21,7 +21,7 @@ shift
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 python="${PYTHON:-python3}"
 torch_version="${TORCH_VERSION:-2.13.0}"
-jax_version="${JAX_VERSION:-0.10.2}"        # the jax that CI's interpret mode runs (PITFALLS.md)
+jax_version="${JAX_VERSION:-0.10.2}"        # the jax that CI's interpret mode runs (docs/pitfalls.md)
 triton_version="${TRITON_VERSION:-3.9.0}"   # only where no vendor triton is installed
 
 case "$device" in

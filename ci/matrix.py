@@ -4,7 +4,7 @@
     python ci/matrix.py validate                 schema, images, extras; exit 1 on any error
     python ci/matrix.py list                     every entry, planned ones included
     python ci/matrix.py gha [--devices cpu,...]  the GitHub Actions matrix of the ready entries
-    python ci/matrix.py run [--here] [--name N]  `portable-attn check` for each ready entry
+    python ci/matrix.py run [--here] [--name N]  `portable-attn check --strict` for each ready entry
 
 Every command validates first. Needs Python >= 3.11 (tomllib) and PyYAML; `run` needs the package.
 """
@@ -205,7 +205,8 @@ def run(entries: list[dict], *, here: bool = False, reports: Path = Path("report
 
 def _run_entry(e: dict, check: list[str], reports: Path, logged: bool) -> int:
     """One entry's check; its output to the terminal, or (logged) to reports/<name>.log, shown at the end."""
-    cmd = [*check, "--backend", e["backend"], "--tier", e["tier"],
+    # --strict: the entry's backend must be available and run every case its own checks declare supported
+    cmd = [*check, "--backend", e["backend"], "--tier", e["tier"], "--strict",
            "--junit", str(reports / f"{e['name']}.xml"), "--json", str(reports / f"{e['name']}.json")]
     env = entry_env(e)
     header = f"== {e['name']}: {' '.join(f'{k}={v}' for k, v in env.items())} {' '.join(cmd)}"

@@ -6,18 +6,15 @@ call is dispatched to it (Triton fixes its interpret mode when a kernel is decor
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 from typing import Any
 
 import torch
 
+from . import envs
+from .optable import NAMES, OPS
 from .platforms import Platform
-
-OPS = (
-    "attention", "paged_attention", "write_kv_cache", "sparse_attention",
-    "linear_attention", "linear_attention_step", "gated_delta_rule", "gated_delta_rule_step",
-    "ssd", "ssd_step", "causal_conv1d", "causal_conv1d_step",
-)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,11 +27,18 @@ class Call:
 
     @property
     def dtype(self):
-        return self.args[_PRIMARY[self.op]].dtype
+        return self.args[OPS[self.op].primary].dtype
 
+    @functools.cached_property
+    def needs_grad(self) -> bool:
+        """Autograd would record this call: grad mode is on and a tensor argument requires grad."""
+        if not torch.is_grad_enabled():
+            return False
+        for x in self.args.values():  # a plain loop: this runs on every call where grad mode is on
+            if isinstance(x, torch.Tensor) and x.requires_grad:
+                return True
+        return False
 
-_PRIMARY = {op: "x" if op.startswith(("ssd", "causal_conv1d")) else "q" for op in OPS}
-_PRIMARY["write_kv_cache"] = "k"
 
 
 class Backend:
@@ -44,7 +48,7 @@ class Backend:
     module: str = ""                      # implementation module, one function per op
     platforms: frozenset = frozenset()    # platforms served without interpret mode
     array: str = "torch"                  # "torch" or "jax"
-    ops: tuple = OPS
+    ops: tuple = NAMES                    # the ops it implements (optable.NAMES: all of them)
     description: str = ""
     limits: str = ""                      # what `supports` refuses, in words, for `portable-attn info`
     float64: bool = True                  # takes float64 inputs (only the reference does in practice)
@@ -53,6 +57,8 @@ class Backend:
                                           # importable without the kernels
     notes: dict = {}                      # op -> how it is implemented, where that is not the backend's
                                           # usual kind of kernel (shown in the support matrix)
+    backward: frozenset = frozenset()     # ops with a tested backward; the others refuse inputs that
+                                          # require grad (SPEC "Autograd": inference ops)
 
     def available(self) -> str | None:
         """None when usable on this machine, else the reason it is not."""
@@ -61,10 +67,8 @@ class Backend:
     def serves(self, platform: Platform) -> str | None:
         if platform in self.platforms:
             return None
-        if platform == Platform.CPU and self.interpretable:
-            from .registry import interpret_mode  # the registry imports this module
-            if interpret_mode():
-                return None
+        if platform == Platform.CPU and self.interpretable and envs.PORTABLE_ATTN_INTERPRET:
+            return None
         return f"runs on {', '.join(sorted(p.value for p in self.platforms))}, not {platform.value}"
 
     def supports(self, call: Call) -> str | None:
@@ -73,6 +77,9 @@ class Backend:
             return f"{call.op} is not implemented"
         if not self.float64 and call.dtype == torch.float64:
             return "float64 is the reference's job (use backend='reference')"
+        if call.op not in self.backward and call.needs_grad:
+            return ("inference only, no backward: a tensor argument requires grad; call it under torch.no_grad() "
+                    "or torch.inference_mode(), or pass .detach()ed tensors")
         if self.support:
             return importlib.import_module(self.support).why_not(call)
         return None

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import contextvars
 import math
-import os
+import numbers
 
+import numpy as np
 import torch
 
+from . import envs
 from .masks import BlockMask
 
 ACT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -20,10 +22,16 @@ INDEX_DTYPES = (torch.int32,)
 # True while portable_attn.jax checks arrays traced by jax.jit: their values are unknown.
 VALUES_UNKNOWN = contextvars.ContextVar("portable_attn_values_unknown", default=False)
 
+# Axis names (as `tensor` is given them) that are sizes of the computation, never 0 (SPEC "Empty sizes");
+# token, sequence, batch, slot, block and top-k counts may be 0.
+SIZES = {"Hq": "head count", "Hkv": "kv head count", "H": "head count", "Hv": "value head count",
+         "G": "group count", "D": "head dim", "Dv": "value head dim", "K": "key dim", "V": "value dim",
+         "P": "head dim", "N": "state size", "C": "channel count", "W": "conv width", "BS": "block size"}
+
 
 def index_checks_enabled(x: torch.Tensor | None = None) -> bool:
     """Index values are checked in eager mode, unless PORTABLE_ATTN_CHECK=0 (skipped while tracing)."""
-    if os.environ.get("PORTABLE_ATTN_CHECK", "1") == "0":
+    if not envs.PORTABLE_ATTN_CHECK:
         return False
     if torch.compiler.is_compiling() or VALUES_UNKNOWN.get():
         return False
@@ -50,7 +58,17 @@ def tensor(name: str, x, dims: str, *, dtypes=None, device=None):
         raise TypeError(f"{name}: expected dtype {want}, got {str(x.dtype).replace('torch.', '')}")
     if device is not None and x.device != device:
         raise ValueError(f"{name}: expected a tensor on {device} (the device of the inputs), got {x.device}")
+    if 0 in x.shape:
+        nonzero_sizes(name, x, names)
     return x
+
+
+def nonzero_sizes(name: str, x, names: list) -> None:
+    """The axes of `x` named in SIZES hold at least 1."""
+    for axis, (what, n) in enumerate(zip(names, x.shape)):
+        if n == 0 and what in SIZES:
+            raise ValueError(f"{name}: the {SIZES[what]} {what} (axis {axis}) must be at least 1, got shape "
+                             f"{_shape(x)}")
 
 
 def dim(name: str, x, axis: int, expected: int, what: str) -> None:
@@ -74,9 +92,23 @@ def param_dtypes(act: torch.dtype) -> tuple:
     return (torch.float32, act) if act != torch.float32 else (torch.float32,)
 
 
-def positive_int(name: str, value) -> None:
-    if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+def is_int(value) -> bool:
+    """A Python or NumPy integer, not a bool (the fast path first: this runs on every call)."""
+    return type(value) is int or (isinstance(value, numbers.Integral) and not isinstance(value, bool))
+
+
+def is_real(value) -> bool:
+    """A Python or NumPy int or float, not a bool."""
+    return type(value) in (float, int) or (isinstance(value, numbers.Real) and not isinstance(value, bool))
+
+
+def positive_int(name: str, value) -> int | None:
+    """A non-negative int or None, as a Python int."""
+    if value is None:
+        return None
+    if not is_int(value) or value < 0:
         raise ValueError(f"{name}: expected a non-negative int or None, got {value!r}")
+    return int(value)
 
 
 def flag(name: str, value) -> None:
@@ -84,8 +116,8 @@ def flag(name: str, value) -> None:
         raise TypeError(f"{name}: expected a bool, got {value!r}")
 
 
-def real(name: str, value, *, minimum: float | None = None):
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def real(name: str, value, *, minimum: float | None = None) -> float:
+    if not is_real(value) or not math.isfinite(value):
         raise TypeError(f"{name}: expected a finite float, got {value!r}")
     if minimum is not None and value < minimum:
         raise ValueError(f"{name}: expected a value >= {minimum}, got {value!r}")
@@ -99,36 +131,70 @@ def out_tensor(a: dict, shape: tuple, dtype: torch.dtype, device, dims: str) -> 
     tensor("out", out, dims, dtypes=(dtype,), device=device)
     if tuple(out.shape) != tuple(shape):
         raise ValueError(f"out: expected shape ({', '.join(map(str, shape))}), got {_shape(out)}")
+    no_overlap(a, out)
+
+
+def _span(x: torch.Tensor) -> tuple:
+    """[first, end) of the bytes `x` can touch (bounds of its strided view; `x` has elements)."""
+    first = x.data_ptr()
+    n = x.numel() if x.is_contiguous() else 1 + sum((d - 1) * s for d, s in zip(x.shape, x.stride()))
+    return first, first + n * x.element_size()
+
+
+def no_overlap(a: dict, out: torch.Tensor) -> None:
+    """`out` shares no byte range with an input tensor (all on one device): a kernel would read what it wrote."""
+    if out.numel() == 0:
+        return
+    lo, hi = _span(out)
+    for name, x in a.items():
+        if name != "out" and isinstance(x, torch.Tensor) and x.numel():
+            xlo, xhi = _span(x)
+            if xlo < hi and lo < xhi:
+                raise ValueError(f"out: overlaps the memory of the input {name}; pass a separate tensor as out "
+                                 f"(or out=None)")
 
 
 # ---- index values -----------------------------------------------------------------------------
 
-def cu_seqlens(name: str, cu, total: int, device, check_values: bool) -> torch.Tensor:
+def host(*xs: torch.Tensor) -> list:
+    """Index tensors as NumPy arrays for the value checks: views on the CPU; on a device, one copy of all of
+    them to the host (one sync per call)."""
+    if xs[0].device.type == "cpu":
+        return [x.numpy() for x in xs]
+    flat = torch.cat([x.reshape(-1).to(torch.int64) for x in xs]).cpu().numpy()
+    ends = np.cumsum([x.numel() for x in xs])
+    return [part.reshape(x.shape) for part, x in zip(np.split(flat, ends[:-1]), xs)]
+
+
+def cu_seqlens(name: str, cu, device) -> torch.Tensor:
     tensor(name, cu, "S+1", dtypes=INDEX_DTYPES, device=device)
     if cu.shape[0] < 1:
         raise ValueError(f"{name}: expected at least one entry (cu[0] = 0), got shape {_shape(cu)}")
-    if check_values:
-        host = cu.cpu().tolist()
-        if host[0] != 0:
-            raise ValueError(f"{name}: must start at 0, got {host[0]}")
-        if any(b < a for a, b in zip(host, host[1:])):
-            raise ValueError(f"{name}: must be non-decreasing, got {host}")
-        if host[-1] != total:
-            raise ValueError(f"{name}: last entry must be the token count {total}, got {host[-1]}")
     return cu
 
 
-def max_seqlen(name: str, value, cu: torch.Tensor, check_values: bool) -> None:
-    positive_int(name, value)
-    if value is not None and check_values and cu.shape[0] > 1:
+def cu_values(name: str, cu: np.ndarray, total: int) -> None:
+    if cu[0] != 0:
+        raise ValueError(f"{name}: must start at 0, got {cu[0]}")
+    if (cu[1:] < cu[:-1]).any():
+        raise ValueError(f"{name}: must be non-decreasing, got {cu.tolist()}")
+    if cu[-1] != total:
+        raise ValueError(f"{name}: last entry must be the token count {total}, got {cu[-1]}")
+
+
+def max_seqlen(name: str, value, cu: np.ndarray | None) -> int | None:
+    """A non-negative int hint, at least the longest sequence of `cu` (host values, None when unchecked)."""
+    value = positive_int(name, value)
+    if value is not None and cu is not None and cu.shape[0] > 1:
         longest = int((cu[1:] - cu[:-1]).max())
         if value < longest:
             raise ValueError(f"{name}: {value} is shorter than the longest sequence ({longest})")
+    return value
 
 
-def index_range(name: str, idx: torch.Tensor, low: int, high: int, what: str) -> None:
+def index_range(name: str, idx: np.ndarray, low: int, high: int, what: str) -> None:
     """Every value in [low, high)."""
-    if idx.numel() == 0:
+    if idx.size == 0:
         return
     lo, hi = int(idx.min()), int(idx.max())
     if lo < low or hi >= high:
@@ -136,21 +202,20 @@ def index_range(name: str, idx: torch.Tensor, low: int, high: int, what: str) ->
         raise ValueError(f"{name}: {what} must lie in [{low}, {high}), got {bad}")
 
 
-def no_duplicates(name: str, idx: torch.Tensor, what: str) -> None:
+def no_duplicates(name: str, idx: np.ndarray, what: str) -> None:
     """No value other than -1 occurs twice along the last axis."""
-    if idx.numel() == 0:
+    if idx.size == 0:
         return
-    srt = idx.sort(dim=-1).values
+    srt = np.sort(idx, axis=-1)
     dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
-    if bool(dup.any()):
-        where = dup.nonzero()[0].tolist()
+    if dup.any():
+        where = np.argwhere(dup)[0].tolist()
         raise ValueError(f"{name}: {what} lists {int(srt[tuple(where[:-1]) + (where[-1] + 1,)])} twice")
 
 
 # ---- recurrent states -------------------------------------------------------------------------
 
-def states(a: dict, tail: tuple, tail_dims: str, nseq: int, act: torch.dtype, device, check_values: bool,
-           state_dtypes: tuple) -> None:
+def states(a: dict, tail: tuple, tail_dims: str, nseq: int, device, state_dtypes: tuple) -> None:
     """initial_state / state_indices / has_initial_state of a sequence form, per SPEC's state rules."""
     init, idx, has = a["initial_state"], a["state_indices"], a["has_initial_state"]
     flag("output_final_state", a["output_final_state"])
@@ -168,22 +233,24 @@ def states(a: dict, tail: tuple, tail_dims: str, nseq: int, act: torch.dtype, de
     tensor("initial_state", init, "slots " + tail_dims, dtypes=state_dtypes, device=device)
     if tuple(init.shape[1:]) != tail:
         raise ValueError(f"initial_state: expected a cache [slots, {', '.join(map(str, tail))}], got {_shape(init)}")
-    slot_indices("state_indices", idx, nseq, init.shape[0], device, check_values)
+    slot_indices("state_indices", idx, nseq, device)
     if has is not None:
         tensor("has_initial_state", has, "S", dtypes=(torch.bool,), device=device)
         dim("has_initial_state", has, 0, nseq, "the number of sequences")
 
 
-def slot_indices(name: str, idx, nseq: int, slots: int, device, check_values: bool) -> None:
+def slot_indices(name: str, idx, nseq: int, device) -> None:
     tensor(name, idx, "S", dtypes=INDEX_DTYPES, device=device)
     dim(name, idx, 0, nseq, "the number of sequences")
-    if check_values:
-        index_range(name, idx, -1, slots, "state cache rows (or -1)")
-        no_duplicates(name, idx, "state cache rows")
 
 
-def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, check_values: bool,
-               state_dtypes: tuple) -> None:
+def slot_values(name: str, idx: np.ndarray, slots: int) -> None:
+    index_range(name, idx, -1, slots, "state cache rows (or -1)")
+    no_duplicates(name, idx, "state cache rows")
+
+
+def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, state_dtypes: tuple) -> bool:
+    """The state cache of a step form; True when the caller gave `state_indices` (values to check)."""
     state = tensor("state", a["state"], "slots " + tail_dims, dtypes=state_dtypes, device=device)
     if tuple(state.shape[1:]) != tail:
         raise ValueError(f"state: expected a cache [slots, {', '.join(map(str, tail))}], got {_shape(state)}")
@@ -192,15 +259,16 @@ def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, check_val
             raise ValueError(f"state: without state_indices the cache needs at least bsz = {bsz} rows, "
                              f"got {state.shape[0]}")
         a["state_indices"] = torch.arange(bsz, dtype=torch.int32, device=device)
-    else:
-        slot_indices("state_indices", a["state_indices"], bsz, state.shape[0], device, check_values)
+        return False
+    slot_indices("state_indices", a["state_indices"], bsz, device)
+    return True
 
 
-def sequences(a: dict, total: int, device, check_values: bool) -> int:
+def sequences(a: dict, device) -> int:
     """Number of sequences of a recurrent sequence form (cu_seqlens or one)."""
     if a["cu_seqlens"] is None:
         return 1
-    return cu_seqlens("cu_seqlens", a["cu_seqlens"], total, device, check_values).shape[0] - 1
+    return cu_seqlens("cu_seqlens", a["cu_seqlens"], device).shape[0] - 1
 
 
 def gate(name: str, g, lead: tuple, lead_dims: str, heads: int, kdim: int, act, device) -> None:
@@ -218,8 +286,7 @@ def gate(name: str, g, lead: tuple, lead_dims: str, heads: int, kdim: int, act, 
 
 
 def scale(name: str, value, head_dim: int) -> float:
-    if head_dim < 1:
-        raise ValueError(f"{name}: the head dim is 0; expected inputs with at least one feature per head")
+    """`value`, or 1/sqrt(head_dim) when None (the head dim is at least 1: `tensor` saw to it)."""
     return 1.0 / math.sqrt(head_dim) if value is None else real(name, value)
 
 
@@ -231,7 +298,7 @@ def _attn_common(a: dict, q, lk_max: int | None, nseq: int) -> None:
     if "window_size" in a:  # not an option of sparse_attention
         ws = a["window_size"]
         if not (isinstance(ws, (tuple, list)) and len(ws) == 2
-                and all(isinstance(w, int) and not isinstance(w, bool) for w in ws)):
+                and all(is_int(w) for w in ws)):
             raise TypeError(f"window_size: expected a pair of ints (left, right), got {ws!r}")
         if min(ws) < -1:
             raise ValueError(f"window_size: each side must be >= -1 (-1 = unbounded), got {tuple(ws)}")
@@ -264,33 +331,39 @@ def attention_qkv(a: dict) -> tuple:
 
 
 def cu_pair(a: dict, q, k, check: bool) -> tuple:
-    """cu_seqlens_q and cu_seqlens_k: both or neither, each valid, with one sequence count."""
+    """cu_seqlens_q and cu_seqlens_k: both or neither, with one sequence count; their host values when
+    `check` (else None)."""
     cq, ck = a["cu_seqlens_q"], a["cu_seqlens_k"]
     if (cq is None) != (ck is None):
         raise ValueError("cu_seqlens_q / cu_seqlens_k: give both or neither "
                          f"(got cu_seqlens_q={'a tensor' if cq is not None else None}, "
                          f"cu_seqlens_k={'a tensor' if ck is not None else None})")
-    if cq is not None:
-        cu_seqlens("cu_seqlens_q", cq, q.shape[0], q.device, check)
-        cu_seqlens("cu_seqlens_k", ck, k.shape[0], q.device, check)
-        if cq.shape[0] != ck.shape[0]:
-            raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
-    return cq, ck
+    if cq is None:
+        return None, None
+    cu_seqlens("cu_seqlens_q", cq, q.device)
+    cu_seqlens("cu_seqlens_k", ck, q.device)
+    if cq.shape[0] != ck.shape[0]:
+        raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
+    if not check:
+        return None, None
+    hq, hk = host(cq, ck)
+    cu_values("cu_seqlens_q", hq, q.shape[0])
+    cu_values("cu_seqlens_k", hk, k.shape[0])
+    return hq, hk
 
 
 def check_attention(a: dict) -> dict:
     q, k, v = attention_qkv(a)
     dev = q.device
-    check = index_checks_enabled(q)
-    cq, ck = cu_pair(a, q, k, check)
-    if cq is not None:
-        max_seqlen("max_seqlen_q", a["max_seqlen_q"], cq, check)
-        max_seqlen("max_seqlen_k", a["max_seqlen_k"], ck, check)
-        nseq = cq.shape[0] - 1
-        lk_max = int((ck[1:] - ck[:-1]).max()) if check and nseq and a["block_mask"] is not None else None
+    hq, hk = cu_pair(a, q, k, index_checks_enabled(q))
+    if a["cu_seqlens_q"] is not None:
+        a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hq)
+        a["max_seqlen_k"] = max_seqlen("max_seqlen_k", a["max_seqlen_k"], hk)
+        nseq = a["cu_seqlens_q"].shape[0] - 1
+        lk_max = int((hk[1:] - hk[:-1]).max()) if hk is not None and nseq else None
     else:
-        positive_int("max_seqlen_q", a["max_seqlen_q"])
-        positive_int("max_seqlen_k", a["max_seqlen_k"])
+        a["max_seqlen_q"] = positive_int("max_seqlen_q", a["max_seqlen_q"])
+        a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
         nseq, lk_max = 1, k.shape[0]
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
@@ -298,7 +371,7 @@ def check_attention(a: dict) -> dict:
 
 
 def gqa(hq: int, hkv: int, qname: str, kname: str) -> None:
-    if hkv == 0 or hq % hkv != 0:
+    if hq % hkv != 0:
         raise ValueError(f"{kname}: head count {hkv} must divide the {qname} head count {hq} (grouped heads)")
 
 
@@ -316,26 +389,30 @@ def check_paged_attention(a: dict) -> dict:
     su = tensor("seqused_k", a["seqused_k"], "S", dtypes=INDEX_DTYPES, device=dev)
     nseq = bt.shape[0]
     dim("seqused_k", su, 0, nseq, "the sequence count S of block_table")
-    check = index_checks_enabled(q)
-    if a["cu_seqlens_q"] is None:
+    cu = a["cu_seqlens_q"]
+    if cu is None:
         dim("q", q, 0, nseq, "one query per sequence (decode, no cu_seqlens_q): S")
-        positive_int("max_seqlen_q", a["max_seqlen_q"])
     else:
-        cu = cu_seqlens("cu_seqlens_q", a["cu_seqlens_q"], q.shape[0], dev, check)
+        cu_seqlens("cu_seqlens_q", cu, dev)
         dim("cu_seqlens_q", cu, 0, nseq + 1, "S + 1 (S from block_table)")
-        max_seqlen("max_seqlen_q", a["max_seqlen_q"], cu, check)
-    positive_int("max_seqlen_k", a["max_seqlen_k"])
+    a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
     bs = kc.shape[1]
-    lk_max = None
-    if check and nseq:
-        index_range("seqused_k", su, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds {bt.shape[1]} "
-                    f"blocks of {bs})")
-        if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < int(su.max()):
-            raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
-                             f"({int(su.max())})")
-        used = torch.arange(bt.shape[1], device=dev)[None, :] * bs < su[:, None]
-        index_range("block_table", bt[used], 0, kc.shape[0], "block ids in use")
-        lk_max = int(su.max())
+    lk_max = hcu = None
+    if index_checks_enabled(q):
+        hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
+        hcu = hcu[0] if hcu else None
+        if hcu is not None:
+            cu_values("cu_seqlens_q", hcu, q.shape[0])
+        if nseq:
+            index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
+                        f"{bt.shape[1]} blocks of {bs})")
+            lk_max = int(hsu.max())
+            if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
+                raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
+                                 f"({lk_max})")
+            used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
+            index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
+    a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], vc.shape[3]), q.dtype, dev, "Tq Hq Dv")
     return a
@@ -359,8 +436,9 @@ def check_write_kv_cache(a: dict) -> dict:
     sm = tensor("slot_mapping", a["slot_mapping"], "T", dtypes=(torch.int32, torch.int64), device=dev)
     dim("slot_mapping", sm, 0, k.shape[0], "the token count T of k")
     if index_checks_enabled(k):
-        index_range("slot_mapping", sm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
-        no_duplicates("slot_mapping", sm, "cache slots")
+        (hsm,) = host(sm)
+        index_range("slot_mapping", hsm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
+        no_duplicates("slot_mapping", hsm, "cache slots")
     return a
 
 
@@ -371,19 +449,19 @@ def check_sparse_attention(a: dict) -> dict:
     dim("indices", idx, 0, q.shape[0], "the query count Tq")
     dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
     check = index_checks_enabled(q)
-    cq, ck = cu_pair(a, q, k, check)
+    hq, hk = cu_pair(a, q, k, check)
     if check and idx.numel():
-        if cq is None:
-            lk = torch.full((q.shape[0],), k.shape[0], dtype=torch.int64, device=dev)
+        (hidx,) = host(idx)
+        if hq is None:
+            lk = np.full((q.shape[0],), k.shape[0])
         else:
-            lens = (ck[1:] - ck[:-1]).long()
-            lk = torch.repeat_interleave(lens, (cq[1:] - cq[:-1]).long())
-        bad = (idx < -1) | (idx >= lk[:, None, None])
-        if bool(bad.any()):
-            t, h, s = bad.nonzero()[0].tolist()
+            lk = np.repeat(hk[1:] - hk[:-1], hq[1:] - hq[:-1])
+        bad = (hidx < -1) | (hidx >= lk[:, None, None])
+        if bad.any():
+            t, h, s = np.argwhere(bad)[0].tolist()
             raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
-                             f"kv head {h} lists {int(idx[t, h, s])} with Lk = {int(lk[t])}")
-        no_duplicates("indices", idx, "one query's key positions")
+                             f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
+        no_duplicates("indices", hidx, "one query's key positions")
     _attn_common(a, q, None, 1)
     out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
     return a
@@ -405,12 +483,21 @@ def recurrent_qkv(a: dict, lead: str, v_heads: str) -> tuple:
 
 def state_args(a: dict, x: torch.Tensor, tail: tuple, tail_dims: str, step: bool) -> None:
     """The state arguments of a sequence form (initial_state, ...) or of a step form (state=)."""
-    check = index_checks_enabled(x)
+    pd = param_dtypes(x.dtype)
     if step:
-        step_state(a, tail, tail_dims, x.shape[0], x.device, check, param_dtypes(x.dtype))
+        given = step_state(a, tail, tail_dims, x.shape[0], x.device, pd)
+        cache, cu = a["state"], None
+        idx = a["state_indices"] if given else None
     else:
-        nseq = sequences(a, x.shape[0], x.device, check)
-        states(a, tail, tail_dims, nseq, x.dtype, x.device, check, param_dtypes(x.dtype))
+        states(a, tail, tail_dims, sequences(a, x.device), x.device, pd)
+        cache, cu, idx = a["initial_state"], a["cu_seqlens"], a["state_indices"]
+    if (cu is None and idx is None) or not index_checks_enabled(x):
+        return
+    values = host(*(t for t in (cu, idx) if t is not None))
+    if cu is not None:
+        cu_values("cu_seqlens", values[0], x.shape[0])
+    if idx is not None:
+        slot_values("state_indices", values[-1], cache.shape[0])
 
 
 def check_linear_attention(a: dict, step: bool = False) -> dict:
@@ -483,6 +570,8 @@ def check_ssd(a: dict, step: bool = False) -> dict:
     lim = a["dt_limit"]
     if not (isinstance(lim, (tuple, list)) and len(lim) == 2):
         raise TypeError(f"dt_limit: expected a pair (low, high), got {lim!r}")
+    if not all(is_real(v) for v in lim):
+        raise TypeError(f"dt_limit: expected a pair of floats (low, high), got {lim!r}")
     lo, hi = (float(v) for v in lim)
     if math.isnan(lo) or math.isnan(hi) or lo > hi:
         raise ValueError(f"dt_limit: expected low <= high, got {tuple(lim)}")
@@ -499,8 +588,6 @@ def check_causal_conv1d(a: dict, step: bool = False) -> dict:
     w = tensor("weight", a["weight"], "C W", dtypes=param_dtypes(x.dtype), device=dev)
     activations("x", x)
     dim("weight", w, 0, x.shape[1], "the channel count C of x")
-    if w.shape[1] < 1:
-        raise ValueError(f"weight: the width W must be at least 1, got shape {_shape(w)}")
     if a["bias"] is not None:
         tensor("bias", a["bias"], "C", dtypes=param_dtypes(x.dtype), device=dev)
         dim("bias", a["bias"], 0, x.shape[1], "the channel count C of x")

@@ -1,4 +1,4 @@
-"""The JAX front: the operators of SPEC.md on jax.Arrays, run by the pallas backend (Pallas TPU kernels;
+"""The JAX front: the operators of docs/spec.md on jax.Arrays, run by the pallas backend (Pallas TPU kernels;
 Pallas' TPU interpret mode off-TPU, with PORTABLE_ATTN_INTERPRET=1). Usable under jax.jit.
 
 Same names and arguments as the torch API, checked by the same code (checks.py, on placeholders of the
@@ -7,6 +7,11 @@ There is no `out=` and nothing is updated in place: ops that update caches retur
 - `write_kv_cache` returns `(k_cache, v_cache)`, the step forms `(out, state)`, and the sequence forms
 `(out, final_state)` where with `state_indices` `final_state` is the whole updated cache.
 `block_mask` is a `portable_attn.BlockMask` on the CPU: host data, like the constructors that build it.
+Arrays that are not JAX arrays (torch tensors, NumPy arrays) are refused with a TypeError.
+Eager calls pad ragged sizes to shape buckets (backends/pallas/buckets.py) before the kernels, so that
+those compile a bounded set of executables; the pad and the final slice are small XLA ops compiled once
+per new input shape (none when a size already sits on the ladder). Under the caller's jax.jit nothing
+is padded: the caller's shapes are what it compiles.
 """
 from __future__ import annotations
 
@@ -68,6 +73,10 @@ def _check(op: str, args: dict) -> Call:
     (scales resolved, windows as int pairs, default state_indices), as jax arrays."""
     from .backends.pallas import BACKEND
 
+    for name, x in args.items():
+        if isinstance(x, (np.ndarray, torch.Tensor)) or (hasattr(x, "__dlpack__") and not isinstance(x, jax.Array)):
+            raise TypeError(f"{name}: expected a jax.Array, got {type(x).__module__}.{type(x).__qualname__} "
+                            f"(convert it with jnp.asarray)")
     traced = any(isinstance(x, jax.core.Tracer) for x in args.values())
     token = checks.VALUES_UNKNOWN.set(traced)
     try:
@@ -89,16 +98,31 @@ def _check(op: str, args: dict) -> Call:
     return Call(op, norm, call.platform)
 
 
+def _trim(op: str, result, cut, args: dict):
+    """The op's result with the bucket padding cut off (caches are never padded)."""
+    if op in ("attention", "paged_attention", "sparse_attention"):
+        return (cut.tokens(result[0]), cut.lse(result[1])) if args["return_lse"] else cut.tokens(result)
+    if op == "write_kv_cache":
+        return result
+    y, state = result
+    keep = op.endswith("_step") or args["state_indices"] is not None     # the whole cache
+    return cut.tokens(y), state if keep else cut.states(state)
+
+
 def _run(op: str, args: dict):
+    from .backends.pallas import buckets
+
     call = _check(op, args)
     a = call.args
+    if any(isinstance(x, jax.core.Tracer) for x in a.values()):
+        return _impl(op)(**a)  # the caller's jax.jit compiles its own shapes; donation is its donate_argnums
+    padded, cut = buckets.bucket(op, a)   # eager: a bounded set of compiled shapes
     donate = CACHES.get(op, ("initial_state",) if a.get("state_indices") is not None else ())
-    traced = any(isinstance(x, jax.core.Tracer) for x in a.values())
-    if not donate or traced:  # under the caller's jax.jit, donation is the caller's (donate_argnums)
-        return _impl(op)(**a)
-    names = tuple(n for n, x in a.items() if isinstance(x, jax.Array))
-    statics = tuple((n, x) for n, x in a.items() if n not in names)
-    return _donating(op, names, statics, donate)(*(a[n] for n in names))
+    if not donate:
+        return _trim(op, _impl(op)(**padded), cut, a)
+    names = tuple(n for n, x in padded.items() if isinstance(x, jax.Array))
+    statics = tuple((n, x) for n, x in padded.items() if n not in names)
+    return _trim(op, _donating(op, names, statics, donate)(*(padded[n] for n in names)), cut, a)
 
 
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,

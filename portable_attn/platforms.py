@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import enum
 import importlib.util
-import os
+
+from . import envs
 
 
 class Platform(str, enum.Enum):
@@ -15,7 +16,7 @@ class Platform(str, enum.Enum):
 
 
 def _override() -> Platform | None:
-    value = os.environ.get("PORTABLE_ATTN_PLATFORM")
+    value = envs.PORTABLE_ATTN_PLATFORM
     if not value:
         return None
     try:

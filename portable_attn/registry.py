@@ -4,9 +4,9 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
-import os
 from importlib.metadata import entry_points
 
+from . import envs
 from .backend import Backend, Call
 from .errors import BackendUnavailable, NotSupported
 from .platforms import Platform
@@ -65,17 +65,14 @@ def implementation_notes() -> dict:
     return {(name, op): note for name, b in backends().items() for op, note in b.notes.items()}
 
 
-def interpret_mode() -> bool:
-    return os.environ.get("PORTABLE_ATTN_INTERPRET", "0") not in ("", "0")
+def _parse(spec, source: str) -> tuple:
+    return _parse_names(spec if isinstance(spec, str) else tuple(spec), source)
 
 
-def strict_mode() -> bool:
-    return os.environ.get("PORTABLE_ATTN_STRICT", "0") not in ("", "0")
-
-
-def _parse(spec, source: str) -> list[str]:
+@functools.lru_cache(maxsize=64)  # a call names its backends the same way every time
+def _parse_names(spec, source: str) -> tuple:
     names = [spec] if isinstance(spec, str) else list(spec)
-    names = [n.strip() for item in names for n in item.split(",") if n.strip()]
+    names = tuple(n.strip() for item in names for n in item.split(",") if n.strip())
     if not names:
         raise ValueError(f"{source} names no backend")
     for name in names:
@@ -91,15 +88,16 @@ def why_not(backend: Backend, call: Call) -> str | None:
 
 @functools.cache
 def _log_once(op: str, backend: str, reason: str) -> None:
-    log.info("portable_attn: %s skips backend %s: %s", op, backend, reason)
+    """A fallback is logged at WARNING (visible by default), once per (op, backend, reason)."""
+    log.warning("portable_attn: %s skips backend %s: %s", op, backend, reason)
 
 
 def select(call: Call, backend=None) -> Backend:
     """The backend that runs `call`: `backend=` beats PORTABLE_ATTN_BACKEND beats the platform default."""
     if backend is not None:
         names = _parse(backend, "backend=")
-    elif os.environ.get("PORTABLE_ATTN_BACKEND"):
-        names = _parse(os.environ["PORTABLE_ATTN_BACKEND"], "PORTABLE_ATTN_BACKEND")
+    elif envs.is_set("PORTABLE_ATTN_BACKEND"):
+        names = _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
     else:
         names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
     if len(names) == 1:
@@ -112,7 +110,7 @@ def select(call: Call, backend=None) -> Backend:
         reason = why_not(candidate, call)
         if reason is None:
             return candidate
-        if strict_mode():
+        if envs.PORTABLE_ATTN_STRICT:
             _raise_if_unusable(candidate, call)
         _log_once(call.op, name, reason)
         reasons.append(f"{name}: {reason}")

@@ -1,18 +1,20 @@
 """`portable-attn bench` end to end at the quick sizes: what it writes, and that peers that cannot run and
 ops a backend does not support are reported, never fatal. No timing assertions: speed is measured by
 the benchmark, not asserted in tests. The runs use the reference backend so they do not depend on the
-state of the fast backends."""
+state of the fast backends (the host case adds the cpu backend: its rows against the torch kernel are the point)."""
 import dataclasses
 import json
+import os
 import re
 import sys
 
+import numpy as np
 import pytest
 import torch
 
 import portable_attn
 from portable_attn import NotSupported, cli
-from portable_attn.bench import cases, fla_peers, peers, plan
+from portable_attn.bench import cases, fla_peers, host, peers, plan
 from portable_attn.bench.impls import Refused
 
 
@@ -252,3 +254,76 @@ def test_fla_step_mappings_refuse_a_state_cache_out_of_order():
     args["state_indices"] = torch.arange(len(args["q"]), dtype=torch.int32).flip(0)
     with pytest.raises(Refused, match="batch order"):
         fla_peers.gdr_call(args, fake_fla, True)
+
+
+# The host case: each op at decode sizes beside the kernel it ends in, checks on and off.
+
+HOST_KERNELS = {"attention": ["aten-flash", "sdpa"], "paged_attention": ["gather+flash"]}
+
+
+def host_rows(op: str) -> dict:
+    """{row name: (PORTABLE_ATTN_CHECK it runs with, the row its overhead is against)} of --backend cpu reference:
+    the cpu backend against the torch kernel where there is one, every other row against the backend's function."""
+    kernels = HOST_KERNELS.get(op, [])
+    rows = {k: (None, None) for k in kernels}
+    for b in ("cpu", "reference"):
+        raw = kernels[0] if b == "cpu" and kernels else f"{b} fn"
+        rows |= {b: (True, raw), f"{b} check=0": (False, raw), f"{b} fn": (None, None if raw == f"{b} fn" else raw)}
+    return rows
+
+
+def test_host_case_rows_and_overheads(tmp_path):
+    rc = cli.main(["bench", "--quick", "--case", "host", "--backend", "cpu", "reference", "--repeat", "2",
+                   "--no-memory", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "bench.json").read_text())
+    assert rc == 0 and [c["name"] for c in data["cases"]] == ["host"]
+    case = data["cases"][0]
+    assert case["kind"] == "host" and case["points"] == []
+    points = cases.host_case(quick=True).points
+    assert [c["op"] for c in case["calls"]] == [p.x for p in points] == list(cases.HOST_CALLS)
+    for call, point in zip(case["calls"], points):
+        assert call["sizes"] == point.sizes and call["flops"] > 0
+        rows, want = {e["name"]: e for e in call["impls"]}, host_rows(call["op"])
+        assert list(rows) == list(want)
+        for name, e in rows.items():
+            assert e["status"] == "ok", e
+            assert (e["checks"], e["vs"]) == want[name]
+            assert len(e["times_s"]) == 2 and 0 < e["min_s"] <= e["median_s"]
+            assert e["median_s"] == pytest.approx(float(np.median(e["times_s"])))
+            assert e["calls_per_sample"] in (1, host.CALLS)
+            if e["vs"] is None:
+                assert e["overhead_s"] is None
+            else:
+                assert e["overhead_s"] == pytest.approx(e["median_s"] - rows[e["vs"]]["median_s"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "**host**" in md and "| overhead µs |" in md and "| attention | aten-flash |" in md
+
+
+@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("op", sorted(HOST_KERNELS))
+def test_host_kernels_compute_the_op(op, quick):
+    """Each kernel row computes the point's output (so the overhead against it is of the same work)."""
+    point = next(p for p in cases.host_case(quick).points if p.x == op)
+    args = cases.HOST_CALLS[op][0](point.sizes, "cpu")
+    want = getattr(portable_attn, op)(**args, backend="reference")  # [S, Hq, D]
+    for impl in host.KERNELS[op]:
+        got = impl.prepare(args, point.sizes)()
+        o = got[0] if isinstance(got, tuple) else got  # the aten kernel returns (o, lse)
+        _close(o.reshape(want.shape), want)
+
+
+@pytest.mark.parametrize("before", [None, "0", "1"])
+def test_host_samples_run_under_their_check_setting(before, monkeypatch):
+    if before is None:
+        monkeypatch.delenv(host.CHECK_VAR, raising=False)
+    else:
+        monkeypatch.setenv(host.CHECK_VAR, before)
+    seen = []
+
+    def call():
+        seen.append((os.environ.get(host.CHECK_VAR), portable_attn.checks.index_checks_enabled()))
+    for checks, want in ((True, ("1", True)), (False, ("0", False)), (None, (before, before != "0"))):
+        seen.clear()
+        seconds = host._sampler(call, lambda: None, 3, checks)()
+        assert seconds > 0 and seen == [want] * 3
+        assert os.environ.get(host.CHECK_VAR) == before

@@ -76,12 +76,44 @@ def test_dockerfile_passes_hadolint(dockerfile):
     assert out.returncode == 0, out.stdout + out.stderr
 
 
+def image_platform(text: str) -> str | None:
+    found = re.search(r"^\s+PORTABLE_ATTN_PLATFORM=(\w+)", text, re.M)
+    return found and found.group(1)
+
+
+def image_command(text: str) -> list[str]:
+    return json.loads(re.search(r"^CMD (\[.*\])\s*$", text, re.M).group(1))
+
+
 @pytest.mark.parametrize("dockerfile", DOCKERFILES, ids=lambda p: p.name)
 def test_dockerfile_pins_its_base_and_runs_check(dockerfile):
+    """The CPU image checks what it can; a device image pins its platform and names the device's backend,
+    so that a `docker run` without the device fails instead of checking the CPU backends."""
+    from portable_attn.platforms import Platform
+    from portable_attn.registry import DEFAULT_PRIORITY
+
     text = dockerfile.read_text()
     base = re.search(r"^FROM\s+(\S+)", text, re.M).group(1)
     assert ":" in base and not base.endswith(":latest"), base
-    assert re.search(r'^CMD \["portable-attn", "check"\]\s*$', text, re.M)
+    device = dockerfile.suffix[1:]
+    if device == "cpu":
+        assert image_platform(text) is None and image_command(text) == ["portable-attn", "check"]
+    else:
+        assert image_platform(text) == device
+        backend = DEFAULT_PRIORITY[Platform(device)][0]
+        assert image_command(text) == ["portable-attn", "check", "--backend", backend, "--strict"]
+
+
+@pytest.mark.parametrize("device", ["cuda", "rocm", "xpu"])
+def test_gpu_image_command_fails_without_its_device(device):
+    """The image's own command and platform on this CPU-only machine: a clear error, not a green check."""
+    text = (ROOT / "Dockerfiles" / f"Dockerfile.{device}").read_text()
+    env = {k: v for k, v in os.environ.items() if not k.endswith("INTERPRET")} | {
+        "PORTABLE_ATTN_PLATFORM": image_platform(text)}
+    cmd = [sys.executable, "-m", "portable_attn.cli", *image_command(text)[1:], "--op", "causal_conv1d_step"]
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 2, out.stdout + out.stderr
+    assert "this machine has no" in out.stdout and "passed" not in out.stdout
 
 
 @functools.lru_cache(maxsize=None)
@@ -114,6 +146,14 @@ def test_cpu_torch_is_pinned_and_installed_first(device):
     assert "torch==2.13.0" in first and "download.pytorch.org/whl/cpu" in first
 
 
+def test_ci_checks_the_wheel_outside_the_source_tree():
+    """.ci/run installs the built wheel (not editable) in a fresh venv and runs `check` from another folder."""
+    script = (ROOT / ".ci" / "run").read_text()
+    step = script[script.index("pip wheel"):script.index("README, command 2")]
+    assert re.search(r'pip install -q torch==2\.13\.0 "\$wheel_dir"/portable_attn-\*\.whl', step) and "-e " not in step
+    assert re.search(r'\(cd "\$wheel_dir" && venv/bin/portable-attn check .*--strict\)', step)
+
+
 def test_install_rejects_an_unknown_device():
     out = subprocess.run(["bash", str(ROOT / "ci" / "install.sh"), "nosuch"], capture_output=True, text=True)
     assert out.returncode == 2 and "unknown device 'nosuch'" in out.stderr
@@ -144,7 +184,7 @@ def test_workflow_matrix_comes_from_ci_matrix():
     assert conf["continue-on-error"] == "${{ matrix.allow_failure }}"
     script = run_lines(conf)
     assert 'docker build -f "${{ matrix.image }}"' in script
-    assert re.search(r'portable-attn check --backend "\$\{\{ matrix.backend \}\}" --tier "\$\{\{ matrix.tier \}\}"'
+    assert re.search(r'portable-attn check --backend "\$\{\{ matrix.backend \}\}" --tier "\$\{\{ matrix.tier \}\}" --strict'
                      r'\s*\\?\s*--junit', script)
     uploads = [s for s in conf["steps"] if s.get("uses", "").startswith("actions/upload-artifact")]
     assert uploads and uploads[0]["with"]["path"] == "reports/" and uploads[0]["if"] == "always()"
@@ -287,7 +327,7 @@ def test_run_here_reports_planned_entries_and_runs_only_what_is_here(fake_check,
     assert re.search(r"^cpu-reference\s+passed$", out, re.M)
     assert re.search(r"^cuda-reference\s+skipped: no cuda device here$", out, re.M)
     assert calls() == [{
-        "argv": ["--backend", "reference", "--tier", "smoke", "--junit", str(reports / "cpu-reference.xml"),
+        "argv": ["--backend", "reference", "--tier", "smoke", "--strict", "--junit", str(reports / "cpu-reference.xml"),
                  "--json", str(reports / "cpu-reference.json")],
         "platform": "cpu", "interpret": "1",
     }]

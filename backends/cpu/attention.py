@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tiles import attend, band_vis, block_keys, bounds, merge, store, unit
+from .tiles import attend, band_vis, block_keys, bounds, clear, merge, store, unit, unseen
 
 TILE = 256      # query rows per tile (x the GQA group once packed): measured on a 2-core AVX-512 host,
 MIN_TILE = 64   # fp32 flat over 64..256, bf16 best at 256; a narrower window gets tiles about its width
@@ -95,10 +95,14 @@ def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):
             blocks = bm.visible(s, p, j)  # [Hm, r, K]
             vis = blocks if vis is None else blocks & vis
         vis = None if vis is None else vis[None]
-        if j.numel() == hi - lo:  # keys contiguous: tile i sees keys [lo + i*r, hi + i*r), views only
+        dead = None if bm is None else unseen(vis, k.shape[1])  # a band tile's every key is seen by some query
+        if j.numel() == hi - lo and dead is None:  # keys contiguous: tile i sees keys [lo + i*r, hi + i*r), views only
             kt, vt = (_windows(x, lo - k0, n, hi - lo, r) for x in (k, v))
         else:
-            kt, vt = (x.index_select(0, j - k0).permute(1, 0, 2)[None] for x in (k, v))
+            kt, vt = (x.index_select(0, j - k0)[None] for x in (k, v))  # [1, K, Hkv, D]
+            if dead is not None:
+                kt, vt = clear(kt, dead), clear(vt, dead)
+            kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
         qt = q[t0:t0 + n * r].view(n, r, hq, d).transpose(1, 2)  # [n, Hq, r, D]
         store(o, lse, t0, *attend(qt, kt, vt, vis, opts.scale, opts.softcap), opts.sinks)
 

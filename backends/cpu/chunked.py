@@ -3,9 +3,10 @@
 A sequence is processed in blocks of at most BLOCK tokens (bounded, cache-sized intermediates), each
 cut into NC chunks of C tokens laid out [NC, H, C, F] (the last chunk zero-padded: zero keys, values,
 betas and log-decays leave the state as it is). Within a chunk the recurrence is a masked matrix
-product; between chunks the state is passed on. Decays only enter as exp(G_i - G_j), G the inclusive
-cumulative log-decay within a chunk and j at or before i, so strong decays (a chunk's summed log-decay
-far below -88) underflow to zero instead of overflowing.
+product; between chunks the state is passed on. A decay between two tokens is exp of a sum of the
+log-decays between them (prefix, suffix or segment sums within a chunk), never of a difference of two
+cumulative sums: sums of log-decays <= 0 do not cancel, so the error does not grow with |g|, strong
+decays underflow to zero instead of overflowing, and g = -inf gives a factor 0 (never inf - inf).
 Grouped heads: q/k (or C/B) tensors with Hg heads serve H = r * Hg heads, head h reading h // r.
 """
 from __future__ import annotations
@@ -52,9 +53,16 @@ def split(x: torch.Tensor, c: int) -> torch.Tensor:
     return chunks
 
 
-def cumulative(g: torch.Tensor, c: int) -> torch.Tensor:
-    """Inclusive cumulative log-decay within each chunk: [L, H(, K)] -> [NC, H, C(, K)]."""
-    return split(g, c).cumsum_(2)
+def after(x: torch.Tensor, dim: int) -> torch.Tensor:
+    """Sums of x over the positions after each along `dim` (0 at the last), accumulated from the end."""
+    n = x.shape[dim]
+    tail = x.narrow(dim, 1, n - 1).flip(dim).cumsum_(dim).flip(dim)   # from each of positions 1.. to the end
+    return torch.cat([tail, torch.zeros_like(x.narrow(dim, 0, 1))], dim)
+
+
+def segment_sums(x: torch.Tensor) -> torch.Tensor:
+    """[..., C] -> [..., C, C]: S[i, j] = sum of x_t for j < t <= i (0 on and above the diagonal)."""
+    return x[..., :, None].expand(x.shape + x.shape[-1:]).tril(-1).cumsum_(-2)
 
 
 def per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
@@ -62,26 +70,27 @@ def per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
-def scores(queries: list, b: torch.Tensor, G: torch.Tensor) -> list:
-    """For each a in `queries`: S[i, j] = sum_k a_ik b_jk exp(G_i - G_j) for j <= i, else 0.
+def scores(queries: list, b: torch.Tensor, g: torch.Tensor) -> list:
+    """For each a in `queries`: S[i, j] = sum_k a_ik b_jk exp(g_{j+1} + ... + g_i) for j <= i, else 0.
 
-    a, b [NC, Hg, C, K]; G [NC, H, C] (per head) or [NC, H, C, K] (per key dim) -> [NC, H, C, C] each.
+    a, b [NC, Hg, C, K]; log-decays g [NC, H, C] (per head) or [NC, H, C, K] (per key dim) -> [NC, H, C, C] each.
     """
-    nc, h, c = G.shape[:3]
-    if G.dim() == 4:
-        return _scores_per_key([per_head(a, h) for a in queries], per_head(b, h), G)
-    upper = torch.full((c, c), -torch.inf, device=G.device).triu_(1)                       # 0 where j <= i
-    decay = (G[..., :, None] - G[..., None, :]).add_(upper).exp_()                          # [NC, H, C, C]
+    nc, h, c = g.shape[:3]
+    if g.dim() == 4:
+        return _scores_per_key([per_head(a, h) for a in queries], per_head(b, h), g)
+    decay = segment_sums(g).exp_().tril_()                                                  # [NC, H, C, C]
     decay = decay.view(nc, b.shape[1], -1, c, c)          # the decay factors out of the grouped dot products
     return [(decay * (a @ b.transpose(-1, -2))[:, :, None]).view(nc, h, c, c) for a in queries]
 
 
-def _scores_per_key(queries, b, G):
-    """`scores` with per-key-dim decays: exp(G_i - G_j) = exp(G_i - r) exp(r - G_j) for a reference r.
-    Where every chunk's decay span is at most SPAN, one product with r mid-span (both factors within
-    exp(+-SPAN/2)); else in sub-chunks of SUB tokens with r between j and i (both factors <= 1), the
-    pairs inside a sub-chunk summed elementwise, one offset at a time."""
+def _scores_per_key(queries, b, g):
+    """`scores` with per-key-dim decays, exp(G_i - G_j) = exp(G_i - r) exp(r - G_j) for a reference r, G the
+    cumulative log-decay from token 1 (token 0's decay never enters a score). Where every chunk's decay span
+    is at most SPAN, one product with r mid-span (both factors within exp(+-SPAN/2)); else in sub-chunks
+    of SUB tokens with r between j and i (both factors <= 1, each a sum of log-decays), the pairs inside
+    a sub-chunk summed elementwise, one offset at a time."""
     nc, h, c, k = b.shape
+    G = torch.cat([g.new_zeros(nc, h, 1, k), g[:, :, 1:]], dim=2).cumsum_(2)    # [NC, H, C, K]
     hi, lo = G.amax(2, keepdim=True), G.amin(2, keepdim=True)                     # [NC, H, 1, K]
     if float((hi - lo).max()) <= SPAN:
         r = (hi + lo) / 2
@@ -89,15 +98,20 @@ def _scores_per_key(queries, b, G):
         upper = torch.ones(c, c, dtype=torch.bool, device=b.device).triu_(1)
         return [((a * (G - r).exp()) @ bk).masked_fill_(upper, 0.0) for a in queries]
     sub, nb = SUB, c // SUB
-    ref = torch.cat([G.new_zeros(nc, h, 1, k), G[:, :, sub - 1:c - 1:sub]], dim=2)  # [NC, H, nb, K]: G before each
-    before = torch.arange(c, device=b.device) < torch.arange(nb, device=b.device)[:, None] * sub  # [nb, C]
-    kb = ((ref[:, :, :, None] - G[:, :, None]).masked_fill_(~before[:, :, None], -torch.inf).exp_()
-          * b[:, :, None]).transpose(-1, -2)                                       # [NC, H, nb, K, C]
-    qdecay = (G.view(nc, h, nb, sub, k) - ref[:, :, :, None]).exp_()               # [NC, H, nb, sub, K]
+    gs = g.view(nc, h, nb, sub, k)
+    into = gs.cumsum(3)                          # [NC, H, nb, sub, K] log-decay from the sub-chunk's start to i
+    out_of = after(gs, 3)                        # from j to its sub-chunk's end
+    seg = segment_sums(into[:, :, :, -1].transpose(-1, -2))                      # [NC, H, K, nb, nb] whole sub-chunks
+    later = torch.ones(nb, nb, dtype=torch.bool, device=b.device).triu_()
+    between = torch.cat([seg[..., :1, :], seg[..., :-1, :]], dim=3).masked_fill_(later, -torch.inf)
+    # between[s, s'] = log-decay of the sub-chunks strictly between s' and s, -inf where s' >= s
+    between = between.permute(0, 1, 3, 4, 2)[:, :, :, :, None]                   # [NC, H, nb, nb, 1, K]
+    kb = ((between + out_of[:, :, None]).exp_().view(nc, h, nb, c, k) * b[:, :, None]).transpose(-1, -2)
+    qdecay = into.exp_()                                                        # [NC, H, nb, sub, K]
     out = [((a.view(nc, h, nb, sub, k) * qdecay) @ kb).view(nc, h, c, c) for a in queries]  # earlier sub-chunks
     within = torch.arange(c, device=b.device) % sub
-    step = (G[:, :, 1:] - G[:, :, :-1]).exp_()                 # exp(g_t), t >= 1
-    span = torch.ones_like(b)                                  # span[j] = exp(G_{j+d} - G_j), a product of steps <= 1
+    step = g[:, :, 1:].exp()                                   # exp(g_t), t >= 1
+    span = torch.ones_like(b)                                  # span[j] = exp(g_{j+1} + .. + g_{j+d}): steps' product
     for d in range(sub):                                       # pairs (i, i - d) in one sub-chunk
         if d:
             span = span[:, :, :c - d] * step[:, :, d - 1:]
@@ -107,12 +121,13 @@ def _scores_per_key(queries, b, G):
     return out
 
 
-def _factors(G: torch.Tensor):
-    """Decay factors of a block: exp(G) [NC, H, C, 1|K] (token from the chunk start), exp(G_C - G)
-    (token to the chunk end) and exp(G_C) as [NC, H, 1|K, 1] (the whole chunk, scaling a state's rows)."""
-    Gk = G[..., None] if G.dim() == 3 else G
-    last = Gk[:, :, -1:]
-    return Gk.exp(), (last - Gk).exp_(), last.exp().transpose(-1, -2)
+def _factors(g: torch.Tensor):
+    """Decay factors of a block from its log-decays g [NC, H, C(, K)]: exp(sum up to and including each
+    token) [NC, H, C, 1|K] (from the chunk start), exp(sum after it) (to the chunk end) and exp(the
+    chunk's sum) as [NC, H, 1|K, 1] (the whole chunk, scaling a state's rows)."""
+    gk = g[..., None] if g.dim() == 3 else g
+    G = gk.cumsum(2)
+    return G.exp(), after(gk, 2).exp_(), G[:, :, -1:].exp().transpose(-1, -2)
 
 
 def _bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> torch.Tensor:
@@ -123,13 +138,13 @@ def _bmm(a: torch.Tensor, b: torch.Tensor, acc: torch.Tensor | None = None) -> t
     return acc
 
 
-def linear(q, k, v, G, s0):
+def linear(q, k, v, g, s0):
     """Linear attention / GLA over one block, S_t = diag(exp(g_t)) S_{t-1} + k_t^T v_t, o_t = q_t S_t (q
-    scaled). q, k [NC, Hg, C, K]; v [NC, H, C, V]; G cumulative; s0 [H, K, V] float32.
+    scaled). q, k [NC, Hg, C, K]; v [NC, H, C, V]; log-decays g [NC, H, C(, K)]; s0 [H, K, V] float32.
     Returns o [NC, H, C, V] and the final state [H, K, V]."""
     nc, h = v.shape[:2]
-    from_start, to_end, whole = _factors(G)
-    (aqk,) = scores([q], k, G)
+    from_start, to_end, whole = _factors(g)
+    (aqk,) = scores([q], k, g)
     states = torch.empty((nc + 1,) + tuple(s0.shape), device=v.device)   # states[i]: entering chunk i
     states[0] = s0
     states[1:] = _bmm((per_head(k, h) * to_end).transpose(-1, -2), v)     # each chunk's own contribution
@@ -138,18 +153,19 @@ def linear(q, k, v, G, s0):
     return _bmm(per_head(q, h) * from_start, states[:-1], _bmm(aqk, v)), states[nc]
 
 
-def delta(q, k, v, G, beta, s0):
+def delta(q, k, v, g, beta, s0):
     """The gated delta rule over one block (the WY/UT form of flash-linear-attention's
-    chunk_gated_delta_rule; per-key-dim G is KDA). q (scaled), k [NC, Hg, C, K]; v [NC, H, C, V];
-    G cumulative; beta [NC, H, C]; s0 [H, K, V] float32. Returns o [NC, H, C, V] and the final state.
+    chunk_gated_delta_rule; per-key-dim g is KDA). q (scaled), k [NC, Hg, C, K]; v [NC, H, C, V];
+    log-decays g [NC, H, C(, K)]; beta [NC, H, C]; s0 [H, K, V] float32. Returns o [NC, H, C, V] and the final state.
 
-    In a chunk entered with state S_0: u_t = beta_t (v_t - exp(G_t) S_0^T k_t - sum_{j<t} A_tj u_j),
+    In a chunk entered with state S_0, G_t the log-decays summed from the chunk start to t:
+    u_t = beta_t (v_t - exp(G_t) S_0^T k_t - sum_{j<t} A_tj u_j),
     A_tj = exp(G_t - G_j) k_t.k_j, so (I + beta A) u = beta v - beta exp(G) k S_0 and u = U - W S_0,
     U and W from the inverse of the unit-triangular matrix (the solve ignores A's diagonal)."""
     nc, h, c, vd = v.shape
-    from_start, to_end, whole = _factors(G)
+    from_start, to_end, whole = _factors(g)
     kh, bcol = per_head(k, h), beta[..., None]
-    akk, aqk = scores([k, q], k, G)
+    akk, aqk = scores([k, q], k, g)
     rhs = torch.empty(v.shape[:-1] + (vd + q.shape[-1],), device=v.device)          # [NC, H, C, V + K]
     torch.mul(v, bcol, out=rhs[..., :vd])
     torch.mul(kh, from_start * bcol, out=rhs[..., vd:])

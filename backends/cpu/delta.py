@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import cumulative, delta, split, sweep
+from .chunked import delta, split, sweep
 from .states import emit, gather, run_sequences, scatter
 
 
@@ -22,7 +22,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     def step(a, b, c, s):
         qc, kc = split(q[a:b], c), split(k[a:b], c)
         qc, kc = (_l2norm(qc, scale), _l2norm(kc)) if use_qk_l2norm else (qc.mul_(scale), kc)
-        return delta(qc, kc, split(v[a:b], c), cumulative(g[a:b], c), split(beta[a:b], c), s)
+        return delta(qc, kc, split(v[a:b], c), split(g[a:b], c), split(beta[a:b], c), s)
 
     def kernel(start, end, s0):
         return sweep(step, y, start, end, s0)

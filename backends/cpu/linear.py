@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .chunked import cumulative, linear, split, sweep
+from .chunked import linear, split, sweep
 from .states import emit, gather, run_sequences, scatter
 
 
@@ -14,7 +14,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
 
     def step(a, b, c, s):
         gs = g[a:b] if g is not None else torch.zeros(b - a, h, device=q.device)
-        return linear(split(q[a:b], c).mul_(scale), split(k[a:b], c), split(v[a:b], c), cumulative(gs, c), s)
+        return linear(split(q[a:b], c).mul_(scale), split(k[a:b], c), split(v[a:b], c), split(gs, c), s)
 
     def kernel(start, end, s0):
         return sweep(step, y, start, end, s0)

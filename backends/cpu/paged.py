@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from .attention import Options, first_key, sequence
-from .tiles import attend, bounds, store
+from .tiles import attend, bounds, clear, store, unseen
 
 GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16 MiB: measured best)
 
@@ -55,15 +55,18 @@ def _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse):
         where = (b0[a:b, None] + cols).clamp(max=block_table.shape[1] - 1)
         ids = torch.where(used, block_table[a:b].long().gather(1, where), 0)  # unused: any block in range
         kt, vt = (torch.index_select(c, 0, ids.flatten(), out=buf[:(b - a) * m]).view(b - a, m * bs, *c.shape[2:])
-                  .transpose(1, 2) for c, buf in zip((k_cache, v_cache), bufs))  # [C, Hkv, m*BS, D]
+                  for c, buf in zip((k_cache, v_cache), bufs))  # [C, m*BS, Hkv, D]
         j = b0[a:b, None] * bs + torch.arange(m * bs)  # [C, K] key positions
         lk = torch.tensor(lens[a:b], dtype=torch.long)[:, None]
         vis = ((j >= first[a:b, None]) & (j < lk))[:, None, None]  # [C, 1, 1, K]
         if opts.block_mask is not None:
             vis = vis & torch.stack([opts.block_mask.visible(s, lk[s - a] - 1, j[s - a])
                                      for s in range(a, b)])  # [C, Hm, 1, K]
+        dead = unseen(vis, k_cache.shape[2])  # padding, slots past seqused_k, keys outside the window or mask
+        if dead is not None:
+            kt, vt = clear(kt, dead), clear(vt, dead)
         vis = None if bool(vis.all()) else vis
-        ot, lt = attend(q[a:b, :, None], kt, vt, vis, opts.scale, opts.softcap)
+        ot, lt = attend(q[a:b, :, None], kt.transpose(1, 2), vt.transpose(1, 2), vis, opts.scale, opts.softcap)
         store(o, lse, a, ot, lt, opts.sinks)  # n = C tiles of one row
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .tiles import attend, store
+from .tiles import attend, clear, store
 
 GATHER_BUDGET = 1 << 24  # bytes of gathered keys and values per chunk of queries (16 MiB: measured best)
 
@@ -25,8 +25,11 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
     for t0 in range(0, tq, step):
         idx = indices[t0:t0 + step, :, :topk].long()  # [C, Hkv, topk], -1 = unused
         rows = (idx.clamp(min=0) + start[t0:t0 + step, None, None]).clamp(max=k.shape[0] - 1)
-        vis = (idx >= 0).repeat_interleave(hq // hkv, dim=1)[:, :, None]  # [C, Hq, 1, topk]
-        vis = None if bool(vis.all()) else vis
-        ot, lt = attend(q[t0:t0 + step, :, None], k[rows, heads], v[rows, heads], vis, softmax_scale, softcap)
+        kt, vt = k[rows, heads], v[rows, heads]                  # [C, Hkv, topk, D]
+        dead, vis = idx < 0, None
+        if bool(dead.any()):  # a -1 slot read a clamped row, which may hold NaN
+            kt, vt = clear(kt, dead), clear(vt, dead)
+            vis = (~dead).repeat_interleave(hq // hkv, dim=1)[:, :, None]  # [C, Hq, 1, topk]
+        ot, lt = attend(q[t0:t0 + step, :, None], kt, vt, vis, softmax_scale, softcap)
         store(o, lse, t0, ot, lt, sinks)  # C tiles of one row
     return (o, lse) if return_lse else o

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .chunked import cumulative, linear, split, sweep
+from .chunked import linear, split, sweep
 from .states import emit, gather, run_sequences, scatter
 
 
@@ -39,7 +39,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
 
     def step(a, b, c, s):
         xc, dc = split(x[a:b], c), split(d[a:b], c)                 # [NC, H, C, P], [NC, H, C]
-        o, s = linear(split(C[a:b], c), split(B[a:b], c), xc * dc[..., None], cumulative(dA[a:b], c), s)
+        o, s = linear(split(C[a:b], c), split(B[a:b], c), xc * dc[..., None], split(dA[a:b], c), s)
         return _skip_gate(o, xc, Dc, None if z is None else split(z[a:b], c)), s
 
     def kernel(start, end, s0):

@@ -129,6 +129,25 @@ def band_vis(p, j, causal: bool, window: tuple[int, int]):
     return None if bool(vis.all()) else vis
 
 
+def unseen(vis, hkv: int):
+    """The keys no query row of `vis` [B, Hq|1, R, K] sees, per kv head: bool [B, K, Hkv|1], or None."""
+    seen = vis.any(-2)
+    if seen.shape[1] > 1:
+        seen = seen.view(seen.shape[0], hkv, seen.shape[1] // hkv, seen.shape[-1]).any(2)
+    return None if bool(seen.all()) else ~seen.transpose(1, 2)
+
+
+def clear(x, dead):
+    """Gathered keys or values x with the entries where `dead` (x's leading axes; a last axis of 1 spans
+    the rest) zeroed, in place when x is contiguous: memory no query sees may hold NaN or Inf, which a
+    masked score or a zero weight would still carry (0 * NaN = NaN). index_fill_ on row numbers: a
+    bool-mask assignment costs a pass over all of x."""
+    x = x.contiguous()
+    dead = dead[..., 0] if dead.shape[-1] == 1 else dead
+    x.view(dead.numel(), -1).index_fill_(0, dead.flatten().nonzero().squeeze(1), 0)
+    return x
+
+
 def block_keys(bm, s: int, p, lo: int, hi: int):
     """Key positions in [lo, hi) of blocks that `bm` leaves non-EMPTY for some query position in p."""
     bq, bk = bm.block_size

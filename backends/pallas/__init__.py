@@ -7,7 +7,7 @@ import sys
 
 from portable_attn.backend import Backend
 from portable_attn.platforms import Platform, machine_platforms
-from portable_attn.registry import interpret_mode
+from portable_attn import envs
 
 
 class PallasBackend(Backend):
@@ -34,12 +34,12 @@ class PallasBackend(Backend):
     def available(self) -> str | None:
         if importlib.util.find_spec("jax") is None:
             return "jax not installed (pip install 'portable-attn[tpu]', or '[pallas-interpret]' on a CPU)"
-        if interpret_mode() or Platform.TPU in machine_platforms():
+        if envs.PORTABLE_ATTN_INTERPRET or Platform.TPU in machine_platforms():
             return None
         return "no TPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
 
     def impl(self):
-        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # JAX on a GPU box (PITFALLS)
+        os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")  # else JAX takes most of a GPU
         return super().impl()
 
     def release(self) -> None:

@@ -42,9 +42,8 @@ def arguments(args: dict) -> dict:
     return {n: to_jax(x) for n, x in args.items() if n != "out"}
 
 
-def result(a, out: torch.Tensor | None, device) -> torch.Tensor:
-    """The output as a torch tensor, written into `out` when one is given."""
-    t = to_torch(a, device)
+def result(t: torch.Tensor, out: torch.Tensor | None) -> torch.Tensor:
+    """The output, written into `out` when one is given."""
     if out is None:
         return t
     out.copy_(t)

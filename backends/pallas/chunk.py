@@ -8,9 +8,11 @@ past a sequence's end zero: zero keys, values, betas and log-decays leave the st
 padded lanes stay zero in the state.
 Kernel: grid (heads, chunks), chunks sequential; the float32 state [K, V] lives in VMEM scratch across
 chunks, loaded from the initial states at a sequence's first chunk and stored at its last. Within a
-chunk the recurrence is masked C x C products on the MXU. Decays only enter as exponentials of
-non-positive numbers (exp(G_i - G_j), j at or before i; G the inclusive cumulative log-decay within the
-chunk), so strong decays underflow to zero instead of overflowing.
+chunk the recurrence is masked C x C products on the MXU. A decay between two tokens is the exponential
+of a segment sum, the log-decays between them added up (masked products with 0/1 matrices, or sums),
+never the difference of two cumulative sums: log-decays <= 0 then give non-positive sums without
+cancellation, so the error does not grow with |g|, strong decays underflow to zero instead of
+overflowing, and -inf (clamped to NEG, a factor of exactly 0) never meets -inf - -inf.
 """
 from __future__ import annotations
 
@@ -81,16 +83,19 @@ def untokens(y, tab: Table, f: int):
     return jnp.moveaxis(jnp.take(y, tab.pos, axis=1)[..., :f], 0, 1)
 
 
+NEG = -1e30  # a log-decay of -inf: exp gives 0 all the same, and 0 * NEG in the masked products stays 0
+
+
 def decays(g, tab: Table, chunk: int):
-    """The inclusive cumulative log-decays within each chunk (float32) as the kernels take them:
+    """The log-decays as the kernels take them (float32, -inf clamped to NEG):
     per head, g [T, H] -> (a token input [H, NC*C, 1], a chunk input: the same as rows [H, NC, 1, C]);
-    per key dim, g [T, H, K] -> (G [H, NC*C, Kp], a chunk input: the chunk totals as columns [H, NC, Kp, 1])."""
-    G = tokens(g.astype(F32), tab)
-    h, ncc, f = G.shape
-    G = jnp.cumsum(G.reshape(h, ncc // chunk, chunk, f), axis=2)
-    if g.ndim == 2:
-        return G.reshape(h, ncc, 1), G.reshape(h, ncc // chunk, 1, chunk)
-    return G.reshape(h, ncc, f), jnp.swapaxes(G[:, :, -1:], 2, 3)
+    per key dim, g [T, H, K] -> (g [H, NC*C, Kp], a chunk input: the chunk totals as columns [H, NC, Kp, 1])."""
+    per_head = g.ndim == 2
+    g = tokens(jnp.maximum(g.astype(F32), NEG), tab)
+    h, ncc, f = g.shape
+    if per_head:
+        return g, g.reshape(h, ncc // chunk, 1, chunk)
+    return g, jnp.swapaxes(jnp.sum(g.reshape(h, ncc // chunk, chunk, f), axis=2, keepdims=True), 2, 3)
 
 
 # ---- in-kernel pieces --------------------------------------------------------------------------------
@@ -113,64 +118,84 @@ def iota(shape, axis):
     return lax.broadcasted_iota(jnp.int32, shape, axis)
 
 
+def ones_where(mask):
+    return jnp.where(mask, 1.0, 0.0).astype(F32)
+
+
 class Decay:
-    """A chunk's cumulative log-decays G inside the kernel and the factors they give. kind None (no
-    decay), "head" (refs: G as a column [C, 1] and as a row [1, C]) or "key" (refs: G [C, Kp] and the
-    chunk totals as a column [Kp, 1])."""
+    """A chunk's log-decays g inside the kernel and the factors they give, each the exponential of a
+    segment sum. kind None (no decay), "head" (refs: g as a column [C, 1] and as a row [1, C]) or "key"
+    (refs: g [C, Kp] and the chunk totals as a column [Kp, 1])."""
 
     def __init__(self, kind, refs, sub: int):
         self.kind, self.sub = kind, sub
         if kind is None:
             return
-        self.ref, other = refs
-        self.G = self.ref[...]
-        c = self.G.shape[0]
-        self.last = self.ref[pl.ds(c - 1, 1), :]                  # G at the chunk's end, [1, 1 | Kp]
-        self.other = other[...]                                   # [1, C] row or [Kp, 1] totals
+        ref, other = refs
+        self.g = ref[...]
+        c = self.g.shape[0]
+        row, col = iota((c, c), 0), iota((c, c), 1)
+        if kind == "head":                                        # lane sums of the row [1, C]
+            g_row = other[...]
+            self.start = jnp.sum(jnp.where(col <= row, g_row, 0.0), axis=1, keepdims=True)   # [C, 1] (.., t]
+            self.end = jnp.sum(jnp.where(col > row, g_row, 0.0), axis=1, keepdims=True)      # [C, 1] (t, ..]
+            self.total = jnp.sum(g_row, axis=1, keepdims=True)                                # [1, 1]
+        else:                                                     # 0/1 matrices times g [C, Kp]
+            self.start = dot(ones_where(col <= row), self.g)
+            self.end = dot(ones_where(col > row), self.g)
+            self.total = other[...]                                                           # [Kp, 1]
 
     def from_start(self, x):
-        """x_t exp(G_t): from the chunk's start to token t."""
-        return x if self.kind is None else x * jnp.exp(self.G)
+        """x_t exp(g_0 + .. + g_t): from the chunk's start to token t."""
+        return x if self.kind is None else x * jnp.exp(self.start)
 
     def to_end(self, x):
-        """x_t exp(G_C - G_t): from token t to the chunk's end."""
-        return x if self.kind is None else x * jnp.exp(self.last - self.G)
+        """x_t exp(g_{t+1} + .. + g_{C-1}): from token t to the chunk's end."""
+        return x if self.kind is None else x * jnp.exp(self.end)
 
     def whole(self, s):
         """The state [Kp, Vp] decayed over the whole chunk."""
-        if self.kind is None:
-            return s
-        return s * jnp.exp(self.last if self.kind == "head" else self.other)
+        return s if self.kind is None else s * jnp.exp(self.total)
 
     def scores(self, queries: list, b) -> list:
-        """For each a [C, Kp] in `queries`: S[i, j] = sum_k a_ik b_jk exp(G_i - G_j) for j <= i, else 0."""
+        """For each a [C, Kp] in `queries`: S[i, j] = sum_k a_ik b_jk exp(g_{j+1} + .. + g_i) for j <= i, else 0."""
         c = b.shape[0]
         if self.kind == "key":
             return self._scores_per_key(queries, b)
         row, col = iota((c, c), 0), iota((c, c), 1)
         if self.kind is None:
             return [jnp.where(col <= row, dot_nt(a, b), 0.0) for a in queries]
-        decay = jnp.exp(jnp.where(col <= row, self.G - self.other, -jnp.inf))     # [C, C]
+        seg = dot(ones_where(col <= row), jnp.where(row > col, self.g, 0.0))   # [i, j]: g_{j+1} + .. + g_i
+        decay = jnp.exp(jnp.where(col <= row, seg, -jnp.inf))
         return [dot_nt(a, b) * decay for a in queries]
 
     def _scores_per_key(self, queries, b):
-        """Per-key-dim decays in sub-chunks of `sub` tokens. Earlier sub-chunks J: one product per J with
-        the reference r = G at J's end, exp(G_i - r) exp(r - G_j), both factors at most 1. Pairs within a
-        sub-chunk: one diagonal offset d at a time, exp(G_i - G_{i-d}) elementwise (rows rolled by d)."""
-        G, sub = self.G, self.sub
-        c, k = G.shape
+        """Per-key-dim decays in sub-chunks of `sub` tokens. Earlier sub-chunks J (last token r): one product
+        per J, exp(g_{r+1} + .. + g_i) exp(g_{j+1} + .. + g_r), both factors at most 1; the first built from
+        the last J down by adding whole sub-chunks. Pairs within a sub-chunk: one diagonal offset d at a time,
+        exp(g_{i-d+1} + .. + g_i) elementwise (rows rolled by d)."""
+        g, sub = self.g, self.sub
+        c, k = g.shape
         shift = sub.bit_length() - 1
         rows = iota((c, k), 0)
         blk, off = rows >> shift, rows & (sub - 1)
-        out = [jnp.zeros((c, c), F32) for _ in queries]
-        for J in range(c // sub - 1):
-            r = self.ref[pl.ds((J + 1) * sub - 1, 1), :]                            # [1, Kp]
-            kj = b * jnp.exp(jnp.where(blk == J, r - G, -jnp.inf))                 # rows of J only
-            out = [o + dot_nt(a * jnp.exp(jnp.where(blk > J, G - r, -jnp.inf)), kj) for o, a in zip(out, queries)]
         row, col = iota((c, c), 0), iota((c, c), 1)
+        same = (row >> shift) == (col >> shift)
+        local = dot(ones_where(same & (col <= row)), g)              # (sub-chunk start, t]
+        rest = dot(ones_where(same & (col > row)), g)                # (t, sub-chunk end]
+        out = [jnp.zeros((c, c), F32) for _ in queries]
+        after = local                                                # rows past J: (J's last token, t]
+        for J in reversed(range(c // sub - 1)):
+            total = jnp.sum(jnp.where(rows == (J + 2) * sub - 1, local, 0.0), axis=0, keepdims=True)  # J+1's
+            after = jnp.where(blk > J + 1, after + total, local)
+            kj = b * jnp.exp(jnp.where(blk == J, rest, -jnp.inf))                  # rows of J only
+            out = [o + dot_nt(a * jnp.exp(jnp.where(blk > J, after, -jnp.inf)), kj) for o, a in zip(out, queries)]
+        seg = jnp.zeros_like(g)                                      # (t - d, t]
         for d in range(sub):
-            bd, Gd = (b, G) if d == 0 else (pltpu.roll(b, d, 0), pltpu.roll(G, d, 0))   # row i: token i - d
-            e = bd * jnp.exp(jnp.where(off >= d, G - Gd, -jnp.inf))
+            if d:
+                seg = seg + (g if d == 1 else pltpu.roll(g, d - 1, 0))
+            bd = b if d == 0 else pltpu.roll(b, d, 0)                # row i: token i - d
+            e = bd * jnp.exp(jnp.where(off >= d, seg, -jnp.inf))
             band = col == row - d
             out = [o + jnp.where(band, jnp.sum(a * e, axis=1, keepdims=True), 0.0) for o, a in zip(out, queries)]
         return out
@@ -248,5 +273,5 @@ def decay_inputs(g, tab: Table, chunk: int):
     """(kind, token inputs, chunk inputs) of a log-decay g: None, [T, H] or [T, H, K]."""
     if g is None:
         return None, [], []
-    G, other = decays(g, tab, chunk)
-    return ("head" if g.ndim == 2 else "key"), [G], [other]
+    per_token, per_chunk = decays(g, tab, chunk)
+    return ("head" if g.ndim == 2 else "key"), [per_token], [per_chunk]

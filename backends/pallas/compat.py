@@ -1,4 +1,4 @@
-"""Version-sensitive JAX imports in one place (PITFALLS: pin the same jax in CI and Dockerfile.tpu),
+"""Version-sensitive JAX imports in one place (the API moves: pin one jax in CI and Dockerfile.tpu),
 and the interpret switch every pallas_call of this backend takes."""
 from __future__ import annotations
 

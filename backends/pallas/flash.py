@@ -6,8 +6,8 @@ Keys come in one of two layouts, both `[tiles, block_k, Hkv * Dp]` read in `(blo
 packed keys re-cut into per-sequence tiles (`gather_keys`), or a paged cache read in place, one page
 per tile (`block_k` = page size), when its pages already fit the TPU's tiling.
 
-Options that are numbers (scale, softcap, causal, window) reach the kernel as SMEM scalars, and the
-host pads shapes to buckets, so that one compiled kernel serves many calls.
+Options that are numbers (scale, softcap, causal, window) reach the kernel as SMEM scalars, and shapes
+and tile counts are padded to buckets (buckets.py), so that one compiled kernel serves many calls.
 """
 from __future__ import annotations
 
@@ -17,7 +17,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from . import compat, plan, softmax, tuning
+from . import buckets, compat, plan, softmax, tuning
 from .compat import pl, pltpu
 from .tuning import LANES
 
@@ -69,7 +69,14 @@ def _kernel(st: Static, opts_ref, p0_ref, lo_ref, hi_ref, cnt_ref, kvj_ref, tile
                    & ((right < 0) | (j <= p + right)))
         if st.has_mask:
             visible &= (part_ref[t * st.nv + n] < 0) | (pm_ref[...] != 0)
-        m, l, acc = softmax.update(s, visible, v_ref[...], m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...])
+        # value rows no query of the tile sees are zeroed: their 0 weights would still carry NaN/Inf
+        # bits (a page's slots past seqused_k) into the product
+        jc = kvj_ref[t * st.nv + n] * st.bk + jax.lax.broadcasted_iota(jnp.int32, (st.bk, 1), 0)   # [bk, 1]
+        p_min, p_max = jnp.maximum(p0_ref[w], lo_ref[w]), jnp.minimum(p0_ref[w] + st.bq, hi_ref[w]) - 1  # its queries
+        seen = ((jc < hi_ref[w]) & ((opts_ref[0] == 0) | (jc <= p_max)) & ((left < 0) | (jc >= p_min - left))
+                & ((right < 0) | (jc <= p_max + right)))
+        v = jnp.where(seen, v_ref[...], 0)
+        m, l, acc = softmax.update(s, visible, v, m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...])
         m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
         l_sc[...] = jnp.broadcast_to(l, l_sc.shape)
         acc_sc[...] = acc
@@ -150,6 +157,15 @@ class Keys:
         keys = self.table.shape[1] * self.k.shape[1] if self.paged else self.k.shape[0]
         return -(-keys // bk)
 
+    def tile_count(self, lk, bk: int) -> int:
+        """The key tiles of all sequences together (gather_keys' buffer): from the shapes for packed keys;
+        from the data for pages (sequences may share them), or the bound while traced."""
+        if not self.paged:
+            return -(-self.k.shape[0] // bk) + lk.shape[0]
+        if compat.is_tracer(lk):
+            return lk.shape[0] * self.bound(bk)
+        return int((-(-lk // bk)).sum())
+
     def native(self, mask_block) -> bool:
         """A paged cache the kernel reads in place: pages fit the tiling and the head dims the lanes."""
         bs = self.k.shape[1]
@@ -217,19 +233,11 @@ def _run(st: Static, wk: plan.Work, opts, nums, q, cu_q, lq, lk, keys: Keys, sin
     return (o, outs[1][:, at, 0]) if st.return_lse else (o, None)
 
 
-def _bucket(n: int) -> int:
-    """Sizes padded to powers of two (at least 1), so that nearby shapes share a compiled kernel."""
-    return 1 << max(n - 1, 0).bit_length()
-
-
-def _pad_rows(x, n: int):
-    return jnp.pad(x, [(0, n - x.shape[0])] + [(0, 0)] * (x.ndim - 1))
-
-
 def forward(q, cu_q, lq, lk, keys: Keys, *, causal, window_size, softcap, sinks, softmax_scale, block_mask,
             return_lse, max_q=None, max_k=None, table=None):
     """o [Tq, Hq, Dv] (and lse [Hq, Tq]) of the sequences `cu_q` (int32 [S+1]) with `lk` keys each.
-    `max_q`/`max_k` are host hints; `table` overrides the tuning row (tests)."""
+    `max_q`/`max_k` are host hints; `table` overrides the tuning row (tests). The fronts pad the input
+    shapes to buckets (buckets.py); the tile counts are bucketed here."""
     tq, hq, d = q.shape
     hkv, dv = keys.k.shape[-2], keys.v.shape[-1]
     mask_block = None if block_mask is None else tuple(block_mask.block_size)
@@ -239,37 +247,23 @@ def forward(q, cu_q, lq, lk, keys: Keys, *, causal, window_size, softcap, sinks,
     assert not isinstance(tiles, str), tiles   # support.py refuses these calls first
     bq, bk = tiles.block_q, tiles.block_k
     nseq = lq.shape[0]
-    nqt = plan.query_tiles(lq, lk, bq)
-    nqt = plan.query_bound(tq, nseq, bq) if nqt is None else nqt
-    if tq == 0 or nqt == 0:
+    if tq == 0:
         o = jnp.zeros((tq, hq, dv), q.dtype)
         return (o, jnp.full((hq, tq), -jnp.inf, jnp.float32)) if return_lse else o
-    nk = plan.key_tiles(lk, bk)
-    nk = keys.bound(bk) if nk is None else nk
-    if max_k is not None:
-        nk = min(nk, -(-max_k // bk))
-    # pad to buckets: more sequences (empty ones), query and key rows, tiles
-    s_pad = _bucket(nseq)
-    cu_q = jnp.concatenate([cu_q, jnp.full((s_pad - nseq,), cu_q[-1], cu_q.dtype)])
-    lq, lk = _pad_rows(lq, s_pad), _pad_rows(lk, s_pad)
-    if not keys.paged:
-        tk = _bucket(keys.k.shape[0])
-        keys = Keys(_pad_rows(keys.k, tk), _pad_rows(keys.v, tk), start=_pad_rows(keys.start, s_pad))
-    else:
-        keys = Keys(keys.k, keys.v, table=_pad_rows(keys.table, s_pad))
-    nqt, nk = _bucket(nqt), _bucket(max(nk, 1))
+    # static sizes from the (bucketed) shapes alone, so that they add no compiled variants; only the
+    # grid's key steps per query tile (nv) follow the data, bucketed
+    nk = keys.bound(bk) if max_k is None else min(keys.bound(bk), -(-max_k // bk))
+    nqt, nk = buckets.size(plan.query_bound(tq, nseq, bq)), buckets.size(nk)
     mask = None if block_mask is None else plan.mask_for(block_mask, bq, bk)
     opts = jnp.array([int(causal), window_size[0], window_size[1]], jnp.int32)
     wk = _work(lq, lk, opts, None if mask is None else mask.layout, None if mask is None else mask.partial_index,
                bq=bq, bk=bk, nqt=nqt, nk=nk, mask_block=mask_block)
-    nv = nk if compat.is_tracer(wk.count) else _bucket(max(1, int(wk.count.max())))
-    nkt = (-(-keys.k.shape[0] // bk) + s_pad if compat.is_tracer(lk) else int((-(-lk // bk)).sum()))
+    nv = nk if compat.is_tracer(wk.count) else buckets.size(int(wk.count.max()))
     st = Static(bq=bq, bk=bk, heads=hq, group=hq // hkv, mask_heads=1 if mask is None else mask.heads, nqt=nqt,
                 nv=nv, has_softcap=softcap > 0, has_mask=mask is not None, has_sinks=sinks is not None,
                 return_lse=return_lse)
     nums = jnp.array([softmax_scale, softcap], jnp.float32)
-    o, lse = _run(st, wk, opts, nums, _pad_rows(q, _bucket(tq)), cu_q, lq, lk, keys,
-                  None if sinks is None else sinks.astype(jnp.float32), None if mask is None else mask.tiles,
-                  nkt=_bucket(max(nkt, 1)), native=native, dp=tiles.head_dim, dvp=tiles.head_dim_v)
-    o = o[:tq]
-    return (o, lse[:, :tq]) if return_lse else o
+    o, lse = _run(st, wk, opts, nums, q, cu_q, lq, lk, keys, None if sinks is None else sinks.astype(jnp.float32),
+                  None if mask is None else mask.tiles, nkt=buckets.size(keys.tile_count(lk, bk)), native=native, dp=tiles.head_dim,
+                  dvp=tiles.head_dim_v)
+    return (o, lse) if return_lse else o

@@ -15,8 +15,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from . import compat
-
 EMPTY, PARTIAL = 0, 1
 
 
@@ -52,23 +50,9 @@ def _first_last(lq, lk, bq):
     return first, ntile
 
 
-def query_tiles(lq, lk, bq: int) -> int | None:
-    """Query tiles of the exact work list, or None when the lengths are traced (use `query_bound`)."""
-    if compat.is_tracer(lq) or compat.is_tracer(lk):
-        return None
-    return int(_first_last(lq, lk, bq)[1].sum())
-
-
 def query_bound(tq: int, nseq: int, bq: int) -> int:
     """At most ceil(Lq / bq) + 1 tiles per sequence."""
     return -(-tq // bq) + nseq
-
-
-def key_tiles(lk, bk: int) -> int | None:
-    """The most key tiles of one sequence, or None when traced."""
-    if compat.is_tracer(lk) or lk.shape[0] == 0:
-        return None if compat.is_tracer(lk) else 0
-    return int(jnp.max(-(-lk // bk)))
 
 
 @jax.tree_util.register_dataclass

@@ -58,7 +58,8 @@ def _run(q, k, v, indices, cu_q, cu_k, sinks, *, scale, softcap, return_lse, bt)
     tq, hq, d = q.shape
     tk, hkv, dv = v.shape
     g, topk = hq // hkv, indices.shape[2]
-    tp, kp, dp, dvp = round_up(max(tq, 1), bt), round_up(topk, 8), round_up(d, LANES), round_up(dv, LANES)
+    tp, dp, dvp = round_up(max(tq, 1), bt), round_up(d, LANES), round_up(dv, LANES)
+    kp = max(round_up(topk, 8), 8)                          # topk = 0: one tile of -1 slots, nothing visible
     t = jnp.arange(tq, dtype=jnp.int32)
     s = jnp.clip(jnp.searchsorted(cu_q[1:], t, side="right"), 0, cu_q.shape[0] - 2)
     start, lk = cu_k[s], cu_k[s + 1] - cu_k[s]

@@ -7,7 +7,7 @@ import torch
 
 from portable_attn.backend import Backend
 from portable_attn.platforms import Platform
-from portable_attn.registry import interpret_mode
+from portable_attn import envs
 
 
 class TritonBackend(Backend):
@@ -25,7 +25,7 @@ class TritonBackend(Backend):
     def available(self) -> str | None:
         if importlib.util.find_spec("triton") is None:
             return "triton not installed (pip install 'portable-attn[cuda]')"
-        if interpret_mode():
+        if envs.PORTABLE_ATTN_INTERPRET:
             return None
         xpu = getattr(torch, "xpu", None)
         if torch.cuda.is_available() or (xpu is not None and xpu.is_available()):
@@ -33,7 +33,7 @@ class TritonBackend(Backend):
         return "no GPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
 
     def impl(self):
-        if interpret_mode():  # Triton fixes the mode when a kernel is decorated, i.e. on this import
+        if envs.PORTABLE_ATTN_INTERPRET:  # Triton fixes the mode when a kernel is decorated, i.e. on this import
             os.environ.setdefault("TRITON_INTERPRET", "1")
         return super().impl()
 

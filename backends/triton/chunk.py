@@ -15,8 +15,9 @@ in each kernel); its state [P, N] is the [N, P] state read and written through s
 
 Packed sequences: global chunk c of a packing runs over a grid of T // C + S chunks that covers any packing;
 `table` maps chunks to sequences on the device (no host sync); chunks past the real count do nothing.
-Decays only enter as exp of differences <= 0 (log-decays are <= 0): per-key-dim decays use sub-chunks of
-SUB tokens with the reference point between them (`_key_scores`), so strong decays underflow, never overflow.
+Decays only enter as exp of sums of log-decays (<= 0) taken directly over the tokens between two points
+(`_segsum`, suffix sums, per-key-dim sub-chunks of SUB tokens in `_key_scores`), never as the difference of
+two cumulative sums: strong decays underflow, never overflow or cancel, and g = -inf is a factor 0.
 Every load and store is masked and state rows are range-checked, so unchecked bad indices touch nothing
 outside a tensor. All state math and accumulation is float32; dots take activation-dtype operands.
 """
@@ -28,7 +29,8 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import clamp, dot, silu, softplus
+from .common import clamp, dense, dot, silu, softplus, stride
+from .states import States, cache_row, load_initial, store_final
 from .tuning import recurrent
 
 SUB = 16  # sub-chunk of the per-key-dim decay scores
@@ -81,39 +83,57 @@ def _dt(DT, DTB, tok, tm, h, sd_t, sd_h, sdb, lo, hi, SOFTPLUS: tl.constexpr, HA
 
 
 @triton.jit
-def _key_scores(a, b, G, bp, gp, sb_t, sg_t, start, n_c, km,
-                STRICT: tl.constexpr, C: tl.constexpr, SUB_: tl.constexpr):
-    """One key block of sum_k a_ik b_jk exp(G_ik - G_jk) for j <= i (j < i if STRICT): [C, C] float32.
+def _segsum(g, C: tl.constexpr):
+    """[C, C] float32: g [C] summed over (j, i] for j < i (0 on and above the diagonal), as direct sums of
+    log-decays: a difference of two cumulative sums would cancel under strong decays (and give
+    -inf - -inf = NaN for g = -inf)."""
+    t = tl.arange(0, C)
+    return tl.cumsum(tl.where(t[:, None] > t[None, :], g[:, None], 0.0), 0)
 
-    a [C, BK] float32, b [C, BK], G [C, BK] cumulative from the chunk start. Pairs in earlier sub-chunks:
-    one product per sub-chunk with the reference r = G before it (both factors <= 1). Pairs inside a
-    sub-chunk: elementwise, one column offset at a time, reading row j of b and g (bp, gp: [1, BK]
-    pointers of the head and key block) again from memory."""
+
+@triton.jit
+def _key_scores(a, b, g, bp, gp, sb_t, sg_t, start, n_c, km,
+                STRICT: tl.constexpr, C: tl.constexpr, SUB_: tl.constexpr):
+    """One key block of sum_k a_ik b_jk exp(sum of g_k over (j, i]) for j <= i (j < i if STRICT): [C, C] float32.
+
+    a [C, BK] float32, b [C, BK], g [C, BK] the log-decays (float32, 0 outside the chunk). Every exponent is
+    a sum of log-decays (all <= 0), never a difference of two sums: strong decays lose no accuracy and
+    g = -inf gives a factor 0, never NaN. Pairs in earlier sub-chunks: one product per sub-chunk, a scaled
+    by the decay from the sub-chunk's start to row i, b by the decay from row j to that start (both
+    factors <= 1). Pairs inside a sub-chunk: elementwise, one column at a time from the last, reading row
+    j of b and g (bp, gp: [1, BK] pointers of the head and key block) again from memory."""
+    BK: tl.constexpr = g.shape[1]
+    NS: tl.constexpr = C // SUB_
     t = tl.arange(0, C)
     s = tl.zeros([C, C], dtype=tl.float32)
-    base = tl.zeros_like(G)                                                        # G before the row's sub-chunk
-    for sb in tl.static_range(1, C // SUB_):
-        ref = tl.sum(tl.where(t[:, None] == sb * SUB_ - 1, G, 0.0), 0)            # [BK]
+    # per sub-chunk scans: g over [its start, i] (rows) and over (j, its end] (g of row j + 1 onwards)
+    pre = tl.reshape(tl.cumsum(tl.reshape(g, [NS, SUB_, BK]), 1), [C, BK])
+    nm = (((t + 1) % SUB_ != 0) & (t + 1 < n_c))[:, None] & km[None, :]
+    nxt = tl.load(gp + (start + t + 1).to(tl.int64)[:, None] * sg_t, mask=nm, other=0.0).to(tl.float32)
+    run = tl.reshape(tl.cumsum(tl.reshape(nxt, [NS, SUB_, BK]), 1, reverse=True), [C, BK])
+    for sb in tl.static_range(1, NS):
         inside = (t >= sb * SUB_) & (t < sb * SUB_ + SUB_)
-        base = tl.where(inside[:, None], ref[None, :], base)
-        aa = a * tl.exp(tl.where(inside[:, None], G - ref[None, :], float("-inf")))
-        bb = b.to(tl.float32) * tl.exp(tl.where((t < sb * SUB_)[:, None], ref[None, :] - G, float("-inf")))
+        before = t < sb * SUB_
+        aa = a * tl.exp(tl.where(inside[:, None], pre, float("-inf")))
+        bb = b.to(tl.float32) * tl.exp(tl.where(before[:, None], run, float("-inf")))   # run: g over (j, sb's start)
         s += dot(aa.to(b.dtype), tl.trans(bb.to(b.dtype)))
-    dg = G - base                                                                   # g summed over [first, i]
+        run = tl.where(before[:, None], run + tl.sum(tl.where(inside[:, None], g, 0.0), 0)[None, :], run)
+    dg = tl.zeros_like(g)                                                           # g over (j, i]
+    g_up = tl.zeros_like(g)                                                         # g of row j + 1
     first = (t // SUB_) * SUB_
-    for jj in range(SUB_):
+    for r in range(SUB_):
+        jj = SUB_ - 1 - r
         j = first + jj                                                              # [C]: column of row i
+        dg += tl.where(((t % SUB_) > jj)[:, None], g_up, 0.0)
         jm = (j < n_c)[:, None] & km[None, :]
         tok_j = (start + j).to(tl.int64)[:, None]
-        dg -= tl.load(gp + tok_j * sg_t, mask=jm, other=0.0).to(tl.float32)         # G_i - G_j
+        g_up = tl.load(gp + tok_j * sg_t, mask=jm, other=0.0).to(tl.float32)
         bj = tl.load(bp + tok_j * sb_t, mask=jm, other=0.0).to(tl.float32)
         if STRICT:
             keep = (t % SUB_) > jj
         else:
             keep = (t % SUB_) >= jj
-        # the diagonal exactly exp(0): dg's residual there is of the order of ulp(G), large for strong decays
-        e = tl.where(keep[:, None], tl.where((t % SUB_ == jj)[:, None], 0.0, dg), float("-inf"))
-        val = tl.sum(a * bj * tl.exp(e), 1)
+        val = tl.sum(a * bj * tl.exp(tl.where(keep[:, None], dg, float("-inf"))), 1)   # the diagonal: exp(0)
         s += tl.where(t[None, :] == j[:, None], val[:, None], 0.0)
     return s
 
@@ -158,20 +178,9 @@ def _chunk_state(
     hk = h // GROUP
     bos, n = _seq(CU, s, T, VARLEN)
 
-    if INIT == 2 or FINAL == 2:
-        row = tl.load(IDX + s + kk * 0)                                   # [BK]: the row, broadcast
-        row_ok = (row >= 0) & (row < NSLOTS)
-        row = tl.where(row_ok, row, 0).to(tl.int64)
-    state = tl.zeros([BK, BV], dtype=tl.float32)                          # [K block, V block]
-    if INIT == 1:
-        state = tl.load(H0 + s.to(tl.int64) * s0_s + h * s0_h + kk[:, None] * s0_k + vv[None, :] * s0_v,
-                        mask=sm, other=0.0).to(tl.float32)
-    elif INIT == 2:
-        read = row_ok
-        if HAS_FLAG:
-            read = read & (tl.load(HAS + s + kk * 0) != 0)
-        state = tl.load(H0 + row[:, None] * s0_s + h * s0_h + kk[:, None] * s0_k + vv[None, :] * s0_v,
-                        mask=sm & read[:, None], other=0.0).to(tl.float32)
+    row, row_ok = cache_row(IDX, s, kk, NSLOTS, INIT == 2 or FINAL == 2)  # [BK]: the cache row, broadcast
+    state = load_initial(H0, HAS, s, row, row_ok, h, kk, vv, sm, s0_s, s0_h, s0_k, s0_v, INIT, HAS_FLAG,
+                         BK, BV)                                                  # [BK, BV] float32
 
     t = tl.arange(0, C)
     if VARLEN:
@@ -204,19 +213,17 @@ def _chunk_state(
             g = d * tl.load(A_ + h * sa).to(tl.float32)
         elif GATE == 1:
             g = tl.load(G_ + tok * sg_t + h * sg_h, mask=tm, other=0.0).to(tl.float32)
-        # the last row of the cumulative sum itself (not a separate sum: the diagonal factor must be 1)
+        # token t decays by g summed over (t, chunk end], a direct sum (the last token's factor exactly 1)
         if GATE == 1:
-            gc = tl.cumsum(g, 0)
-            last = tl.sum(tl.where(t == C - 1, gc, 0.0), 0)
-            v = v * tl.exp(last - gc)[:, None]
-            state = state * tl.exp(last)
+            v = v * tl.exp(tl.sum(tl.where(t[:, None] > t[None, :], g[:, None], 0.0), 0))[:, None]
+            state = state * tl.exp(tl.sum(g, 0))
         elif GATE == 2:
-            gt = tl.load(G_ + tok[None, :] * sg_t + h * sg_h + kk[:, None] * sg_k,
-                         mask=km[:, None] & tm[None, :], other=0.0).to(tl.float32)     # [BK, C]
-            gc = tl.cumsum(gt, 1)
-            last = tl.sum(tl.where(t[None, :] == C - 1, gc, 0.0), 1)
-            kt = kt.to(tl.float32) * tl.exp(last[:, None] - gc)
-            state = state * tl.exp(last)[:, None]
+            gp = G_ + h * sg_h + kk[:, None] * sg_k
+            gt = tl.load(gp + tok[None, :] * sg_t, mask=km[:, None] & tm[None, :], other=0.0).to(tl.float32)
+            nm = km[:, None] & ((t < C - 1) & (t < n - i * C - 1))[None, :]               # inside the chunk
+            nxt = tl.load(gp + (tok + 1)[None, :] * sg_t, mask=nm, other=0.0).to(tl.float32)  # [BK, C]: g of t + 1
+            kt = kt.to(tl.float32) * tl.exp(tl.cumsum(nxt, 1, reverse=True))
+            state = state * tl.exp(tl.sum(gt, 1))[:, None]
         # the decayed operand (float32) at full accuracy: a 16-bit rounding of it is the final state's error;
         # but the delta rule's v_new is 16-bit already, and one more rounding of it (as fla does) keeps one
         # dot on the walk's critical path instead of two
@@ -229,12 +236,7 @@ def _chunk_state(
         else:
             state += dot(kt, v.to(K_.dtype.element_ty))
 
-    if FINAL == 1:
-        tl.store(HT + s.to(tl.int64) * sf_s + h * sf_h + kk[:, None] * sf_k + vv[None, :] * sf_v,
-                 state.to(HT.dtype.element_ty), mask=sm)
-    elif FINAL == 2:
-        tl.store(HT + row[:, None] * sf_s + h * sf_h + kk[:, None] * sf_k + vv[None, :] * sf_v,
-                 state.to(HT.dtype.element_ty), mask=sm & row_ok[:, None])
+    store_final(HT, state, s, row, row_ok, h, kk, vv, sm, sf_s, sf_h, sf_k, sf_v, FINAL)
 
 
 @triton.jit
@@ -271,19 +273,18 @@ def _chunk_output(
             k = tl.load(K_ + tok[:, None] * sk_t + hk * sk_h + kk[None, :] * sk_k, mask=tkm, other=0.0)
             hs = tl.load(hb + kk[:, None] * s_hk + vv[None, :], mask=km[:, None] & vm[None, :], other=0.0)
             if GATE == 2:
-                gk = tl.cumsum(tl.load(G_ + tok[:, None] * sg_t + h * sg_h + kk[None, :] * sg_k, mask=tkm,
-                                       other=0.0).to(tl.float32), 0)
+                gk = tl.load(G_ + tok[:, None] * sg_t + h * sg_h + kk[None, :] * sg_k, mask=tkm,
+                             other=0.0).to(tl.float32)
                 qf = q.to(tl.float32)
-                acc += dot((qf * tl.exp(gk)).to(hs.dtype), hs)
+                acc += dot((qf * tl.exp(tl.cumsum(gk, 0))).to(hs.dtype), hs)
                 sc += _key_scores(qf, k, gk, K_ + hk * sk_h + kk[None, :] * sk_k, G_ + h * sg_h + kk[None, :] * sg_k,
                                   sk_t, sg_t, start, n_c, km, False, C, SUB_)
             else:
                 acc += dot(q, hs)
                 sc += dot(q, tl.trans(k))
         if GATE == 1:
-            gc = tl.cumsum(g, 0)
-            acc *= tl.exp(gc)[:, None]
-            sc *= tl.exp(tl.where(causal, gc[:, None] - gc[None, :], float("-inf")))
+            acc *= tl.exp(tl.cumsum(g, 0))[:, None]
+            sc *= tl.exp(tl.where(causal, _segsum(g, C), float("-inf")))
         elif GATE == 0:
             sc = tl.where(causal, sc, 0.0)
         if SSD:  # v = d x: d joins the score columns (x enters the dot unrounded)
@@ -316,8 +317,9 @@ class Plan:
     def varlen(self) -> bool:
         return self.cu is not None
 
-    def tables(self, fallback: torch.Tensor) -> tuple:
-        return (self.cu, self.offs, self.seq) if self.varlen else (fallback,) * 3
+    def tables(self) -> dict:
+        """The per-chunk kernels' keyword arguments of the packing (None for one sequence)."""
+        return dict(CU=self.cu, OFFS=self.offs, SEQ=self.seq, NSEQ=self.nseq, VARLEN=self.varlen)
 
     def launch(self) -> dict:
         return {"num_warps": self.entry.num_warps, "num_stages": self.entry.num_stages, **dict(self.entry.options)}
@@ -330,6 +332,7 @@ def plan(x: torch.Tensor, cu_seqlens) -> Plan:
     if cu_seqlens is None:
         return Plan(e, c, triton.cdiv(n_tok, c), 1, None, None, None)
     nseq = cu_seqlens.shape[0] - 1
+    (cu_seqlens,) = dense(cu_seqlens)  # the kernels read it by bare offsets
     ends = cu_seqlens.clamp(0, n_tok)
     lens = (ends[1:] - ends[:-1]).clamp(min=0)
     offs = torch.zeros(nseq + 1, dtype=torch.int32, device=x.device)
@@ -338,55 +341,6 @@ def plan(x: torch.Tensor, cu_seqlens) -> Plan:
     seq = torch.searchsorted(offs[1:], torch.arange(n_chunks, dtype=torch.int32, device=x.device), right=True,
                              out_int32=True)
     return Plan(e, c, n_chunks, nseq, cu_seqlens, offs, seq)
-
-
-@dataclasses.dataclass
-class States:
-    """Where initial states come from and final states go (SPEC "States"); swap: the state is [V, K]."""
-    init: torch.Tensor | None
-    idx: torch.Tensor | None
-    has: torch.Tensor | None
-    final: torch.Tensor | None   # what the op returns as final_state
-    swap: bool = False
-
-    def args(self, fallback: torch.Tensor) -> dict:
-        mode_in = 2 if self.idx is not None else (1 if self.init is not None else 0)
-        ht = self.init if self.idx is not None else self.final
-        mode_out = 2 if self.idx is not None else (1 if self.final is not None else 0)
-        return dict(H0=self.init if self.init is not None else fallback,
-                    IDX=self.idx if self.idx is not None else fallback,
-                    HAS=self.has if self.has is not None else fallback,
-                    HT=ht if ht is not None else fallback,
-                    strides=self._strides(self.init) + self._strides(ht),
-                    NSLOTS=self.init.shape[0] if self.idx is not None else 0,
-                    INIT=mode_in, HAS_FLAG=self.has is not None, FINAL=mode_out)
-
-    def _strides(self, x) -> tuple:
-        if x is None:
-            return (0, 0, 0, 0)
-        s = x.stride()
-        return (s[0], s[1], s[3], s[2]) if self.swap else s
-
-
-def states(initial_state, state_indices, has_initial_state, output_final_state, nseq: int, tail: tuple, device,
-           swap: bool = False) -> States:
-    """The state plumbing of a call; a new final_state [S, *tail] is allocated when one is returned."""
-    if state_indices is not None:
-        return States(initial_state, state_indices, has_initial_state,
-                      initial_state if output_final_state else None, swap)
-    final = None
-    if output_final_state:
-        dtype = initial_state.dtype if initial_state is not None else torch.float32
-        final = torch.empty((nseq,) + tuple(tail), dtype=dtype, device=device)
-    return States(initial_state, None, None, final, swap)
-
-
-def _strides3(x: torch.Tensor | None) -> tuple:
-    """Strides of a [T, H, F] (or [T, H]: F stride 0) tensor; zeros for None."""
-    if x is None:
-        return (0, 0, 0)
-    s = x.stride()
-    return (s[0], s[1], s[2] if x.dim() == 3 else 0)
 
 
 @dataclasses.dataclass
@@ -401,42 +355,47 @@ class Ssd:
     z: torch.Tensor | None
 
 
-def _gate(g, ssd) -> int:
-    """The GATE constexpr: 0 no decay, 1 per head (SSD: d A), 2 per key dim."""
-    if ssd is not None:
-        return 1
-    return 0 if g is None else (2 if g.dim() == 3 else 1)
+def gate_args(g, ssd: Ssd | None) -> dict:
+    """The decay's keyword arguments: G_ [T, H(, K)] and its strides, and GATE (0 no decay, 1 per head,
+    2 per key dim; SSD decays per head by d A, without g)."""
+    gate = 1 if ssd is not None else (0 if g is None else (2 if g.dim() == 3 else 1))
+    return dict(G_=g, sg_t=stride(g, 0), sg_h=stride(g, 1), sg_k=stride(g, 2), GATE=gate)
+
+
+def _ssd_args(ssd: Ssd | None) -> dict:
+    """SSD's dt keyword arguments (DT, DTB, A_, their strides, the dt limits, SSD, SOFTPLUS, HAS_BIAS)."""
+    dt, dtb, a = (ssd.dt, ssd.dt_bias, ssd.A) if ssd is not None else (None, None, None)
+    lo, hi = ssd.limit if ssd is not None else (0.0, 0.0)
+    return dict(DT=dt, DTB=dtb, A_=a, sd_t=stride(dt, 0), sd_h=stride(dt, 1), sdb=stride(dtb, 0), sa=stride(a, 0),
+                lo=float(lo), hi=float(hi), SSD=ssd is not None, SOFTPLUS=ssd is not None and ssd.softplus,
+                HAS_BIAS=dtb is not None)
 
 
 def state_pass(p: Plan, k, v, g, st: States, n_heads: int, kdim: int, vdim: int, *, ssd: Ssd | None = None,
                wu=None) -> tuple:
     """Run `_chunk_state`: returns (hbuf [chunks, H, K, V] activation dtype, v_new or None).
-    wu = (w, u) switches on the delta rule (whole key dim per program; v_new in the activation dtype, laid out as u)."""
+    wu = (w, u) switches on the delta rule (whole key dim per program; v_new in the activation dtype, laid out
+    as u, which replaces v)."""
     e = p.entry
     delta = wu is not None
     bk = max(triton.next_power_of_2(kdim), e.min_dot) if delta else e.block_k
     # a whole-key state tile holds at most twice a [block_k, block_v] tile (registers)
     bv = max(e.min_dot, min(e.block_v, 2 * e.block_k * e.block_v // bk)) if delta else e.block_v
     hbuf = torch.empty((p.n_chunks, n_heads, kdim, vdim), dtype=k.dtype, device=k.device)
-    w, u = wu if delta else (k, v)
+    w, u = wu if delta else (None, None)
+    v = None if delta else v
     vnew = torch.empty(u.shape, dtype=k.dtype, device=k.device) if delta else None
     if p.nseq == 0:
         return hbuf, vnew
-    sa = st.args(k)
-    cu, offs, _ = p.tables(k)
-    x = ssd or Ssd(k, k, None, False, (0.0, 0.0), None, None)
     grid = (p.nseq, n_heads, triton.cdiv(kdim, bk) * triton.cdiv(vdim, bv))
     _chunk_state[grid](
-        k, v, g if g is not None else k, x.dt, x.dt_bias if x.dt_bias is not None else k, x.A,
-        w, u, vnew if delta else u, sa["H0"], sa["IDX"], sa["HAS"], hbuf, sa["HT"], cu, offs,
-        *_strides3(k), *_strides3(v), *_strides3(g), *_strides3(x.dt)[:2],
-        x.dt_bias.stride(0) if x.dt_bias is not None else 0, x.A.stride(0),
-        *_strides3(w), *_strides3(u), *sa["strides"], hbuf.stride(0), hbuf.stride(1), hbuf.stride(2),
-        k.shape[0], kdim, vdim, p.n_chunks, sa["NSLOTS"], float(x.limit[0]), float(x.limit[1]),
-        GROUP=n_heads // k.shape[1], GATE=_gate(g, ssd), SSD=ssd is not None, SOFTPLUS=x.softplus,
-        HAS_BIAS=x.dt_bias is not None, DELTA=delta,
-        VARLEN=p.varlen, INIT=sa["INIT"], HAS_FLAG=sa["HAS_FLAG"], FINAL=sa["FINAL"],
-        C=p.chunk, BK=bk, BV=bv, **p.launch())
+        K_=k, V_=v, W_=w, U_=u, VNEW=vnew, HBUF=hbuf, CU=p.cu, OFFS=p.offs,
+        sk_t=k.stride(0), sk_h=k.stride(1), sk_k=k.stride(2), sv_t=stride(v, 0), sv_h=stride(v, 1),
+        sv_v=stride(v, 2), sw_t=stride(w, 0), sw_h=stride(w, 1), sw_k=stride(w, 2), su_t=stride(u, 0),
+        su_h=stride(u, 1), su_v=stride(u, 2), s_hc=hbuf.stride(0), s_hh=hbuf.stride(1), s_hk=hbuf.stride(2),
+        T=k.shape[0], K=kdim, V=vdim, NC=p.n_chunks,
+        **gate_args(g, ssd), **_ssd_args(ssd), **st.args(),
+        GROUP=n_heads // k.shape[1], DELTA=delta, VARLEN=p.varlen, C=p.chunk, BK=bk, BV=bv, **p.launch())
     return hbuf, vnew
 
 
@@ -446,18 +405,15 @@ def output_pass(p: Plan, q, k, v, g, hbuf, o, scale: float, *, ssd: Ssd | None =
         return
     e = p.entry
     n_heads, kdim, vdim = hbuf.shape[1:]
-    x = ssd or Ssd(k, k, None, False, (0.0, 0.0), None, None)
-    D = x.D
-    sD = (0, 0) if D is None else (D.stride(0), D.stride(1) if D.dim() == 2 else 0)
-    cu, offs, seq = p.tables(k)
+    D, z = (ssd.D, ssd.z) if ssd is not None else (None, None)
     grid = (p.n_chunks, n_heads, triton.cdiv(vdim, e.block_v))
     _chunk_output[grid](
-        q, k, v, g if g is not None else k, x.dt, x.dt_bias if x.dt_bias is not None else k, x.A,
-        D if D is not None else k, x.z if x.z is not None else k, o, hbuf, cu, offs, seq,
-        *_strides3(q), *_strides3(k), *_strides3(v), *_strides3(g), *_strides3(x.dt)[:2],
-        x.dt_bias.stride(0) if x.dt_bias is not None else 0, x.A.stride(0), *sD, *_strides3(x.z), *_strides3(o),
-        hbuf.stride(0), hbuf.stride(1), hbuf.stride(2),
-        q.shape[0], kdim, vdim, p.nseq, float(scale), float(x.limit[0]), float(x.limit[1]),
-        GROUP=n_heads // k.shape[1], GATE=_gate(g, ssd), SSD=ssd is not None, SOFTPLUS=x.softplus,
-        HAS_BIAS=x.dt_bias is not None, HAS_D=D is not None, HAS_Z=x.z is not None, VARLEN=p.varlen,
-        C=p.chunk, BK=e.block_k, BV=e.block_v, SUB_=SUB, **p.launch())
+        Q_=q, K_=k, V_=v, D_=D, Z_=z, O_=o, HBUF=hbuf,
+        sq_t=q.stride(0), sq_h=q.stride(1), sq_k=q.stride(2), sk_t=k.stride(0), sk_h=k.stride(1),
+        sk_k=k.stride(2), sv_t=v.stride(0), sv_h=v.stride(1), sv_v=v.stride(2), sD_h=stride(D, 0),
+        sD_v=stride(D, 1), sz_t=stride(z, 0), sz_h=stride(z, 1), sz_v=stride(z, 2), so_t=o.stride(0),
+        so_h=o.stride(1), so_v=o.stride(2), s_hc=hbuf.stride(0), s_hh=hbuf.stride(1), s_hk=hbuf.stride(2),
+        T=q.shape[0], K=kdim, V=vdim, scale=float(scale),
+        **gate_args(g, ssd), **_ssd_args(ssd), **p.tables(),
+        GROUP=n_heads // k.shape[1], HAS_D=D is not None, HAS_Z=z is not None, C=p.chunk, BK=e.block_k,
+        BV=e.block_v, SUB_=SUB, **p.launch())

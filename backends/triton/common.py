@@ -4,8 +4,8 @@
 decorated, so the flag and the kernels always agree (the backend sets TRITON_INTERPRET before any
 kernel module is imported when PORTABLE_ATTN_INTERPRET=1).
 
-The interpreter computes bfloat16 `tl.dot` wrongly (it multiplies the raw 16-bit patterns; see
-PITFALLS.md): under it, `dot` upcasts its operands to float32 first. A canary test
+The interpreter computes bfloat16 `tl.dot` wrongly (it multiplies the raw 16-bit patterns,
+found here): under it, `dot` upcasts its operands to float32 first. A canary test
 (tests/backends/triton/test_attention_triton.py) fails once upstream fixes that, so this can go.
 On a GPU, float32 operands are multiplied at float32 accuracy, as the float32 tolerance needs: on
 NVIDIA as three TF32 tensor-core products (`tf32x3`: ~fp32 accuracy, far faster than FMAs, and it
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 
+import torch
 import triton
 import triton.language as tl
 
@@ -39,6 +40,19 @@ F32_DOT = tl.constexpr("ieee" if INTERPRET else _f32_dot())
 
 LOG2E = 1.4426950408889634
 BIG = 1 << 29  # "unbounded" for window sides: p + BIG and p - BIG stay inside int32
+
+
+def dense(*xs: torch.Tensor | None) -> tuple:
+    """The small index and parameter tensors (cu_seqlens, state_indices, sinks, bias, ...) that a kernel
+    reads by bare offsets, made contiguous once by the launcher: a strided view would be misread.
+    None passes through. Never for caches or states updated in place (their strides are honoured)."""
+    return tuple(None if x is None else x.contiguous() for x in xs)
+
+
+def stride(x: torch.Tensor | None, dim: int) -> int:
+    """x.stride(dim) as a kernel's keyword argument; 0 for an absent x (its kernel never reads it) or an
+    axis past x's last (a per-head g [T, H] read as [T, H, 1])."""
+    return 0 if x is None or dim >= x.dim() else x.stride(dim)
 
 
 @triton.jit

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import silu
+from .common import dense, silu
 from .tuning import recurrent
 
 TILE = 4096  # most window elements (channels x columns) one program holds
@@ -169,6 +169,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
                   state_indices=None, has_initial_state=None, cu_seqlens=None, out=None):
     n_tok, ch = x.shape
     wd = weight.shape[1]
+    (bias,) = dense(bias)  # read by bare offsets
     nseq = 1 if cu_seqlens is None else cu_seqlens.shape[0] - 1
     e = recurrent(x)
     y = out if out is not None else x.new_empty(x.shape)
@@ -213,16 +214,17 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None):
     bsz, ch = x.shape
     wd = weight.shape[1]
+    (bias,) = dense(bias)  # read by bare offsets
     y = out if out is not None else x.new_empty(x.shape)
     if bsz == 0 or ch == 0:
         return y
     e = recurrent(x)
     block_w = triton.next_power_of_2(wd)
     block_c = _block_c(e.step_block_c, ch, block_w)
-    dense = wd == 1 or (state.stride(1) == wd - 1 and (wd == 2 or state.stride(2) == 1))
+    dense_rows = wd == 1 or (state.stride(1) == wd - 1 and (wd == 2 or state.stride(2) == 1))
     _step_kernel[(bsz, triton.cdiv(ch, block_c))](
         x, weight, x if bias is None else bias, state, state_indices, y,
         *x.stride(), *weight.stride(), *state.stride(), state_indices.stride(0), *y.stride(),
-        ch, state.shape[0], W=wd, DENSE=dense, HAS_BIAS=bias is not None, SILU=activation == "silu",
+        ch, state.shape[0], W=wd, DENSE=dense_rows, HAS_BIAS=bias is not None, SILU=activation == "silu",
         BLOCK_C=block_c, BLOCK_W=block_w, num_warps=e.num_warps, num_stages=1, **dict(e.options))
     return y

@@ -1,6 +1,7 @@
 """gated_delta_rule (SPEC; Gated DeltaNet with grouped value heads, KDA with per-key-dim g) through the
 shared chunk kernels (chunk.py) and its own WY kernel:
-- `_delta_wy`: per (chunk, value head) the WY form, A = strictly-lower beta_i (k_i . k_j) exp(G_i - G_j),
+- `_delta_wy`: per (chunk, value head) the WY form, A = strictly-lower beta_i (k_i . k_j) exp(G_i - G_j)
+  (the decay summed over (j, i] directly, `_segsum`),
   T = (I + A)^-1 (`_unit_lower_inverse`: 4 diagonal blocks by forward substitution, then block rows by
   dots), w = T (beta k exp(G)), u = T (beta v);
 - the state pass with v_new = u - w S_0, then the output kernel on v_new (chunk.py).
@@ -11,8 +12,8 @@ import torch
 import triton
 import triton.language as tl
 
-from . import chunk
-from .chunk import SUB, Plan, _chunk, _dot_full, _gate, _key_scores, _strides3
+from . import chunk, states
+from .chunk import SUB, Plan, _chunk, _dot_full, _key_scores, _segsum, gate_args
 from .common import dot
 
 
@@ -40,15 +41,14 @@ def _unit_lower_inverse(a, C: tl.constexpr):
 @triton.jit
 def _keys(K_, G_, tok, tm, k0, hk, h, sk_t, sk_h, sk_k, sg_t, sg_h, sg_k, K, GATE: tl.constexpr, BK: tl.constexpr):
     """Key block k0 of the chunk's rows `tok` [C]: dims kk [BK], their mask km, the tile mask [C, BK], the keys
-    k [C, BK] and (per-key-dim decays, GATE 2) the cumulative log-decay gk [C, BK] float32 (else 0)."""
+    k [C, BK] and (per-key-dim decays, GATE 2) the log-decays gk [C, BK] float32 (else 0)."""
     kk = k0 + tl.arange(0, BK)
     km = kk < K
     tkm = tm[:, None] & km[None, :]
     k = tl.load(K_ + tok[:, None] * sk_t + hk * sk_h + kk[None, :] * sk_k, mask=tkm, other=0.0)
     gk = 0.0
     if GATE == 2:
-        gk = tl.cumsum(tl.load(G_ + tok[:, None] * sg_t + h * sg_h + kk[None, :] * sg_k, mask=tkm,
-                               other=0.0).to(tl.float32), 0)
+        gk = tl.load(G_ + tok[:, None] * sg_t + h * sg_h + kk[None, :] * sg_k, mask=tkm, other=0.0).to(tl.float32)
     return kk, km, tkm, k, gk
 
 
@@ -69,7 +69,7 @@ def _delta_wy(
         beta = tl.load(BETA + tok * sb_t + h * sb_h, mask=tm, other=0.0).to(tl.float32)
         a = tl.zeros([C, C], dtype=tl.float32)
         if GATE == 1:
-            gc = tl.cumsum(tl.load(G_ + tok * sg_t + h * sg_h, mask=tm, other=0.0).to(tl.float32), 0)
+            gh = tl.load(G_ + tok * sg_t + h * sg_h, mask=tm, other=0.0).to(tl.float32)
         for k0 in range(0, K, BK):
             kk, km, tkm, k, gk = _keys(K_, G_, tok, tm, k0, hk, h, sk_t, sk_h, sk_k, sg_t, sg_h, sg_k, K, GATE, BK)
             if GATE == 2:
@@ -78,19 +78,19 @@ def _delta_wy(
             else:
                 a += dot(k, tl.trans(k))
         if GATE == 1:
-            a *= tl.exp(tl.where(t[None, :] < t[:, None], gc[:, None] - gc[None, :], float("-inf")))
+            a *= tl.exp(tl.where(t[None, :] < t[:, None], _segsum(gh, C), float("-inf")))
         a *= beta[:, None]
         inv = _unit_lower_inverse(a, C)
         # beta (per head also exp(G)) joins the columns of T, so that k and v enter the dots unrounded
         tb = inv * beta[None, :]
         if GATE == 1:
-            tw = tb * tl.exp(gc)[None, :]
+            tw = tb * tl.exp(tl.cumsum(gh, 0))[None, :]
         else:
             tw = tb
         for k0 in range(0, K, BK):
             kk, km, tkm, k, gk = _keys(K_, G_, tok, tm, k0, hk, h, sk_t, sk_h, sk_k, sg_t, sg_h, sg_k, K, GATE, BK)
             if GATE == 2:
-                k = (k.to(tl.float32) * tl.exp(gk)).to(k.dtype)
+                k = (k.to(tl.float32) * tl.exp(tl.cumsum(gk, 0))).to(k.dtype)
             w = _dot_full(tw, k)
             tl.store(W_ + tok[:, None] * sw_t + h * sw_h + kk[None, :] * sw_k, w.to(W_.dtype.element_ty), mask=tkm)
         for v0 in range(0, V, BV):
@@ -124,13 +124,13 @@ def wy_pass(p: Plan, k, v, g, beta) -> tuple:
     if p.n_chunks == 0:
         return w, u
     e = p.entry
-    cu, offs, seq = p.tables(k)
     _delta_wy[(p.n_chunks, hv)](
-        k, v, g, beta, w, u, cu, offs, seq,
-        *_strides3(k), *_strides3(v), *_strides3(g), *beta.stride(), *w.stride(), *u.stride(),
-        n_tok, kdim, vdim, p.nseq,
-        GROUP=hv // k.shape[1], GATE=_gate(g, None), VARLEN=p.varlen,
-        C=p.chunk, BK=e.block_k, BV=e.block_v, SUB_=SUB, **p.launch())
+        K_=k, V_=v, BETA=beta, W_=w, U_=u,
+        sk_t=k.stride(0), sk_h=k.stride(1), sk_k=k.stride(2), sv_t=v.stride(0), sv_h=v.stride(1),
+        sv_v=v.stride(2), sb_t=beta.stride(0), sb_h=beta.stride(1), sw_t=w.stride(0), sw_h=w.stride(1),
+        sw_k=w.stride(2), su_t=u.stride(0), su_h=u.stride(1), su_v=u.stride(2),
+        T=n_tok, K=kdim, V=vdim, **gate_args(g, None), **p.tables(),
+        GROUP=hv // k.shape[1], C=p.chunk, BK=e.block_k, BV=e.block_v, SUB_=SUB, **p.launch())
     return w, u
 
 
@@ -142,7 +142,8 @@ def l2norm(x: torch.Tensor) -> torch.Tensor:
         return y
     bk = triton.next_power_of_2(kdim)
     bt = max(1, min(64, 4096 // bk))
-    _l2norm[(triton.cdiv(n_tok, bt), h)](x, y, *x.stride(), n_tok, h, kdim, BT=bt, BK=bk, num_warps=4)
+    _l2norm[(triton.cdiv(n_tok, bt), h)](X=x, Y=y, sx_t=x.stride(0), sx_h=x.stride(1), sx_k=x.stride(2), T=n_tok,
+                                         H=h, K=kdim, BT=bt, BK=bk, num_warps=4)
     return y
 
 
@@ -154,7 +155,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     if use_qk_l2norm:
         q, k = l2norm(q), l2norm(k)
     p = chunk.plan(q, cu_seqlens)
-    st = chunk.states(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (hv, kd, vd),
+    st = states.route(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (hv, kd, vd),
                       q.device)
     w, u = wy_pass(p, k, v, g, beta)
     hbuf, vnew = chunk.state_pass(p, k, v, g, st, hv, kd, vd, wu=(w, u))

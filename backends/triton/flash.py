@@ -20,7 +20,10 @@ loads (GQA/MQA packing). It walks the key tiles its queries can see with an onli
 
 Every load is masked or clamped (block ids outside [0, NB) and table columns past max_blocks read
 nothing, token rows stay inside the tensors), so a bad unchecked index gives a wrong answer, never a
-fault. Strides are honoured throughout; no input is made contiguous (the small block-mask tables are).
+fault. Memory a query cannot see may hold NaN or Inf: keys outside every row's band are never loaded,
+and a value row only some rows of a tile see reaches only those rows (`_pv`). Strides of q, k, v, the
+caches, the block table and the outputs are honoured; the small tensors (cu_seqlens, seqused_k, sinks,
+the block-mask tables) are made contiguous on the host.
 Scores are kept in base 2 (`exp2`), the scale folded with log2(e).
 """
 from __future__ import annotations
@@ -31,7 +34,7 @@ import triton.language as tl
 
 from portable_attn.masks import EMPTY, FULL, PARTIAL
 
-from .common import BIG, LOG2E, dot, tanh
+from .common import BIG, LOG2E, dense, dot, tanh
 from .tuning import flash_tiles
 
 MASK_PARTIAL = tl.constexpr(PARTIAL)
@@ -52,6 +55,24 @@ def _mask_elements(LAYOUT, PIDX, PMASK, lay_base, hm, p, j, ok, bq, bk, nqb, nkb
     idx = tl.minimum(tl.maximum(idx, 0), n_pm - 1).to(tl.int64)
     inner = tl.load(PMASK + idx * (bq * bk) + (p % bq)[:, None] * bk + (j % bk)[None, :], mask=part, other=0)
     return inside & ((state == MASK_FULL) | (part & (inner != 0)))
+
+
+@triton.jit
+def _pv(e, v):
+    """e @ v (float32 [rows, DV]) where each row takes only the value rows it sees (e > 0): e is 0 elsewhere,
+    but 0 x NaN (or Inf) in a value row that another row of the tile sees would still poison it.
+    Non-finite values leave the dot; the rare tile that holds any puts them back only where seen
+    (NaN, +-Inf, or NaN for both infinities, as the sum would give). The counts weigh by e itself: a
+    boolean [rows, keys] operand would need 1-bit shared memory, which the GPU compilers refuse."""
+    fin = tl.abs(v.to(tl.float32)) < float("inf")                                  # [keys, DV]: not NaN or Inf
+    p = e.to(v.dtype)
+    o = dot(p, tl.where(fin, v, 0.0).to(v.dtype))
+    if tl.min(tl.min(fin.to(tl.int32), 1), 0) == 0:
+        nan = dot(p, (v != v).to(v.dtype)) > 0
+        pos = dot(p, (v == float("inf")).to(v.dtype)) > 0
+        neg = dot(p, (v == float("-inf")).to(v.dtype)) > 0
+        o += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, float("inf"), tl.where(neg, float("-inf"), 0.0)))
+    return o
 
 
 @triton.jit
@@ -200,7 +221,7 @@ def _flash_fwd(
             l_i = l_i * alpha + tl.sum(e, 1)
             v = tl.load(V + v_row[:, None] + hk * sv_h + dv[None, :] * sv_d,
                         mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + dot(e.to(v.dtype), v)
+            acc = acc * alpha[:, None] + _pv(e, v)
             m_i = m_new
             if COUNT:
                 count += 1
@@ -285,6 +306,7 @@ def forward(q, k, v, o, lse, *, cu_q=None, cu_k=None, seqused=None, block_table=
     `visits` (int32, at least 2 x grid size), when given, receives per program the key tiles it
     visited and how many of them took an element mask (a test hook)."""
     paged = block_table is not None
+    cu_q, cu_k, seqused, sinks = dense(cu_q, cu_k, seqused, sinks)  # read by bare offsets
     tq, hq, d = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
     nseq = 1 if cu_q is None else cu_q.shape[0] - 1

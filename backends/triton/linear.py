@@ -1,7 +1,7 @@
 """linear_attention (SPEC; GLA with per-key-dim g) through the shared chunk kernels (chunk.py)."""
 from __future__ import annotations
 
-from . import chunk
+from . import chunk, states
 
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
@@ -10,7 +10,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
     vd = v.shape[2]
     o = out if out is not None else q.new_empty(v.shape)
     p = chunk.plan(q, cu_seqlens)
-    st = chunk.states(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (h, kd, vd),
+    st = states.route(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (h, kd, vd),
                       q.device)
     hbuf, _ = chunk.state_pass(p, k, v, g, st, h, kd, vd)
     chunk.output_pass(p, q, k, v, g, hbuf, o, scale)

@@ -3,7 +3,7 @@ v = d x and log-decay d A, d the processed dt (float32, in the kernels); the sta
 linear-attention state read and written through swapped strides; D skip and silu(z) gate fused."""
 from __future__ import annotations
 
-from . import chunk
+from . import chunk, states
 
 
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, float("inf")),
@@ -13,7 +13,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
     nd = B.shape[2]
     y = out if out is not None else x.new_empty(x.shape)
     p = chunk.plan(x, cu_seqlens)
-    st = chunk.states(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (h, pd, nd),
+    st = states.route(initial_state, state_indices, has_initial_state, output_final_state, p.nseq, (h, pd, nd),
                       x.device, swap=True)
     extras = chunk.Ssd(dt, A, dt_bias, dt_softplus, dt_limit, D, z)
     hbuf, _ = chunk.state_pass(p, B, x, None, st, h, nd, pd, ssd=extras)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import clamp, silu, softplus
+from .common import clamp, dense, silu, softplus
 from .tuning import recurrent
 
 TILE = 8192  # most state elements one program holds (float32 registers)
@@ -99,6 +99,7 @@ def _step(q, k, v, o, state, state_strides, idx, *, scale, g=None, beta=None, l2
     block_v = max(1, min(e.block_v, triton.next_power_of_2(vd), TILE // block_k))
     if ssd is not None:
         A, dt_bias, D, z, soft, lo, hi = ssd
+        A, dt_bias = dense(A, dt_bias)  # read by bare offsets
         decay = HEAD_DECAY
         d_st = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else tuple(D.stride()))
     else:

@@ -48,10 +48,10 @@ def command(args, console: Console) -> int:
     try:
         written += plots.write(results, out)
     except ImportError as exc:
-        console.print(f"[yellow]no plots: {exc} (pip install 'portable-attn[bench]')[/]")
-    console.print(f"{results['elapsed_s']:.0f} s; wrote {', '.join(str(p) for p in written)}")
+        console.print(f"[yellow]no plots: {escape(str(exc))} (pip install 'portable-attn\\[bench]')[/]")
+    console.print(f"{results['elapsed_s']:.0f} s; wrote {', '.join(str(p) for p in written)}", markup=False)
     errors = [f"{c['name']} {p['label']} {e['name']}" for c in results["cases"] for p in c["points"]
               for e in p["impls"] if e["status"] == "error"]
     for where in errors:
-        console.print(f"[red]error[/] in {where}")
+        console.print(f"[red]error[/] in {escape(where)}")
     return 1 if errors else 0

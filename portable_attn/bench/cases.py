@@ -21,7 +21,7 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 @dataclasses.dataclass(frozen=True)
 class Point:
     sizes: dict
-    x: int  # the value on the case's series axis
+    x: int | str  # the value on the case's series axis (the host case: the op)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,13 +89,25 @@ def _attention_flops(sizes: dict) -> float:
 def _decode_inputs(sizes: dict, device: str) -> dict:
     B, ctx, BS = sizes["B"], sizes["ctx"], sizes["BS"]
     gen = torch.Generator().manual_seed(0)
-    per_seq = ctx // BS
+    per_seq = -(-ctx // BS)  # the last block partly used when BS does not divide ctx
     k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
                         for _ in range(2))
     table = torch.randperm(B * per_seq, generator=gen).view(B, per_seq).to(torch.int32)  # pages out of order
     return dict(q=_randn(gen, B, sizes["Hq"], sizes["D"]).to(device, _dtype(sizes)), k_cache=k_cache, v_cache=v_cache,
                 block_table=table.to(device), seqused_k=torch.full((B,), ctx, dtype=torch.int32, device=device),
                 max_seqlen_k=ctx)
+
+
+def _decode_query_inputs(sizes: dict, device: str) -> dict:
+    """A decode step through `attention`: one query at the end of a causal sequence of Tk keys."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (_randn(gen, n, h, sizes["D"]).to(device, _dtype(sizes))
+               for n, h in ((1, sizes["Hq"]), (sizes["Tk"], sizes["Hkv"]), (sizes["Tk"], sizes["Hkv"])))
+    return dict(q=q, k=k, v=v, causal=True)
+
+
+def _decode_query_flops(sizes: dict) -> float:
+    return 4.0 * sizes["Hq"] * sizes["D"] * sizes["Tk"]
 
 
 def _decode_flops(sizes: dict) -> float:
@@ -293,6 +305,35 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
     return {c.name: c for c in cases}
 
 
+# The host case's calls: the op of each point, its inputs and FLOPs.
+HOST_CALLS = {
+    "attention": (_decode_query_inputs, _decode_query_flops),
+    "paged_attention": (_decode_inputs, _decode_flops),
+    "gated_delta_rule_step": (_gdr_inputs, _gdr_flops),
+    "ssd_step": (_ssd_inputs, _ssd_flops),
+    "causal_conv1d_step": (_conv_inputs, _conv_flops),
+}
+
+
+def host_case(quick: bool = False) -> Case:
+    """Decode-sized calls, one op per point (`Point.x` is the op, `sizes["op"]` too): what bench/host.py
+    times against the kernel each call ends in. Full sizes are one layer of a real model: Llama-style GQA
+    32/8 over 100 tokens, Qwen3-Next's gated delta rule, Mamba-2's SSD and conv, batch 8."""
+    if quick:
+        sizes = dict(attention=dict(Tk=20, Hq=4, Hkv=2, D=16),
+                     paged_attention=dict(B=2, ctx=20, Hq=4, Hkv=2, D=16, BS=16),
+                     gated_delta_rule_step=dict(B=2, H=2, Hv=4, K=16, V=16), ssd_step=dict(B=2, H=2, P=8, N=16, G=1),
+                     causal_conv1d_step=dict(B=2, C=64, W=4))
+    else:
+        sizes = dict(attention=dict(Tk=100, Hq=32, Hkv=8, D=128),
+                     paged_attention=dict(B=8, ctx=100, Hq=32, Hkv=8, D=128, BS=16),
+                     gated_delta_rule_step=dict(B=8, H=16, Hv=32, K=128, V=128),
+                     ssd_step=dict(B=8, H=32, P=64, N=128, G=1), causal_conv1d_step=dict(B=8, C=4096, W=4))
+    return Case("host", "one per point", "host overhead of decode-sized calls over the kernel each ends in, checks "
+                "on and off, fp32", "op", None, (), tuple(Point(dict(op=op) | s, op) for op, s in sizes.items()),
+                lambda s, device: HOST_CALLS[s["op"]][0](s, device), lambda s: HOST_CALLS[s["op"]][1](s))
+
+
 def named(quick: bool = False) -> dict[str, Case]:
-    """Every case that --case may name: the default ones and the GPU ones."""
-    return catalogue(quick) | gpu_catalogue()
+    """Every case that --case may name: the default ones, the GPU ones and `host`."""
+    return catalogue(quick) | gpu_catalogue() | {"host": host_case(quick)}

@@ -17,12 +17,12 @@ from .impls import Impl, Refused
 HF_MAMBA2_CHUNK = 256  # Mamba2Config.chunk_size's default
 
 
-def _heads_first(x):
+def heads_first(x):
     return x.transpose(0, 1).unsqueeze(0).contiguous()  # [T, H, D] -> [1, H, T, D]
 
 
 def _attention_layout(args):
-    q, k, v = (_heads_first(args[n]) for n in "qkv")
+    q, k, v = (heads_first(args[n]) for n in "qkv")
     return q, k, v, dict(enable_gqa=q.shape[1] != k.shape[1])
 
 

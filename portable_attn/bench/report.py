@@ -7,6 +7,7 @@ import pathlib
 from rich.markup import escape
 from rich.table import Table
 
+from . import host
 from .cases import Case
 
 STATUS_STYLE = {"ok": "green", "skipped": "yellow", "unsupported": "yellow", "unavailable": "yellow", "error": "red"}
@@ -19,8 +20,9 @@ def case_list(catalogue: dict[str, Case]) -> Table:
         t.add_column(col)
     for c in catalogue.values():
         fixed = {k: v for k, v in c.points[0].sizes.items() if k != c.axis}
-        t.add_row(c.name, c.op, c.pattern, f"{c.axis} = {', '.join(str(p.x) for p in c.points)}",
-                  " ".join(f"{k}={v}" for k, v in fixed.items()), c.baseline or "—", ", ".join(c.peers) or "—")
+        cells = (c.name, c.op, c.pattern, f"{c.axis} = {', '.join(str(p.x) for p in c.points)}",
+                 " ".join(f"{k}={v}" for k, v in fixed.items()), c.baseline or "—", ", ".join(c.peers) or "—")
+        t.add_row(*map(escape, cells))
     return t
 
 
@@ -74,13 +76,16 @@ def bandwidth_line(results: dict) -> str | None:
 def tables(results: dict) -> list[Table]:
     out = []
     for case in results["cases"]:
+        if case.get("kind") == host.NAME:
+            out.append(host.table(case, STATUS_STYLE))
+            continue
         cols, rows = _grid(case)
-        t = Table(title=f"{case['name']}: {case['op']}, {case['pattern']}", caption=_caption(case))
+        t = Table(title=escape(f"{case['name']}: {case['op']}, {case['pattern']}"), caption=escape(_caption(case)))
         for col in cols:
             t.add_column(col, justify="left" if col in (case["axis"], "impl", "note") else "right",
                          no_wrap=col != "note")
         for cells, status, last in rows:
-            t.add_row(*cells[:-1], f"[{STATUS_STYLE[status]}]{escape(cells[-1])}[/]", end_section=last)
+            t.add_row(*map(escape, cells[:-1]), f"[{STATUS_STYLE[status]}]{escape(cells[-1])}[/]", end_section=last)
         out.append(t)
     return out
 
@@ -92,6 +97,9 @@ def markdown(results: dict) -> str:
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}{gpu}, {m['date']}.",
              *([bandwidth_line(results)] if results.get("bandwidth") else []), ""]
     for case in results["cases"]:
+        if case.get("kind") == host.NAME:
+            lines += host.markdown(case)
+            continue
         cols, rows = _grid(case)
         lines += [f"**{case['name']}**: {case['op']}, {case['pattern']} ({_caption(case)})", "",
                   "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]

@@ -14,7 +14,7 @@ import torch
 
 from portable_attn import __version__
 
-from . import cases, impls, memory, plan, timing
+from . import cases, host, impls, memory, plan, timing
 
 NOTES = {
     "times_s": "seconds per call after `warmup` rounds; every implementation is called once per round, round-robin, "
@@ -77,13 +77,18 @@ def run(settings: Settings, log: Callable[[str], None] = print,
         log("memory bandwidth: a device-to-device copy")
         bandwidth = timing.copy_bandwidth(settings.device, *_copy_size(settings))
     results = []
-    for name in settings.cases:
+    for number, name in enumerate(settings.cases, 1):
         case = catalogue[name]
+        log(f"case {number}/{len(settings.cases)}: {name} ({time.perf_counter() - t0:.0f} s so far)")
+        if name == host.NAME:  # its own rows: each op beside the kernel it ends in, checks on and off
+            results.append(host.run(case, settings, log))
+            checkpoint(_results(info, settings, bandwidth, t0, results))
+            continue
         points = []
         for index, point in enumerate(case.points):
             log(f"{case.name} {case.label(point)}")
             points.append(_run_point(case, index, point, settings, bandwidth))
-            log("  " + ", ".join(_progress(e) for e in points[-1]["impls"]))
+            log(f"  {', '.join(_progress(e) for e in points[-1]['impls'])} ({time.perf_counter() - t0:.0f} s)")
         results.append(dict(name=case.name, op=case.op, pattern=case.pattern, axis=case.axis,
                             baseline=case.baseline, points=points))
         checkpoint(_results(info, settings, bandwidth, t0, results))

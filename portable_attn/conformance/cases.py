@@ -2,7 +2,7 @@
 softcap, block masks, top-k sets, paged caches and state caches, in two tiers.
 
 A case draws its inputs in NumPy float64 from a seeded generator; `tensors.to_torch` turns them into
-each backend's arrays. A case may carry an invariant of SPEC.md: a second formulation (`variant`)
+each backend's arrays. A case may carry an invariant of docs/spec.md: a second formulation (`variant`)
 that must agree with the direct call.
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from ..masks import BlockMask
+from ..optable import OPS
 
 SMOKE, FULL = "smoke", "full"
 TIERS = (SMOKE, FULL)
@@ -29,6 +30,21 @@ class Case:
     invariant: str = ""
     deterministic: bool = False
     state_in_act_dtype: bool = False      # state caches in the activation dtype instead of float32
+    layout: str | None = None             # every tensor as a strided view inside garbage (tensors.LAYOUTS)
+    poison: bool = False                  # NaN in the memory no output may depend on (invisible.py)
+    use_out: bool = True                  # pass a NaN-filled out= (else the op allocates its output)
+
+
+def strided(case: Case, layout: str = "gaps", tiers=TIERS) -> Case:
+    """The same case with every tensor argument a strided view inside garbage (no invariant: one call)."""
+    return dataclasses.replace(case, name=f"{case.name}+{layout}", layout=layout, tiers=tiers, variant=None,
+                               invariant="", deterministic=False)
+
+
+def poisoned(case: Case, tiers=TIERS) -> Case:
+    """The same case with NaN in every key, cache slot and state row no output may depend on."""
+    return dataclasses.replace(case, name=f"{case.name}+poison", poison=True, tiers=tiers, variant=None,
+                               invariant="", deterministic=False)
 
 
 def catalogue(tier: str = SMOKE, ops=None) -> list[Case]:
@@ -131,6 +147,16 @@ def _random_layout(seed, nseq, heads, block=(16, 16)):
     return build
 
 
+def _with_empty_key_block(build, kb):
+    """A mask builder whose key block `kb` is empty for every query and head: its keys are invisible."""
+    def wrapped(lmax, s):
+        m = build(lmax, s)
+        layout, index = m.layout.clone(), m.partial_index.clone()
+        layout[..., kb], index[..., kb] = 0, -1
+        return BlockMask.from_layout(layout, m.block_size, index, m.partial_masks)
+    return wrapped
+
+
 def paged_case(name, lk, lq=None, *, bs=16, hq=4, hkv=2, d=32, dv=None, causal=True, window=(-1, -1),
                softcap=0.0, sinks=False, mask=None, tiers=TIERS, deterministic=False):
     """A paged cache with a shuffled block table; `lq=None` is decode (one query per sequence)."""
@@ -214,7 +240,9 @@ def write_kv_case(name, t, *, nb=6, bs=5, hkv=2, d=16, skip=2):
 
 
 def sparse_case(name, lq, lk=None, *, topk=8, hq=4, hkv=2, d=32, causal_indices=False, sinks=False, softcap=0.0,
-                empty_rows=0, tiers=TIERS, deterministic=False):
+                empty_rows=0, unlisted_ends=False, tiers=TIERS, deterministic=False):
+    """`unlisted_ends`: no query lists the first or last key of its sequence (where a -1 slot read as an
+    index, clamped or wrapped, would land)."""
     lk = lq if lk is None else lk
 
     def make(rng):
@@ -226,9 +254,10 @@ def sparse_case(name, lq, lk=None, *, topk=8, hq=4, hkv=2, d=32, causal_indices=
         for nq, nk in zip(qlens, klens):
             for i in range(nq):
                 hi = nk - nq + i + 1 if causal_indices else nk
+                pool = np.array([j for j in range(max(hi, 0)) if not (unlisted_ends and j in (0, nk - 1))], np.int32)
                 for h in range(hkv):
-                    n = min(topk - 1, max(hi, 0))
-                    idx[t, h, rng.permutation(topk)[:n]] = rng.permutation(max(hi, 0))[:n]
+                    n = max(0, min(topk - 1, pool.size))  # at least one -1 slot
+                    idx[t, h, rng.permutation(topk)[:n]] = rng.permutation(pool)[:n]
                 t += 1
         idx[rng.permutation(tq)[:empty_rows]] = -1
         inp = {"q": _normal(rng, tq, hq, d), "k": _normal(rng, tk, hkv, d), "v": _normal(rng, tk, hkv, d),
@@ -245,8 +274,6 @@ def sparse_case(name, lq, lk=None, *, topk=8, hq=4, hkv=2, d=32, causal_indices=
 # ---- recurrent family -------------------------------------------------------------------------
 
 TOKEN_ARGS = ("q", "k", "v", "g", "beta", "x", "dt", "B", "C", "z")
-STEP_OF = {"linear_attention": "linear_attention_step", "gated_delta_rule": "gated_delta_rule_step",
-           "ssd": "ssd_step", "causal_conv1d": "causal_conv1d_step"}
 
 
 def _states(rng, inp, lens, tail, state, slots=None):
@@ -280,40 +307,58 @@ def recurrent_case(op, name, lens, make_tokens, tail, *, state=None, tiers=TIERS
     return Case(op, name, make, tiers, variant, invariant, deterministic, state_in_act_dtype)
 
 
+def _edge_decays(rng, g):
+    """Log-decays with -inf (a state reset) on some entries and -1e4 on others (docs/spec.md)."""
+    pick = rng.random(g.shape)
+    return np.where(pick < 0.15, -np.inf, np.where(pick > 0.8, -1e4, g))
+
+
 def linear_tokens(h, k, v, gate):
+    """gate: None | 'head' | 'key' (per key dim) | 'strong' | 'edge' / 'edge_key' (-inf and -1e4 among them)."""
     def make(rng, t):
         inp = {"q": _normal(rng, t, h, k), "k": _normal(rng, t, h, k, scale=k ** -0.5), "v": _normal(rng, t, h, v)}
-        if gate == "head":
+        if gate in ("head", "edge"):
             inp["g"] = -np.abs(_normal(rng, t, h, scale=0.3))
-        elif gate == "key":
+        elif gate in ("key", "edge_key"):
             inp["g"] = -np.abs(_normal(rng, t, h, k, scale=0.3))
         elif gate == "strong":
             inp["g"] = -20.0 - np.abs(_normal(rng, t, h))
+        if gate in ("edge", "edge_key"):
+            inp["g"] = _edge_decays(rng, inp["g"])
         return inp
     return make
 
 
 def delta_tokens(h, hv, k, v, gate="head", l2norm=True):
+    """gate: 'head' | 'key' (per key dim, KDA) | 'strong' | 'edge' / 'edge_key' (-inf and -1e4 among them)."""
     def make(rng, t):
         qk = {"q": _normal(rng, t, h, k), "k": _normal(rng, t, h, k)}
         if not l2norm:  # keep the rule contractive: unit-norm keys
             qk = {n: x / np.linalg.norm(x, axis=-1, keepdims=True) for n, x in qk.items()}
-        g = -np.abs(_normal(rng, t, hv, k, scale=0.2)) if gate == "key" else -np.abs(_normal(rng, t, hv, scale=0.2))
+        per_key = gate in ("key", "edge_key")
+        g = -np.abs(_normal(rng, t, hv, k, scale=0.2)) if per_key else -np.abs(_normal(rng, t, hv, scale=0.2))
         if gate == "strong":
             g = -20.0 - np.abs(_normal(rng, t, hv))
+        if gate in ("edge", "edge_key"):
+            g = _edge_decays(rng, g)
         return qk | {"v": _normal(rng, t, hv, v), "g": g, "beta": 1 / (1 + np.exp(-_normal(rng, t, hv))),
                      "use_qk_l2norm": l2norm}
     return make
 
 
 def ssd_tokens(h, g, p, n, *, d_shape="head", z=True, bias=True, softplus=True, limit=(0.0, float("inf")),
-               strong=False):
+               strong=False, edge=False):
+    """`edge`: A = -1e4 on head 0 and dt = 30 on some tokens (d A down to -3e5), tiny dt on others."""
     def make(rng, t):
         inp = {"x": _normal(rng, t, h, p), "dt": _normal(rng, t, h, scale=0.5),
                "A": -np.exp(_normal(rng, h, scale=0.5)) * (60.0 if strong else 1.0),
                "B": _normal(rng, t, g, n), "C": _normal(rng, t, g, n), "dt_softplus": softplus, "dt_limit": limit}
         if not softplus:
             inp["dt"] = np.abs(inp["dt"])
+        if edge:
+            inp["A"][0] = -1e4
+            pick = rng.random((t, h))
+            inp["dt"] = np.where(pick < 0.3, 30.0, np.where(pick > 0.85, -30.0 if softplus else 1e-9, inp["dt"]))
         if d_shape == "head":
             inp["D"] = _normal(rng, h)
         elif d_shape == "head_p":
@@ -359,9 +404,9 @@ def recurrent_stepwise(op):
         cache[2] = init[0]
         idx = torch.tensor([2], dtype=torch.int32, device=init.device)
         outs = []
-        for t in range(inp[TOKEN_ARGS_OF[op]].shape[0]):
+        for t in range(inp[OPS[op].primary].shape[0]):
             token = {n: (x[t:t + 1] if n in TOKEN_ARGS and isinstance(x, torch.Tensor) else x) for n, x in inp.items()}
-            outs.append(run(STEP_OF[op], **token, state=cache, state_indices=idx)["out"])
+            outs.append(run(OPS[op].step, **token, state=cache, state_indices=idx)["out"])
         return {"out": torch.cat(outs), "final_state": cache[2:3]}
     return variant
 
@@ -390,9 +435,6 @@ def recurrent_split(op):
                 outs[i] = o if part == 0 else torch.cat([outs[i], o])
         return {"out": torch.cat(outs), "final_state": cache[rows]}
     return variant
-
-
-TOKEN_ARGS_OF = {"linear_attention": "q", "gated_delta_rule": "q", "ssd": "x", "causal_conv1d": "x"}
 
 
 def step_case(op, name, bsz, make_tokens, tail, *, slots=None, skip=True, tiers=TIERS, deterministic=False,
@@ -549,7 +591,68 @@ def _catalogue() -> list[Case]:
         step_case("causal_conv1d_step", "width_2_no_bias", 3, conv_tokens(8, 2, bias=False, act=None), (8, 1),
                   state_in_act_dtype=True),
     ]
-    return cases
+    return cases + _memory_and_decay_cases()
+
+
+def _memory_and_decay_cases() -> list[Case]:
+    """Strided views of every argument, poison in invisible memory, and -inf / -1e4 log-decays. The
+    interpreter backends run the smoke tier too: there, one case per op is strided and poisoned at once
+    (the detail tells the two apart); full has each alone and the transposed layout."""
+    la, gdr, ssd_op, conv = "linear_attention", "gated_delta_rule", "ssd", "causal_conv1d"
+    H, K, V = 2, 16, 24
+    # keys no query of the call sees: the oldest under a window, a sequence without queries, queries
+    # before the first key, paged slots past seqused_k and unused blocks, unlisted top-k keys
+    attention_family = [
+        attention_case("window_chunked", [16, 7, 0], [80, 7, 9], window=(15, 0), sinks=True),
+        paged_case("chunked_window", [20, 0, 12, 7], lq=[3, 2, 1, 7], bs=5, window=(6, 0), sinks=True),
+        sparse_case("topk_unlisted_ends", [8, 0, 12], [10, 3, 15], topk=5, causal_indices=True, sinks=True,
+                    unlisted_ends=True),
+    ]
+    # state caches: permuted rows, a -1, has_initial_state False on some, spare rows
+    caches = [
+        recurrent_case(la, "gla_cache", [6, 0, 13, 3], linear_tokens(H, K, V, "key"), (H, K, V), state="cache"),
+        step_case("linear_attention_step", "cache", 5, linear_tokens(H, K, V, "key"), (H, K, V)),
+        recurrent_case(gdr, "kda_cache", [6, 0, 13, 3], delta_tokens(2, 2, K, V, "key"), (2, K, V), state="cache"),
+        step_case("gated_delta_rule_step", "cache", 5, delta_tokens(2, 4, K, V), (4, K, V)),
+        recurrent_case(ssd_op, "cache_extras", [6, 0, 11, 3], ssd_tokens(4, 2, 8, 16, d_shape="head_p"), (4, 8, 16),
+                       state="cache"),
+        step_case("ssd_step", "cache", 5, ssd_tokens(4, 2, 8, 16), (4, 8, 16)),
+        recurrent_case(conv, "cache_bias", [7, 0, 2, 12], conv_tokens(16, 4), (16, 3), state="cache",
+                       state_in_act_dtype=True),
+        step_case("causal_conv1d_step", "cache", 5, conv_tokens(24, 4), (24, 3), state_in_act_dtype=True),
+    ]
+    both = attention_family + caches
+    write = write_kv_case("write_kv_cache", 17)
+    empty_key_block = attention_case("empty_key_block", [40, 33],
+                                     mask=_with_empty_key_block(_random_layout(5, 2, 4), 1))
+    strided_only = [  # more shapes and arguments, full tier
+        attention_case("gptoss_style", [40, 25], hq=8, hkv=2, window=(16, 0), sinks=True, softcap=20.0),
+        paged_case("decode_odd_block", [12, 7, 30], bs=5, window=(9, 0)),
+        sparse_case("topk_sinks_softcap_empty_rows", 30, sinks=True, softcap=8.0, empty_rows=3),
+        recurrent_case(ssd_op, "cache_no_z_limit", [10, 0, 27, 5],
+                       ssd_tokens(4, 4, 8, 16, z=False, bias=False, softplus=False, limit=(0.01, 0.5)),
+                       (4, 8, 16), state="cache"),
+        recurrent_case(conv, "width_1", [7, 3], conv_tokens(8, 1), (8, 0), state="initial"),
+    ]
+    edge = [
+        recurrent_case(la, "edge_decay", [66, 3], linear_tokens(H, K, V, "edge"), (H, K, V), state="initial"),
+        recurrent_case(la, "edge_decay_gla", 40, linear_tokens(H, K, V, "edge_key"), (H, K, V), state="initial"),
+        recurrent_case(gdr, "edge_decay", [66, 3], delta_tokens(2, 2, K, V, "edge"), (2, K, V), state="initial"),
+        recurrent_case(gdr, "edge_decay_kda", 40, delta_tokens(2, 2, K, V, "edge_key"), (2, K, V), state="initial"),
+        recurrent_case(ssd_op, "edge_decay", [66, 3], ssd_tokens(2, 1, 8, 16, edge=True), (2, 8, 16),
+                       state="initial"),
+        step_case("linear_attention_step", "edge_decay", 6, linear_tokens(H, K, V, "edge"), (H, K, V)),
+        step_case("linear_attention_step", "edge_decay_gla", 6, linear_tokens(H, K, V, "edge_key"), (H, K, V),
+                  tiers=(FULL,)),
+        step_case("gated_delta_rule_step", "edge_decay_kda", 6, delta_tokens(2, 2, K, V, "edge_key"), (2, K, V)),
+        step_case("gated_delta_rule_step", "edge_decay", 6, delta_tokens(2, 2, K, V, "edge"), (2, K, V),
+                  tiers=(FULL,)),
+        step_case("ssd_step", "edge_decay", 6, ssd_tokens(2, 1, 8, 16, edge=True), (2, 8, 16)),
+    ]
+    return ([strided(poisoned(c)) for c in both] + [strided(write), poisoned(empty_key_block)]
+            + [poisoned(c, tiers=(FULL,)) for c in both] + [strided(c, tiers=(FULL,)) for c in both + strided_only]
+            + [strided(c, "transposed", tiers=(FULL,)) for c in both + strided_only + [write]]
+            + edge)
 
 
 _CASES = _catalogue()

@@ -6,9 +6,10 @@ import dataclasses
 import json
 import xml.etree.ElementTree as ET
 
+from rich.markup import escape
 from rich.table import Table
 
-from ..backend import OPS
+from ..optable import NAMES as OPS
 from .runner import Result
 
 STATUS_ORDER = ("fail", "error", "pass", "unsupported")
@@ -49,7 +50,8 @@ def table(results: list[Result]) -> Table:
         rows.setdefault((backend, op), {})[dtype] = summarise(group)
     style = {"pass": "green", "fail": "bold red", "unsupported": "yellow"}
     for (backend, op), row in rows.items():
-        t.add_row(backend, op, *(f"[{style[row[d][0]]}]{row[d][1]}[/]" if d in row else "" for d in dtypes))
+        t.add_row(escape(backend), op, *(f"[{style[row[d][0]]}]{escape(row[d][1])}[/]" if d in row else ""
+                                         for d in dtypes))
     return t
 
 

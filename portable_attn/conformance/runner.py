@@ -1,5 +1,7 @@
 """Run one conformance case on one backend in one dtype: oracle, low-precision baseline, the backend
-with poisoned outputs, cache rows it must not touch, and the case's invariant when it has one."""
+with poisoned outputs, cache rows it must not touch, and the case's invariant when it has one. A case
+may also hand the backend every tensor as a strided view inside garbage, and NaN in the memory no
+output may depend on (`invisible`)."""
 from __future__ import annotations
 
 import dataclasses
@@ -11,12 +13,13 @@ import torch
 
 import portable_attn
 from ..errors import BackendUnavailable, NotSupported
+from ..optable import OPS
 from ..reference.precision import emulate
-from . import tensors
+from . import invisible, tensors
 from .cases import Case
 from .tolerance import Verdict, combine, compare
 
-ATTENTION = {"attention", "paged_attention", "sparse_attention"}
+IN_PLACE = {"cache": "initial_state", "state": "state", "k_cache": "k_cache", "v_cache": "v_cache"}  # output: arg
 
 
 @dataclasses.dataclass
@@ -34,13 +37,14 @@ class Result:
 
 def call(op: str, inputs: dict, backend: str):
     """Run `op` on `inputs` and return its outputs by name (in-place caches included)."""
+    decl = OPS[op]
     result = getattr(portable_attn, op)(**inputs, backend=backend)
-    if op in ATTENTION:
+    if decl.family == "attention":
         o, lse = result if inputs.get("return_lse") else (result, None)
         return {"out": o} | ({"lse": lse} if lse is not None else {})
-    if op == "write_kv_cache":
-        return {"k_cache": inputs["k_cache"], "v_cache": inputs["v_cache"]}
-    if op.endswith("_step"):
+    if decl.family == "cache":
+        return {name: inputs[name] for name in decl.mutates}
+    if decl.is_step:
         return {"out": result, "state": inputs["state"]}
     out, final = result
     got = {"out": out}
@@ -52,9 +56,9 @@ def call(op: str, inputs: dict, backend: str):
 
 
 def _cache_name(op: str) -> str | None:
-    if op == "write_kv_cache":
-        return None
-    return "state" if op.endswith("_step") else "initial_state"
+    """The state cache a recurrent op updates in place at `state_indices`."""
+    decl = OPS[op]
+    return decl.mutates[0] if decl.family == "recurrent" else None
 
 
 def untouched_rows(op: str, before: dict, after: dict) -> str:
@@ -65,7 +69,7 @@ def untouched_rows(op: str, before: dict, after: dict) -> str:
         return ""
     listed = set(int(i) for i in idx.tolist() if i >= 0)
     rows = [r for r in range(before[name].shape[0]) if r not in listed]
-    if rows and not torch.equal(before[name][rows], after[name][rows]):
+    if rows and not tensors.same_bits(before[name][rows], after[name][rows]):
         return f"{name}: rows not listed in state_indices changed"
     return ""
 
@@ -97,14 +101,11 @@ def _run(backend: str, case: Case, dtype: torch.dtype, device: str, res: Result)
     oracle = call(case.op, tensors.upcast(tensors.clone(inputs)), "reference")
     with emulate(dtype):
         emulated = call(case.op, tensors.clone(inputs), "reference")
-    mine = tensors.clone(inputs)
-    if "out" in oracle and case.op != "write_kv_cache":
-        mine["out"] = tensors.poisoned_like(oracle["out"].to(dtype))
-    got = call(case.op, mine, backend)
+    got, problem = run_backend(backend, case, inputs, oracle["out"].to(dtype) if "out" in oracle else None)
     verdict = combine({name: compare(got[name], oracle[name], emulated[name], dtype) for name in oracle})
     res.err, res.tol = verdict.err, verdict.tol
-    # the most specific finding first: rows a call must not touch, then the error, then the invariants
-    problem = untouched_rows(case.op, inputs, mine) or (verdict.detail if not verdict.ok else "")
+    # the most specific finding first: memory a call must not touch, then the error, then the invariants
+    problem = problem or (verdict.detail if not verdict.ok else "")
     if not problem and case.variant is not None:
         problem = _invariant(backend, case, inputs, got, oracle, emulated, dtype)
     if not problem and case.deterministic:
@@ -112,6 +113,25 @@ def _run(backend: str, case: Case, dtype: torch.dtype, device: str, res: Result)
         if any(not torch.equal(again[n], got[n]) for n in got):
             problem = "not deterministic: the same inputs twice gave different bits"
     res.status, res.detail = ("fail", problem) if problem else ("pass", "")
+
+
+def run_backend(backend: str, case: Case, inputs: dict, out_like: torch.Tensor | None) -> tuple[dict, str]:
+    """Call the backend as `case` says (NaN-filled `out=`, strided views, poisoned invisible memory);
+    return its outputs, made comparable with the oracle's, and what it did wrong beyond their values."""
+    masks = invisible.invisible(case.op, inputs) if case.poison else {}
+    before = invisible.poison(inputs, masks)
+    mine = tensors.clone(before)
+    if out_like is not None and case.use_out and case.op != "write_kv_cache":
+        mine["out"] = tensors.poisoned_like(out_like)
+    mine, gaps = tensors.strided(mine, case.layout) if case.layout else (mine, {})
+    got = call(case.op, mine, backend)
+    problem = tensors.written_outside(gaps) or untouched_rows(case.op, before, mine)
+    if not problem and "out" in mine and got["out"].data_ptr() != mine["out"].data_ptr():
+        problem = "out=: the result is not the tensor passed as out="
+    for name, arg in IN_PLACE.items():
+        if name in got and arg in masks:
+            got[name] = invisible.restore(got[name], inputs[arg], masks[arg])
+    return got, problem
 
 
 def _invariant(backend, case, inputs, got, oracle, emulated, dtype) -> str:

@@ -1,4 +1,4 @@
-"""The attention family of SPEC.md, literally: per sequence, the full score matrix and a visibility mask.
+"""The attention family of docs/spec.md, literally: per sequence, the full score matrix and a visibility mask.
 
 Arguments arrive checked and normalised by `portable_attn.checks` (scale a float, window an int pair).
 Every matrix product goes through `mm` and every input through `up`, so that `precision.emulate`
@@ -60,7 +60,10 @@ def _core(q, k, v, visible, softmax_scale: float, softcap: float, sinks):
     m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # Z == 0: nothing to subtract
     e = torch.exp(logits - m)
     z = e.sum(dim=-1)  # [Hq, Lq]
-    o = mm("hqk,khd->qhd", e[..., :-1], v)  # [Lq, Hq, Dv]
+    # the sum runs over visible keys only: a value row a query cannot see never reaches it, whatever it holds
+    finite = torch.isfinite(v).all(-1)  # [Lk, Hq]
+    o = mm("hqk,khd->qhd", e[..., :-1], torch.where(finite[..., None], v, 0))  # [Lq, Hq, Dv]
+    o = o.masked_fill((visible & ~finite.T[:, None, :]).any(-1).T[..., None], math.nan)
     o = o / torch.where(z > 0, z, 1.0).T[..., None]  # Z == 0: e is all 0, so o stays 0
     lse = torch.log(z) + m[..., 0]  # log 0 = -inf when Z == 0
     return o, lse

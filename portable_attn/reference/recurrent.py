@@ -1,4 +1,4 @@
-"""The recurrent family of SPEC.md as plain PyTorch: per sequence, a loop over tokens.
+"""The recurrent family of docs/spec.md as plain PyTorch: per sequence, a loop over tokens.
 
 Every op is a per-token update ``state, out_t = update(state, t)`` (vectorised over heads) driven by
 one helper, `_scan`, that owns the state plumbing: where each sequence's initial state comes from

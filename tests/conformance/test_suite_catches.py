@@ -92,7 +92,7 @@ class _Flaky:
 
 
 def _unsupported_bf16(op, args):
-    first = next(iter(args.values()))
+    first = next(v for v in args.values() if isinstance(v, torch.Tensor))
     if first.dtype == torch.bfloat16:
         raise NotSupported("mutant", op, "bfloat16 is not handled")
     return args
@@ -152,3 +152,59 @@ def test_an_op_a_backend_lacks_is_unsupported(with_backend):
     results = _results(name, ["ssd"])
     assert results and {r.status for r in results} == {"unsupported"}
     assert "ssd is not implemented" in results[0].detail
+
+
+def _ignore_strides(op, args):
+    """Reads (and writes) every float tensor as if it were contiguous from its first element."""
+    return {n: torch.as_strided(v, v.shape, torch.empty(v.shape).stride(), v.storage_offset())
+            if isinstance(v, torch.Tensor) and v.is_floating_point() else v for n, v in args.items()}
+
+
+def _write_before_view(op, args, result):
+    """Clobbers the element just before each in-place tensor's view (as a kernel with an off-by-one)."""
+    for name in ("out", "k_cache", "state", "initial_state"):
+        t = args.get(name)
+        if isinstance(t, torch.Tensor) and t.storage_offset() > 0:
+            torch.as_strided(t, (1,), (1,), t.storage_offset() - 1).zero_()
+    return result
+
+
+def _multiply_all_memory(op, args, result):
+    """Multiplies every key, value and cache row by zero into the output: 0 * NaN is NaN."""
+    o = _first(result)
+    mem = [args[n] for n in ("k", "v", "k_cache", "v_cache", "state", "initial_state")
+           if isinstance(args.get(n), torch.Tensor) and args[n].numel()]
+    if o is not None and o.numel() and mem:
+        o.add_(0 * sum(m.double().sum() for m in mem).to(o.dtype))
+    return result
+
+
+def _cases(suffix):
+    return [c for c in catalogue(SMOKE) if suffix in c.name]
+
+
+@pytest.mark.parametrize("mutant,suffix,expect", [
+    (Mutant("strides", before=_ignore_strides), "+gaps", ""),
+    (Mutant("outside", after=_write_before_view), "+gaps", "wrote outside the view"),
+    (Mutant("masked_multiply", after=_multiply_all_memory), "+poison", "NaN"),
+])
+def test_strided_and_poison_cases_catch_every_op(with_backend, mutant, suffix, expect):
+    name = with_backend(mutant)
+    cases = _cases(suffix)
+    ops = {c.op for c in cases}
+    caught = {c.op for c in cases if expect in (r := run_case(name, c, "float32")).detail and r.status == "fail"}
+    assert ops - caught == set(), f"the {name} mutant passed on {ops - caught}"
+    if suffix == "+gaps":
+        assert len(ops) == 12
+
+
+def test_poison_cases_poison_something():
+    """A poison case whose inputs hold no invisible memory could not fail."""
+    from portable_attn.conformance import invisible, tensors
+    from portable_attn.conformance.runner import seed_of
+    import numpy as np
+
+    for case in [c for c in catalogue("full") if c.poison]:
+        inputs = tensors.to_torch(case.make(np.random.default_rng(seed_of(case))), torch.float32, "cpu")
+        masks = invisible.invisible(case.op, inputs)
+        assert masks and any(bool(m.any()) for m in masks.values()), case.name

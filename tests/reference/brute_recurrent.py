@@ -1,4 +1,4 @@
-"""Brute-force recurrent ops in NumPy float64, written from SPEC.md independently of the reference.
+"""Brute-force recurrent ops in NumPy float64, written from docs/spec.md independently of the reference.
 
 Explicit loops over sequences, heads and tokens; no vectorisation beyond one head's small matrices.
 Every function takes NumPy arrays, `cu` as a list of ints (None: one sequence) and `init` as a list

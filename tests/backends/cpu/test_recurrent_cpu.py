@@ -10,7 +10,7 @@ import portable_attn as pa
 from portable_attn.backends.cpu import chunked
 from tests.backends.compare import state_tail
 
-F32, BF16 = torch.float32, torch.bfloat16
+F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 C, BLOCK = chunked.CHUNK, chunked.BLOCK
 SEQ_OPS = ("linear_attention", "gated_delta_rule", "ssd", "causal_conv1d")
 TOKEN_ARGS = ("q", "k", "v", "g", "beta", "x", "dt", "B", "C", "z")
@@ -71,7 +71,7 @@ def both(op, **kw):
 def assert_close(got, want, dtype=F32):
     """Within a few units of `dtype`'s rounding of the largest magnitude."""
     assert torch.isfinite(got).all()
-    tol = {F32: 2e-5, BF16: 3e-2}[dtype] * max(1.0, float(want.abs().max()))
+    tol = {F32: 2e-5, BF16: 3e-2, F16: 4e-3}[dtype] * max(1.0, float(want.abs().max()))
     err = float((got.double() - want.double()).abs().max()) if got.numel() else 0.0
     assert err <= tol, f"max error {err:.3g} > {tol:.3g}"
 
@@ -140,6 +140,57 @@ def test_empty(op):
     out, final = getattr(pa, op)(**a, initial_state=init, cu_seqlens=cu_of([0, 0]), output_final_state=True,
                                  backend="cpu")
     assert out.shape[0] == 0 and torch.equal(final, init)
+
+
+# ---- resets (g = -inf) and spikes (g = -1e4) among weak decays -------------------------------------
+
+def spiked(op, a, gen, value):
+    """Put the log-decay `value` on about one token in eight (per key dim for per-key g), on a chunk's first
+    and last tokens among them. For ssd (log-decay d A) on head 1: A = `value`, and d about 1 on those
+    tokens, about 1e-9 (a log-decay about 1e-5) on the others."""
+    g = a["dt"][:, 1] if op == "ssd" else a["g"]
+    hit = torch.rand(g.shape, generator=gen) < 0.12
+    hit[[0, C - 1, C, 2 * C - 1]] = True
+    if op == "ssd":
+        a["A"][1] = value
+        g.copy_(torch.where(hit, 0.5, -20.0))
+    else:
+        g[hit] = value
+    return a
+
+
+RECURRENT = [("linear_attention", "head"), ("linear_attention", "key"), ("gated_delta_rule", "head"),
+             ("gated_delta_rule", "key"), ("ssd", "head")]
+
+
+@pytest.mark.parametrize("op,gate", RECURRENT)
+@pytest.mark.parametrize("dtype", [F32, BF16, F16])
+@pytest.mark.parametrize("value", [-torch.inf, -1e4])
+def test_reset_and_spiked_decays(op, gate, dtype, value):
+    """Log-decays of -inf (a reset: factor 0, never NaN) or -1e4 on some tokens among weak ones, over
+    several chunks from an initial state: the weak-decay tolerance (no cancelling cumulative sums)."""
+    gen = torch.Generator().manual_seed(13)
+    lens = [2 * C + 21, C + 5]
+    a = spiked(op, inputs(op, gen, sum(lens), dtype=dtype, gate=gate), gen, value)
+    init = randn(gen, len(lens), *state_tail(op, a))
+    got, want, _ = both(op, **a, initial_state=init, cu_seqlens=cu_of(lens), output_final_state=True)
+    assert torch.isfinite(want[0]).all()
+    assert_close(got[0], want[0], dtype)
+    assert_close(got[1], want[1], dtype)
+
+
+@pytest.mark.parametrize("op,gate", RECURRENT)
+@pytest.mark.parametrize("value", [-torch.inf, -1e4])
+def test_reset_and_spiked_decays_step(op, gate, value):
+    """The step forms under the same decays, in float32 and bfloat16."""
+    gen = torch.Generator().manual_seed(14)
+    for dtype in (F32, BF16):
+        a = spiked(op, inputs(op, gen, 2 * C, dtype=dtype, gate=gate), gen, value)
+        state = randn(gen, 2 * C + 3, *state_tail(op, a))
+        rows = torch.randperm(2 * C + 3, generator=gen)[:2 * C].to(torch.int32)
+        got, want, ref = both(op + "_step", **a, state=state, state_indices=rows)
+        assert_close(got, want, dtype)
+        assert_close(state, ref["state"])
 
 
 # ---- strides --------------------------------------------------------------------------------------

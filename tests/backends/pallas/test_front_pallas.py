@@ -96,16 +96,17 @@ def test_bridge_copies_listed_cache_rows_only():
         return jnp.ones((4, 2)), new if a["state_indices"] is not None else jnp.zeros((2, 2, 3))
 
     args = dict(x=torch.zeros(4, 2), initial_state=cache, state_indices=torch.tensor([3, -1], dtype=torch.int32),
+                has_initial_state=None, cu_seqlens=torch.tensor([0, 1, 4], dtype=torch.int32),
                 output_final_state=True, out=torch.full((4, 2), float("nan")))
-    out, final = ops._sequence(fake, args)
+    out, final = ops._sequence("causal_conv1d", fake, args)
     assert final is cache and out is args["out"] and torch.equal(out, torch.ones(4, 2))
     assert torch.equal(cache[3], torch.full((2, 3), 7.0))
     assert torch.equal(cache[[0, 1, 2, 4]], before[[0, 1, 2, 4]])
-    out, final = ops._sequence(fake, args | dict(initial_state=None, state_indices=None, out=None))
+    out, final = ops._sequence("causal_conv1d", fake, args | dict(initial_state=None, state_indices=None, out=None))
     assert final.dtype == torch.float32 and final.shape == (2, 2, 3)
     state = torch.randn(5, 2, 3, dtype=torch.bfloat16)
-    y = ops._step(lambda **a: (jnp.ones((1, 2)), new), dict(x=torch.zeros(1, 2), state=state, out=None,
-                                                             state_indices=torch.tensor([4], dtype=torch.int32)))
+    y = ops._step("causal_conv1d_step", lambda **a: (jnp.ones((1, 2)), new),
+                  dict(x=torch.zeros(1, 2), state=state, out=None, state_indices=torch.tensor([4], dtype=torch.int32)))
     assert torch.equal(state[4], torch.full((2, 3), 7.0, dtype=torch.bfloat16)) and y.shape == (1, 2)
 
 

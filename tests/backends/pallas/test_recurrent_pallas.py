@@ -160,6 +160,54 @@ def test_strong_decays(op, gate):
     check(s, ws, bs, F32)
 
 
+def reset_and_huge_decays(a: dict, op: str) -> dict:
+    """-inf (a state reset) on some tokens and -1e4 on others; SSD: d A of -1e4 on one head and an A whose
+    product with d overflows float32 to -inf on another."""
+    a = dict(a)
+    if op.startswith("ssd"):
+        A = a["A"].clone()
+        A[0], A[1] = -1e4, -3e38
+        a["A"] = A
+        return a
+    g = a["g"].clone()
+    n = g.shape[0]
+    g[n // 5] = -float("inf")
+    g[n // 2] = -1e4
+    g[n // 2 + 1:n // 2 + 4, 0] = -1e4
+    g[-1, -1] = -float("inf")
+    a["g"] = g
+    return a
+
+
+def check_floor(got, want):
+    """Within the float32 floor relative to the output magnitude, whatever the emulated reference does."""
+    check(got, want, want, F32)
+
+
+@pytest.mark.parametrize("op,gate", [("linear_attention", "head"), ("linear_attention", "key"), ("ssd", "head"),
+                                     ("gated_delta_rule", "head"), ("gated_delta_rule", "key")])
+def test_minus_inf_and_huge_decays(op, gate):
+    """docs/spec.md "g = -inf" and "Accuracy under strong decays": finite, and as accurate as under weak
+    decays (segment sums, never differences of large cumulative sums)."""
+    gen = torch.Generator().manual_seed(10)
+    a = reset_and_huge_decays(cast(inputs(op, gen, 2 * C + 7, gate=gate), F32), op)
+    init = randn(gen, 2, *state_tail(op, a)).float()
+    (y, s), (wy, ws), _ = both(op, **a, initial_state=init, cu_seqlens=cu_of([C + 3, C + 4]), output_final_state=True)
+    check_floor(y, wy)
+    check_floor(s, ws)
+
+
+@pytest.mark.parametrize("op,gate", [("linear_attention_step", "key"), ("gated_delta_rule_step", "head"),
+                                     ("ssd_step", "head")])
+def test_step_minus_inf_and_huge_decays(op, gate):
+    gen = torch.Generator().manual_seed(11)
+    a = reset_and_huge_decays(cast(inputs(op[:-len("_step")], gen, 5, gate=gate), F32), op)
+    state = randn(gen, 6, *state_tail(op[:-len("_step")], a), scale=0.5).float()
+    (y, s), (wy, ws), _ = both(op, **a, state=state, state_indices=torch.tensor([5, 0, -1, 2, 3], dtype=torch.int32))
+    check_floor(y, wy)
+    check_floor(s, ws)
+
+
 @pytest.mark.parametrize("op", SEQ_OPS)
 def test_bf16_cache_and_activations(op):
     """bf16 activations and a bf16 state cache: states computed in float32, stored back in bf16."""

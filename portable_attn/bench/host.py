@@ -1,0 +1,243 @@
+"""The `host` case: what a decode-sized call costs on top of the kernel it ends in.
+
+For each point of `cases.host_case` (one op at the sizes of one model layer) every backend is timed as
+  <backend>          the public op, checks on (PORTABLE_ATTN_CHECK=1),
+  <backend> check=0  the same with PORTABLE_ATTN_CHECK=0 (set around the timed calls, not inside them),
+  <backend> fn       the backend's own function on arguments already checked (`ops.make_call`),
+and, on the CPU, beside the torch kernel the cpu backend's attention and paged decode end in. A row's
+overhead is its median minus the median of its `vs` row: that kernel for the cpu backend where there is
+one, else the backend's own function. All rows of a point run round-robin, each sample `CALLS`
+consecutive calls.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+import os
+
+import torch
+import torch.nn.functional as F
+from rich.markup import escape
+from rich.table import Table
+
+from portable_attn import registry
+from portable_attn.ops import make_call
+
+from . import cases, impls, timing
+from .peers import heads_first
+
+NAME = "host"
+CHECK_VAR = "PORTABLE_ATTN_CHECK"
+CALLS = 10      # consecutive calls per sample: a host cost of microseconds is timed over several
+SLOW_S = 10e-3  # a call slower than this (interpreters) is sampled one at a time
+NOTES = {
+    "median_s": "seconds per call: the median over `repeat` samples of `calls_per_sample` consecutive calls, "
+                "every row of a point sampled once per round, round-robin, after `warmup` rounds",
+    "overhead_s": "this row's median - the median of its `vs` row (the kernel it ends in, else the backend's own "
+                  "function): binding, checks, backend selection and the backend's wrapper work",
+    "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
+}
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+
+
+def _flash_decode(args, sizes):
+    """One query that sees every key, as the cpu backend's kernel call: the query heads of each kv head
+    packed as rows of one head (backends/cpu/tiles.attend), [1, H, L, D] layouts made in setup."""
+    q, k, v = (heads_first(args[n]) for n in "qkv")
+    q = q.reshape(1, k.shape[1], -1, q.shape[-1])  # [1, Hkv, g, D]
+    return functools.partial(_flash, q, k, v, 0.0, False, scale=q.shape[-1] ** -0.5)
+
+
+def _sdpa_decode(args, sizes):
+    q, k, v = (heads_first(args[n]) for n in "qkv")  # [1, H, L, D]
+    return functools.partial(F.scaled_dot_product_attention, q, k, v, enable_gqa=True)
+
+
+def _gather_flash(args, sizes):
+    """The cpu backend's paged decode of a batch that fits one gather: each sequence's used blocks copied
+    into a buffer kept from setup (index_select), then one kernel call, the last block's unused slots
+    masked by an additive bias built in setup."""
+    q, k_cache, v_cache, table, used = (args[n] for n in ("q", "k_cache", "v_cache", "block_table", "seqused_k"))
+    nseq, bs, hkv, d = table.shape[0], *k_cache.shape[1:]
+    nblocks = -(-int(used.max()) // bs)
+    ids = table[:, :nblocks].long().flatten()
+    bufs = [c.new_empty(nseq * nblocks, *c.shape[1:]) for c in (k_cache, v_cache)]
+    qg = q.view(nseq, hkv, -1, d)  # [S, Hkv, g, D]
+    hidden = torch.arange(nblocks * bs) >= used.long()[:, None]  # [S, K]
+    bias = torch.zeros(nseq, 1, qg.shape[2], nblocks * bs, dtype=q.dtype)
+    bias.masked_fill_(hidden[:, None, None], float("-inf"))  # [S, 1, g, K]
+
+    def step():
+        kt, vt = (torch.index_select(c, 0, ids, out=buf).view(nseq, nblocks * bs, hkv, -1).transpose(1, 2)
+                  for c, buf in zip((k_cache, v_cache), bufs))  # [S, Hkv, K, D]
+        return _flash(qg, kt, vt, 0.0, False, attn_mask=bias, scale=d ** -0.5)
+    return step
+
+
+# Per op: the torch kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
+KERNELS = {
+    "attention": (
+        impls.Impl("aten-flash", "kernel", "aten._scaled_dot_product_flash_attention_for_cpu on [1, Hkv, g, D] "
+                   "query rows and [1, Hkv, Tk, D] copies: the one kernel call the cpu backend needs", _flash_decode),
+        impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
+                   _sdpa_decode)),
+    "paged_attention": (
+        impls.Impl("gather+flash", "kernel", "index_select of each sequence's blocks into buffers kept from setup, "
+                   "then aten._scaled_dot_product_flash_attention_for_cpu with a mask built in setup",
+                   _gather_flash),),
+}
+
+
+def _function(name: str, op: str) -> impls.Impl:
+    def prepare(args, sizes):
+        return functools.partial(getattr(registry.get(name).impl(), op), **make_call(op, args).args)
+    return impls.Impl(f"{name} fn", "backend", f"the {name} backend's {op} function on arguments checked in setup "
+                      "(ops.make_call): no binding, checks or selection", prepare)
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    impl: impls.Impl
+    checks: bool | None  # PORTABLE_ATTN_CHECK while it runs (None: as the process has it)
+    vs: str | None       # the row its overhead is measured against
+
+
+def groups(op: str, backends, device: str) -> list[list[Row]]:
+    """The rows of one point in groups that stand or fall together: the kernels, then per backend its
+    public op (checks on, off) and its function. The cpu backend is measured against its torch kernel."""
+    kernels = KERNELS.get(op, ()) if device == "cpu" else ()
+    out = [[Row(k, None, None)] for k in kernels]
+    for name in backends:
+        public = impls.backend(name, op)
+        raw = kernels[0].name if name == "cpu" and kernels else f"{name} fn"
+        out.append([Row(public, True, raw),
+                    Row(dataclasses.replace(public, name=f"{name} check=0", what=public.what + ", CHECK=0"), False,
+                        raw),
+                    Row(_function(name, op), None, None if raw == f"{name} fn" else raw)])
+    return out
+
+
+@contextlib.contextmanager
+def checks_env(on: bool | None):
+    """PORTABLE_ATTN_CHECK set to 1 or 0 inside (None: left alone), restored after."""
+    if on is None:
+        yield
+        return
+    old = os.environ.get(CHECK_VAR)
+    os.environ[CHECK_VAR] = "1" if on else "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ[CHECK_VAR]
+        else:
+            os.environ[CHECK_VAR] = old
+
+
+def _sampler(fn, sync, calls: int, checks: bool | None):
+    def loop():
+        for _ in range(calls):
+            fn()
+
+    def sample() -> float:
+        with checks_env(checks):
+            return timing.timed(loop, sync, calls)
+    return sample
+
+
+def _start(row: Row, args: dict, sizes: dict, sync, entry: dict):
+    """The row's sampler after its first call (setup) and three timed calls (the fastest sets the calls per
+    sample: on a loaded machine any one of them can be far slower)."""
+    with checks_env(row.checks):
+        fn, entry["setup_s"] = impls.start(row.impl, args, sizes, sync)
+        calls = CALLS if min(timing.timed(fn, sync) for _ in range(3)) < SLOW_S else 1
+    entry["calls_per_sample"] = calls
+    return _sampler(fn, sync, calls, row.checks)
+
+
+def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
+    op, sync = point.x, timing.synchronizer(settings.device)
+    args = case.make(point.sizes, settings.device)
+    entries, samplers, impl_of = {}, {}, {}
+    for group in groups(op, settings.backends, settings.device):
+        for row in group:
+            impl_of[row.impl.name] = row.impl
+            entries[row.impl.name] = dict(name=row.impl.name, kind=row.impl.kind, checks=row.checks,
+                                          what=row.impl.what, vs=row.vs, status="ok", reason=None)
+        for row in group:
+            try:
+                samplers[row.impl.name] = _start(row, args, point.sizes, sync, entries[row.impl.name])
+            except Exception as exc:  # noqa: BLE001 - the group's status: a backend that cannot run this op
+                status, reason = impls.classify(exc, row.impl)
+                for r in group:
+                    samplers.pop(r.impl.name, None)
+                    entries[r.impl.name].update(status=status, reason=reason)
+                break
+    times, failed = timing.round_robin(samplers, settings.warmup, settings.repeat)
+    for name, exc in failed.items():
+        entries[name]["status"], entries[name]["reason"] = impls.classify(exc, impl_of[name])
+    for name in samplers.keys() - failed.keys():
+        entries[name].update(timing.summary(times[name]))
+    for e in entries.values():
+        raw = entries.get(e["vs"])
+        ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
+        e["overhead_s"] = e["median_s"] - raw["median_s"] if ok else None
+    log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
+                         else f"{e['name']} {e['status']}" for e in entries.values()))
+    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
+                impls=list(entries.values()))
+
+
+def run(case: cases.Case, settings, log) -> dict:
+    """The host case's result: its calls, one per point, the rows of each with medians and overheads.
+    `points` is empty (nothing here is a series to plot or a peer to measure the memory of)."""
+    calls = []
+    for point in case.points:
+        log(f"{case.name} {case.label(point)}")
+        calls.append(_point(case, point, settings, log))
+    return dict(name=case.name, kind=NAME, op=case.op, pattern=case.pattern, axis=case.axis, baseline=None,
+                notes=NOTES, points=[], calls=calls)
+
+
+def _us(seconds) -> str:
+    if seconds is None:
+        return "—"
+    us = 1e6 * seconds
+    return f"{us:.1f}" if abs(us) < 100 else f"{us:.0f}"
+
+
+def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
+    """Column names and rows (cells, status, last row of its call) of the host table."""
+    cols = ["op", "impl", "median µs", "min µs", "IQR µs", "vs", "overhead µs", "note"]
+    rows = []
+    for call in case["calls"]:
+        for i, e in enumerate(call["impls"]):
+            note = "" if e["status"] == "ok" else f"{e['status']}: {e['reason']}"
+            over = e.get("overhead_s")
+            rows.append(([call["op"] if i == 0 else "", e["name"], _us(e.get("median_s")), _us(e.get("min_s")),
+                          _us(e.get("iqr_s")), e["vs"] or "", ("+" if over and over > 0 else "") + _us(over), note],
+                         e["status"], i == len(call["impls"]) - 1))
+    return cols, rows
+
+
+CAPTION = "overhead: this median - the median of the `vs` row; medians of samples of consecutive calls, interleaved"
+
+
+def table(case: dict, styles: dict) -> Table:
+    """The host case as a rich table; `styles` colours the note by status (report.STATUS_STYLE)."""
+    cols, rows = _grid(case)
+    t = Table(title=escape(f"{case['name']}: {case['pattern']}"), caption=escape(CAPTION))
+    for col in cols:
+        t.add_column(col, justify="left" if col in ("op", "impl", "vs", "note") else "right", no_wrap=col != "note")
+    for cells, status, last in rows:
+        t.add_row(*map(escape, cells[:-1]), f"[{styles[status]}]{escape(cells[-1])}[/]", end_section=last)
+    return t
+
+
+def markdown(case: dict) -> list[str]:
+    cols, rows = _grid(case)
+    return [f"**{case['name']}**: {case['pattern']} ({CAPTION})", "", "| " + " | ".join(cols) + " |",
+            "|" + "---|" * len(cols), *("| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
+                                        for cells, _, _ in rows), ""]

@@ -1,0 +1,71 @@
+"""Every environment variable portable_attn reads, declared once: name, default, parser, one line of doc.
+
+Read them as attributes (`envs.PORTABLE_ATTN_CHECK`): each access parses the current environment, so a
+test or a user that sets a variable at run time is seen at the next call. The README's table and
+`portable-attn info` are generated from `VARS`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Callable
+
+
+def _flag(text: str) -> bool:
+    return text.strip() not in ("", "0")
+
+
+def _names(text: str) -> tuple:
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def _text(text: str) -> str | None:
+    return text.strip() or None
+
+
+@dataclasses.dataclass(frozen=True)
+class Var:
+    name: str
+    default: str
+    parse: Callable[[str], object]
+    doc: str
+
+
+VARS = {v.name: v for v in (
+    Var("PORTABLE_ATTN_BACKEND", "", _names,
+        "a backend, or a priority list `a,b`: the first that can run a call runs it; each skip is logged once per "
+        "op, backend and reason, at WARNING on the `portable_attn` logger"),
+    Var("PORTABLE_ATTN_STRICT", "0", _flag,
+        "`1`: never fall back: the first backend must run the call or it raises with its reason"),
+    Var("PORTABLE_ATTN_PLATFORM", "", _text,
+        "`cpu`, `cuda`, `rocm`, `xpu` or `tpu`: replaces the probed platform (tests, unusual builds)"),
+    Var("PORTABLE_ATTN_INTERPRET", "0", _flag,
+        "`1`: run the GPU/TPU kernels in Triton's / Pallas' interpreter on the CPU (reachable by name)"),
+    Var("PORTABLE_ATTN_CHECK", "1", lambda text: text.strip() != "0",
+        "`0`: skip the index value checks (they are skipped anyway while tracing or capturing)"),
+    Var("PORTABLE_ATTN_TRITON_F32_DOT", "", _text,
+        "the `input_precision` of the triton backend's float32 dots (`ieee`, `tf32x3`, `tf32`); default per "
+        "vendor"),
+)}
+
+
+def markdown() -> str:
+    """The README's table of the variables (tests/test_readme.py keeps the README current)."""
+    rows = [f"| `{v.name}` | `{v.default}` | {v.doc} |" if v.default else f"| `{v.name}` | unset | {v.doc} |"
+            for v in VARS.values()]
+    return "\n".join(["| variable | default | what |", "|---|---|---|", *rows])
+
+
+def raw(name: str) -> str:
+    """The variable's text, or its default when unset."""
+    return os.environ.get(name, VARS[name].default)
+
+
+def is_set(name: str) -> bool:
+    return bool(os.environ.get(name))
+
+
+def __getattr__(name: str):
+    if name in VARS:
+        return VARS[name].parse(raw(name))
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,0 +1,111 @@
+"""A small hybrid transformers model (Qwen3-Next: gated-delta-rule and attention layers, random weights) run by
+transformers' own torch path and through portable_attn side by side: greedy tokens, which backend ran each op,
+prefill time and decode tokens per second. Used by `examples/hybrid_demo.py` and the `e2e` bench case."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import statistics
+import time
+
+import torch
+
+from . import transformers as pat
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+# 3 delta-rule layers per attention layer, as Qwen3-Next stacks them
+LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+
+
+def build_model(dtype: torch.dtype = torch.float32, layers: int = 8, hidden: int = 256, seed: int = 0):
+    """Qwen3-Next with random weights: `layers` layers (3 gated delta rule : 1 attention), dense MLPs, eager path."""
+    import transformers as tf
+
+    config = tf.Qwen3NextConfig(
+        vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
+        num_attention_heads=8, num_key_value_heads=2, head_dim=hidden // 8, linear_num_key_heads=4,
+        linear_num_value_heads=8, linear_key_head_dim=hidden // 8, linear_value_head_dim=hidden // 8,
+        linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
+        shared_expert_intermediate_size=hidden, mlp_only_layers=list(range(layers)),  # dense MLPs
+        layer_types=(LAYERS * layers)[:layers], pad_token_id=0, eos_token_id=None)
+    config._attn_implementation = "eager"
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model.generation_config.eos_token_id = None
+    model.generation_config.pad_token_id = 0
+    return model
+
+
+def prompts(batch: int, length: int, vocab: int, seed: int = 0):
+    """`batch` random prompts, the i-th `i * length // (2 * batch)` tokens shorter, left padded."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab, (batch, length), generator=gen)
+    mask = torch.ones_like(ids)
+    for row in range(batch):
+        pad = row * length // (2 * batch)
+        ids[row, :pad], mask[row, :pad] = 0, 0
+    return ids, mask
+
+
+@dataclasses.dataclass
+class Timing:
+    prefill_s: float       # median time of a prefill (forward over the prompts, cache filled)
+    decode_tok_s: float    # generated tokens per second after the prefill (batch included)
+    tokens: torch.Tensor   # the greedy generation
+
+
+def _generate(model, ids, mask, new_tokens: int):
+    with torch.inference_mode():
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+
+
+def measure(model, ids, mask, new_tokens: int, repeats: int = 3) -> Timing:
+    """Median prefill time (a one-token generate) and decode rate (the rest of a `new_tokens` generate)."""
+    prefills, totals = [], []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        _generate(model, ids, mask, 1)
+        t1 = time.perf_counter()
+        tokens = _generate(model, ids, mask, new_tokens)
+        totals.append(time.perf_counter() - t1)
+        prefills.append(t1 - t0)
+    prefill, total = statistics.median(prefills), statistics.median(totals)
+    return Timing(prefill, ids.shape[0] * (new_tokens - 1) / max(total - prefill, 1e-9), tokens)
+
+
+def compare(dtype: torch.dtype, backend=None, batch: int = 2, prompt: int = 128, new_tokens: int = 16,
+            repeats: int = 3, **model_kwargs):
+    """(transformers' Timing, portable_attn's Timing, {op: backend}) for the demo model."""
+    model = build_model(dtype, **model_kwargs)
+    ids, mask = prompts(batch, prompt, model.config.vocab_size)
+    _generate(model, ids, mask, 2)  # warm both paths once (lazy imports, allocator)
+    base = measure(model, ids, mask, new_tokens, repeats)
+    with pat.patch(model, backend=backend):
+        _generate(model, ids, mask, 2)
+        ours = measure(model, ids, mask, new_tokens, repeats)
+    return base, ours, pat.backends_used()
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="portable-attn demo", description=__doc__)
+    parser.add_argument("--backend", default=None, help="portable_attn backend (default: the best one here)")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--prompt", type=int, default=128, help="tokens of the longest prompt")
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--layers", type=int, default=8)
+    args = parser.parse_args(argv)
+    base, ours, used = compare(DTYPES[args.dtype], args.backend, args.batch, args.prompt, args.new_tokens,
+                               layers=args.layers)
+    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention), random weights, {args.dtype}, "
+          f"batch {args.batch}, prompts up to {args.prompt} tokens (left padded), {args.new_tokens} new tokens")
+    for op, name in sorted(used.items()):
+        print(f"  {op:24s} ran on portable_attn backend {name!r}")
+    print(f"  {'':24s} {'prefill ms':>12s} {'decode tok/s':>14s}")
+    for label, t in (("transformers (torch)", base), ("portable_attn", ours)):
+        print(f"  {label:24s} {1e3 * t.prefill_s:12.1f} {t.decode_tok_s:14.1f}")
+    same = torch.equal(base.tokens, ours.tokens)
+    print(f"  speedup: prefill {base.prefill_s / ours.prefill_s:.2f}x, decode "
+          f"{ours.decode_tok_s / base.decode_tok_s:.2f}x; same greedy tokens: {'yes' if same else 'NO'}")
+    return 0 if same or args.dtype != "fp32" else 1
