@@ -23,16 +23,14 @@ import jax.numpy as jnp
 import numpy as np
 import torch
 
-from . import checks, ops
+from . import checks, dispatch, registry
 from .backend import Call
-from .errors import BackendUnavailable, NotSupported
-from .platforms import platform_of
+from .optable import OPS
+from .platforms import Platform, platform_of
 
 INF = math.inf
 INDICES = {"cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "block_table", "seqused_k", "indices", "state_indices",
            "slot_mapping", "has_initial_state"}
-CACHES = {"write_kv_cache": ("k_cache", "v_cache"), "linear_attention_step": ("state",),
-          "gated_delta_rule_step": ("state",), "ssd_step": ("state",), "causal_conv1d_step": ("state",)}
 _TORCH = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64,
           "int32": torch.int32, "int64": torch.int64, "int8": torch.int8, "bool": torch.bool}
 
@@ -51,14 +49,25 @@ def _placeholder(name: str, x, concrete: bool):
 
 
 def _impl(op: str):
-    from .backends.pallas import attention, cache, conv, delta, linear, paged, sparse, ssd
+    from .backends.pallas import jax_ops
 
-    return {"attention": attention.attention, "paged_attention": paged.paged_attention,
-            "sparse_attention": sparse.sparse_attention, "write_kv_cache": cache.write_kv_cache,
-            "linear_attention": linear.linear_attention, "linear_attention_step": linear.linear_attention_step,
-            "gated_delta_rule": delta.gated_delta_rule, "gated_delta_rule_step": delta.gated_delta_rule_step,
-            "ssd": ssd.ssd, "ssd_step": ssd.ssd_step, "causal_conv1d": conv.causal_conv1d,
-            "causal_conv1d_step": conv.causal_conv1d_step}[op]
+    return getattr(jax_ops, op)
+
+
+def _donated(op: str, args: dict) -> tuple:
+    """The caches an op updates, returned new (donated): a sequence form's only with state_indices."""
+    decl = OPS[op]
+    if decl.family == "recurrent" and not decl.is_step and args.get("state_indices") is None:
+        return ()
+    return decl.mutates
+
+
+def _platform(first, traced: bool) -> Platform:
+    """A traced array has no device yet: the platform jax compiles for."""
+    if not traced:
+        return platform_of(first)
+    return {"tpu": Platform.TPU, "gpu": Platform.CUDA, "cuda": Platform.CUDA,
+            "rocm": Platform.ROCM}.get(jax.default_backend(), Platform.CPU)
 
 
 @functools.cache
@@ -69,10 +78,9 @@ def _donating(op: str, names: tuple, statics: tuple, donate: tuple):
 
 
 def _check(op: str, args: dict) -> Call:
-    """checks.py on placeholders, then the pallas backend's own reasons; the call's arguments normalised
-    (scales resolved, windows as int pairs, default state_indices), as jax arrays."""
-    from .backends.pallas import BACKEND
-
+    """checks.py on placeholders, then the pallas backend's own reasons (the selection every call takes, with
+    `backend="pallas"`); the call's arguments normalised (scales resolved, windows as int pairs, default
+    state_indices), as jax arrays."""
     for name, x in args.items():
         if isinstance(x, (np.ndarray, torch.Tensor)) or (hasattr(x, "__dlpack__") and not isinstance(x, jax.Array)):
             raise TypeError(f"{name}: expected a jax.Array, got {type(x).__module__}.{type(x).__qualname__} "
@@ -80,19 +88,14 @@ def _check(op: str, args: dict) -> Call:
     traced = any(isinstance(x, jax.core.Tracer) for x in args.values())
     token = checks.VALUES_UNKNOWN.set(traced)
     try:
-        call = ops.make_call(op, {n: _placeholder(n, x, not traced) for n, x in args.items()})
+        call = dispatch.make_call(op, {n: _placeholder(n, x, not traced) for n, x in args.items()})
     finally:
         checks.VALUES_UNKNOWN.reset(token)
     first = next(x for x in args.values() if isinstance(x, jax.Array))
-    call = Call(op, call.args, platform_of(first) if not traced else call.platform)
-    reason = BACKEND.available()
-    if reason:
-        raise BackendUnavailable(BACKEND.name, reason)
-    reason = BACKEND.serves(call.platform) or BACKEND.supports(call)
-    if reason:
-        raise NotSupported(BACKEND.name, op, reason)
+    call = Call(op, call.args, _platform(first, traced))
+    registry.select(call, "pallas")  # raises BackendUnavailable / NotSupported with the reason
     norm = {n: args[n] if isinstance(args.get(n), jax.Array) else x for n, x in call.args.items()}
-    if op.endswith("_step") and args.get("state_indices") is None:
+    if OPS[op].is_step and args.get("state_indices") is None:
         norm["state_indices"] = jnp.arange(args[next(iter(args))].shape[0], dtype=jnp.int32)
     norm.pop("out", None)
     return Call(op, norm, call.platform)
@@ -100,12 +103,13 @@ def _check(op: str, args: dict) -> Call:
 
 def _trim(op: str, result, cut, args: dict):
     """The op's result with the bucket padding cut off (caches are never padded)."""
-    if op in ("attention", "paged_attention", "sparse_attention"):
+    decl = OPS[op]
+    if decl.family == "attention":
         return (cut.tokens(result[0]), cut.lse(result[1])) if args["return_lse"] else cut.tokens(result)
-    if op == "write_kv_cache":
+    if decl.family == "cache":
         return result
     y, state = result
-    keep = op.endswith("_step") or args["state_indices"] is not None     # the whole cache
+    keep = decl.is_step or args["state_indices"] is not None     # the whole cache
     return cut.tokens(y), state if keep else cut.states(state)
 
 
@@ -117,7 +121,7 @@ def _run(op: str, args: dict):
     if any(isinstance(x, jax.core.Tracer) for x in a.values()):
         return _impl(op)(**a)  # the caller's jax.jit compiles its own shapes; donation is its donate_argnums
     padded, cut = buckets.bucket(op, a)   # eager: a bounded set of compiled shapes
-    donate = CACHES.get(op, ("initial_state",) if a.get("state_indices") is not None else ())
+    donate = _donated(op, a)
     if not donate:
         return _trim(op, _impl(op)(**padded), cut, a)
     names = tuple(n for n, x in padded.items() if isinstance(x, jax.Array))

@@ -17,7 +17,7 @@ ENTRY_POINT_GROUP = "portable_attn.backends"
 
 # Built-in backends: "module:attribute" of each Backend instance (declarations only, no kernels).
 BUILTIN = {
-    "reference": "portable_attn.reference:BACKEND",
+    "reference": "portable_attn.backends.reference:BACKEND",
     "cpu": "portable_attn.backends.cpu:BACKEND",
     "triton": "portable_attn.backends.triton:BACKEND",
     "pallas": "portable_attn.backends.pallas:BACKEND",

@@ -7,7 +7,7 @@ import portable_attn as pa
 from portable_attn.backend import OPS, Call
 from portable_attn.errors import NotSupported
 from portable_attn.ops import make_call
-from portable_attn.reference import ReferenceBackend
+from portable_attn.backends.reference import ReferenceBackend
 from portable_attn.registry import backends
 
 I32 = torch.int32

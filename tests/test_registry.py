@@ -11,7 +11,7 @@ import portable_attn
 from portable_attn import BackendUnavailable, NotSupported, registry
 from portable_attn.backend import Backend, Call
 from portable_attn.platforms import Platform
-from portable_attn.reference import BACKEND as REFERENCE
+from portable_attn.backends.reference import BACKEND as REFERENCE
 
 
 class Fake(Backend):
@@ -154,7 +154,7 @@ def test_entry_point_backends_are_registered(monkeypatch):
 
 @pytest.mark.parametrize("target,match", [
     ("tests.test_registry:PLUGIN_MISNAMED", "must name a Backend called 'plugin'"),
-    ("portable_attn.reference:BACKEND", "already exists"),
+    ("portable_attn.backends.reference:BACKEND", "already exists"),
 ])
 def test_bad_entry_points_are_rejected(monkeypatch, target, match):
     name = "reference" if "reference" in target else "plugin"

@@ -7,10 +7,11 @@ from typing import NamedTuple
 
 import torch
 
-from .tiles import attend, band_vis, block_keys, bounds, clear, merge, store, unit, unseen
+from .tiles import attend, band_vis, block_keys, bounds, clear, lse_rows, merge, store, unit, unseen
 
 TILE = 256      # query rows per tile (x the GQA group once packed): measured on a 2-core AVX-512 host,
 MIN_TILE = 64   # fp32 flat over 64..256, bf16 best at 256; a narrower window gets tiles about its width
+FEW_QUERIES = 16  # up to this many queries (decode, speculative decode): one kernel call on views, no copies
 
 
 class Options(NamedTuple):
@@ -26,12 +27,12 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
               causal=False, window_size=(-1, -1), softcap=0.0, sinks=None, softmax_scale=None, block_mask=None,
               return_lse=False, out=None):
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
     seqs = zip(bounds(cu_seqlens_q, q.shape[0]), bounds(cu_seqlens_k, k.shape[0]))
     for s, ((qs, qe), (ks, ke)) in enumerate(seqs):
-        sequence(opts, s, q[qs:qe], k[ks:ke], v[ks:ke], 0, ke - ks, o[qs:qe], lse[:, qs:qe])
+        sequence(opts, s, q[qs:qe], k[ks:ke], v[ks:ke], 0, ke - ks, o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
 
 
@@ -51,7 +52,7 @@ def first_key(opts: Options, lq: int, lk: int) -> int:
 
 def sequence(opts: Options, s: int, q, k, v, k0: int, lk: int, o, lse) -> None:
     """Sequence s: q [Lq, Hq, D] against k, v [lk - k0, Hkv, D|Dv], its keys from position k0 on (k0 at
-    most the first position a query can see); writes o [Lq, Hq, Dv] and lse [Hq, Lq]."""
+    most the first position a query can see); writes o [Lq, Hq, Dv] and lse [Hq, Lq] (unless None)."""
     window = binding_window(opts, q.shape[0], lk)
     if window == (-1, -1) and opts.block_mask is None and opts.softcap == 0:
         _whole(opts, q, k, v, lk - q.shape[0], o, lse)
@@ -61,6 +62,9 @@ def sequence(opts: Options, s: int, q, k, v, k0: int, lk: int, o, lse) -> None:
 
 def _whole(opts, q, k, v, off, o, lse):
     """No window, mask or softcap: the kernel over the whole sequence, its own causal skipping included."""
+    if q.shape[0] <= FEW_QUERIES:
+        _few(opts, q, k, v, off, o, lse)
+        return
     # [1, H, L, D], copied head-major: ~6% faster than token-major views over a whole sequence
     qh, kh, vh = (x.permute(1, 0, 2).contiguous()[None] for x in (q, k, v))
     if not opts.causal:
@@ -75,6 +79,16 @@ def _whole(opts, q, k, v, off, o, lse):
     store(o, lse, r0, ot, lt, opts.sinks)
     if r0:
         store(o, lse, 0, *attend(qh[:, :, :r0], kh[:, :, :0], vh[:, :, :0], None, opts.scale, 0.0), opts.sinks)
+
+
+def _few(opts, q, k, v, off, o, lse):
+    """A few queries (decode): one kernel call on token-major views, the causal band (bottom-right
+    aligned: query t sits at position t + off) as a bias when it hides anything; every key is seen by the
+    last query, so no key needs clearing."""
+    lq, lk = q.shape[0], k.shape[0]
+    vis = band_vis(torch.arange(off, off + lq), torch.arange(lk), True, (-1, -1)) if opts.causal and lq > 1 else None
+    qh, kh, vh = (x.permute(1, 0, 2)[None] for x in (q, k, v))  # [1, H, L, D] views
+    store(o, lse, 0, *attend(qh, kh, vh, None if vis is None else vis[None], opts.scale, 0.0), opts.sinks)
 
 
 def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):
@@ -101,7 +115,7 @@ def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):
         else:
             kt, vt = (x.index_select(0, j - k0)[None] for x in (k, v))  # [1, K, Hkv, D]
             if dead is not None:
-                kt, vt = clear(kt, dead), clear(vt, dead)
+                kt, vt = clear(dead, kt, vt)
             kt, vt = kt.transpose(1, 2), vt.transpose(1, 2)
         qt = q[t0:t0 + n * r].view(n, r, hq, d).transpose(1, 2)  # [n, Hq, r, D]
         store(o, lse, t0, *attend(qt, kt, vt, vis, opts.scale, opts.softcap), opts.sinks)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .states import emit, finish, gather, initial_states, scatter
+from .states import emit, finish, initial_states, update_rows
 
 
 def _act(y, bias, activation):
@@ -39,6 +39,9 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
 
 
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None):
-    window = torch.cat([gather(state, state_indices), x.float()[..., None]], dim=-1)   # [bsz, C, W]
-    scatter(state, state_indices, window[..., 1:])
-    return emit(_act((window * weight.float()).sum(-1), bias, activation), out, x.dtype)
+    def step(s):                                                             # [bsz, C, W-1], in place
+        window = torch.cat([s, x.float()[..., None]], dim=-1)               # [bsz, C, W]
+        s.copy_(window[..., 1:])
+        return emit(_act((window * weight.float()).sum(-1), bias, activation), out, x.dtype)
+
+    return update_rows(state, state_indices, step)

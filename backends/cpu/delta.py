@@ -1,10 +1,10 @@
-"""The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): chunked, see `chunked.delta`."""
+"""The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): chunked, see `chunk.delta`."""
 from __future__ import annotations
 
 import torch
 
-from .chunked import delta, split, sweep
-from .states import emit, gather, run_sequences, scatter
+from .chunk import delta, split, sweep
+from .states import emit, run_sequences, update_rows
 
 
 def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -37,10 +37,15 @@ def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=
     hv = v.shape[1]
     q, k = (_l2norm(q), _l2norm(k)) if use_qk_l2norm else (q.float(), k.float())
     q, k = q.repeat_interleave(hv // q.shape[1], 1), k.repeat_interleave(hv // k.shape[1], 1)  # [bsz, Hv, K]
-    s = gather(state, state_indices)                                           # [bsz, Hv, K, V]
     a = g.float().exp()
-    s *= a[..., None, None] if a.dim() == 2 else a[..., None]                   # S' = diag(exp(g_t)) S
-    u = beta.float()[..., None] * (v.float() - (k[..., None, :] @ s).squeeze(-2))  # beta (v - S'^T k)
-    s += k[..., None] * u[..., None, :]                                        # S' + k u^T
-    scatter(state, state_indices, s)
-    return emit(scale * (q[..., None, :] @ s).squeeze(-2), out, v.dtype)
+    a = a[..., None, None] if a.dim() == 2 else a[..., None]
+
+    def step(s):                                                               # [bsz, Hv, K, V], in place
+        s *= a                                                                 # S' = diag(exp(g_t)) S
+        kq = torch.stack([k, q], -2) @ s                                       # [bsz, Hv, 2, V]: one read of S'
+        u = beta.float()[..., None] * (v.float() - kq[..., 0, :])              # beta (v - S'^T k)
+        s.addcmul_(k[..., None], u[..., None, :])                              # S' + k u^T
+        o = kq[..., 1, :] + (q * k).sum(-1, keepdim=True) * u                  # (S' + k u^T)^T q
+        return emit(scale * o, out, v.dtype)
+
+    return update_rows(state, state_indices, step)

@@ -1,10 +1,10 @@
-"""Linear attention and GLA (SPEC `linear_attention`): chunked, see `chunked.linear`."""
+"""Linear attention and GLA (SPEC `linear_attention`): chunked, see `chunk.linear`."""
 from __future__ import annotations
 
 import torch
 
-from .chunked import linear, split, sweep
-from .states import emit, gather, run_sequences, scatter
+from .chunk import linear, split, sweep
+from .states import emit, run_sequences, update_rows
 
 
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
@@ -25,10 +25,11 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
 
 
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
-    s = gather(state, state_indices)                              # [bsz, H, K, V]
-    if g is not None:
-        a = g.float().exp()
-        s *= a[..., None, None] if a.dim() == 2 else a[..., None]  # diag(exp(g_t)) S
-    s += k.float()[..., None] * v.float()[..., None, :]           # + k_t^T v_t
-    scatter(state, state_indices, s)
-    return emit(scale * (q.float()[..., None, :] @ s).squeeze(-2), out, q.dtype)
+    def step(s):                                                  # [bsz, H, K, V], in place
+        if g is not None:
+            a = g.float().exp()
+            s *= a[..., None, None] if a.dim() == 2 else a[..., None]  # diag(exp(g_t)) S
+        s.addcmul_(k.float()[..., None], v.float()[..., None, :])  # + k_t^T v_t
+        return emit(scale * (q.float()[..., None, :] @ s).squeeze(-2), out, q.dtype)
+
+    return update_rows(state, state_indices, step)

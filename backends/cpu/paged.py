@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 
 from .attention import Options, first_key, sequence
-from .tiles import attend, bounds, clear, store, unseen
+from .tiles import attend, bounds, clear, lse_rows, store, unseen
+from .workspace import buffer
 
 GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16 MiB: measured best)
 
@@ -15,7 +16,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     lens = seqused_k.tolist()
     if cu_seqlens_q is None or q.shape[0] == len(lens) and bool((cu_seqlens_q.diff() == 1).all()):  # decode
@@ -26,48 +27,71 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
             b0 = first_key(opts, qe - qs, lens[s]) // bs
             blocks = block_table[s, b0:-(-lens[s] // bs)].long()
             k, v = (c.index_select(0, blocks).flatten(0, 1)[:lens[s] - b0 * bs] for c in (k_cache, v_cache))
-            sequence(opts, s, q[qs:qe], k, v, b0 * bs, lens[s], o[qs:qe], lse[:, qs:qe])
+            sequence(opts, s, q[qs:qe], k, v, b0 * bs, lens[s], o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
 
 
 def _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse):
     """One query per sequence, at position Lk - 1: batches of sequences, keys gathered block-padded."""
-    nseq, bs = len(lens), k_cache.shape[1]
-    first = torch.tensor([first_key(opts, 1, n) for n in lens], dtype=torch.long)  # [S]
-    b0 = first // bs
-    nblocks = -(-torch.tensor(lens, dtype=torch.long) // bs) - b0
-    counts = nblocks.tolist()
+    bs = k_cache.shape[1]
+    first = [first_key(opts, 1, n) for n in lens]
+    b0 = [f // bs for f in first]
+    counts = [-(-n // bs) - b for n, b in zip(lens, b0)]
     row_bytes = bs * k_cache.shape[2] * (k_cache.shape[3] + v_cache.shape[3]) * k_cache.element_size()
+    for a, b, m in _batches(counts, row_bytes):
+        ids = _block_ids(block_table[a:b], b0[a:b], counts[a:b], m)
+        kt, vt = (torch.index_select(c, 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], *c.shape[1:]), c.dtype))
+                  .view(b - a, m * bs, *c.shape[2:]) for n, c in (("k", k_cache), ("v", v_cache)))  # [C, m*BS, Hkv, D]
+        vis = _visible(opts, a, [p * bs for p in b0[a:b]], first[a:b], lens[a:b], m * bs)
+        if vis is not None:
+            dead = unseen(vis, k_cache.shape[2])  # padding, slots past seqused_k, keys outside the window or mask
+            if dead is not None:
+                kt, vt = clear(dead, kt, vt)
+        ot, lt = attend(q[a:b, :, None], kt.transpose(1, 2), vt.transpose(1, 2), vis, opts.scale, opts.softcap)
+        store(o, lse, a, ot, lt, opts.sinks)  # n = C tiles of one row
+
+
+def _batches(counts: list[int], row_bytes: int) -> list[tuple[int, int, int]]:
+    """(a, b, m): sequences a .. b - 1 gathered together, m blocks each, each batch grown while its
+    block-padded gather fits GATHER_BUDGET."""
     batches, a = [], 0
-    while a < nseq:  # grow each batch while its block-padded gather fits the budget
+    while a < len(counts):
         b, m = a + 1, counts[a]
-        while b < nseq and (b + 1 - a) * max(m, counts[b]) * row_bytes <= GATHER_BUDGET:
+        while b < len(counts) and (b + 1 - a) * max(m, counts[b]) * row_bytes <= GATHER_BUDGET:
             m = max(m, counts[b])
             b += 1
         batches.append((a, b, m))
         a = b
-    # one buffer per cache for all batches: fresh pages cost more than the copy into them
-    most = max([(b - a) * m for a, b, m in batches] + [0])
-    bufs = [c.new_empty(most, *c.shape[1:]) for c in (k_cache, v_cache)]
-    for a, b, m in batches:
-        cols = torch.arange(m)
-        used = cols < nblocks[a:b, None]  # [C, m]
-        where = (b0[a:b, None] + cols).clamp(max=block_table.shape[1] - 1)
-        ids = torch.where(used, block_table[a:b].long().gather(1, where), 0)  # unused: any block in range
-        kt, vt = (torch.index_select(c, 0, ids.flatten(), out=buf[:(b - a) * m]).view(b - a, m * bs, *c.shape[2:])
-                  for c, buf in zip((k_cache, v_cache), bufs))  # [C, m*BS, Hkv, D]
-        j = b0[a:b, None] * bs + torch.arange(m * bs)  # [C, K] key positions
-        lk = torch.tensor(lens[a:b], dtype=torch.long)[:, None]
-        vis = ((j >= first[a:b, None]) & (j < lk))[:, None, None]  # [C, 1, 1, K]
-        if opts.block_mask is not None:
-            vis = vis & torch.stack([opts.block_mask.visible(s, lk[s - a] - 1, j[s - a])
-                                     for s in range(a, b)])  # [C, Hm, 1, K]
-        dead = unseen(vis, k_cache.shape[2])  # padding, slots past seqused_k, keys outside the window or mask
-        if dead is not None:
-            kt, vt = clear(kt, dead), clear(vt, dead)
-        vis = None if bool(vis.all()) else vis
-        ot, lt = attend(q[a:b, :, None], kt.transpose(1, 2), vt.transpose(1, 2), vis, opts.scale, opts.softcap)
-        store(o, lse, a, ot, lt, opts.sinks)  # n = C tiles of one row
+    return batches
+
+
+def _block_ids(table, b0: list[int], counts: list[int], m: int):
+    """The cache block of each (sequence, column) of a batch, flat [C * m]: table[s, b0[s] + col] for the
+    sequence's `counts[s]` used columns, block 0 past them (any block in range: its keys get cleared)."""
+    if not any(b0) and all(n == m for n in counts):  # every column used: the table's own entries
+        return table[:, :m].flatten()
+    cols = torch.arange(m)
+    used = cols < torch.tensor(counts)[:, None]  # [C, m]
+    where = (torch.tensor(b0)[:, None] + cols).clamp(max=table.shape[1] - 1)
+    return torch.where(used, table.long().gather(1, where), 0).flatten()
+
+
+def _visible(opts, a: int, start: list[int], first: list[int], lens: list[int], nk: int):
+    """bool [C, 1|Hm, 1, nk]: which of its nk gathered keys (key i at position start[s] + i) the query of
+    each sequence a + s sees; None when each sees all of them."""
+    lo = [f - p for f, p in zip(first, start)]   # first and one-past-last visible gathered key
+    hi = [n - p for n, p in zip(lens, start)]
+    if opts.block_mask is None and not any(lo) and all(n == nk for n in hi):
+        return None
+    i = torch.arange(nk)
+    vis = i < torch.tensor(hi)[:, None]                                            # [C, nk]
+    if any(lo):
+        vis &= i >= torch.tensor(lo)[:, None]
+    if opts.block_mask is not None:
+        j, last = torch.tensor(start)[:, None] + i, torch.tensor(lens)[:, None] - 1  # key, query positions
+        vis = vis[:, None, None] & torch.stack([opts.block_mask.visible(a + s, last[s], j[s])
+                                          for s in range(len(lens))])             # [C, Hm, 1, nk]
+    return vis.view(vis.shape[0], -1, 1, nk)
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):

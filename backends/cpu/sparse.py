@@ -15,7 +15,7 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
     hkv = indices.shape[1]
     topk = indices.shape[2] if k.shape[0] else 0  # no keys at all: nothing can be listed
     o = out if out is not None else q.new_empty(tq, hq, v.shape[2])
-    lse = torch.empty(hq, tq, dtype=torch.float32)
+    lse = torch.empty(hq, tq, dtype=torch.float32) if return_lse else None
     start = torch.zeros(tq, dtype=torch.long)  # first key row of each query's sequence
     if cu_seqlens_q is not None:
         start = torch.repeat_interleave(cu_seqlens_k[:-1].long(), (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).long(),
@@ -28,7 +28,7 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
         kt, vt = k[rows, heads], v[rows, heads]                  # [C, Hkv, topk, D]
         dead, vis = idx < 0, None
         if bool(dead.any()):  # a -1 slot read a clamped row, which may hold NaN
-            kt, vt = clear(kt, dead), clear(vt, dead)
+            kt, vt = clear(dead, kt, vt)
             vis = (~dead).repeat_interleave(hq // hkv, dim=1)[:, :, None]  # [C, Hq, 1, topk]
         ot, lt = attend(q[t0:t0 + step, :, None], kt, vt, vis, softmax_scale, softcap)
         store(o, lse, t0, ot, lt, sinks)  # C tiles of one row

@@ -1,12 +1,12 @@
 """Mamba-2 SSD (SPEC `ssd`): linear attention with q = C, k = B, v = d x, log-decay d A (state [P, N]
-is the transposed linear-attention state [N, P]); chunked, see `chunked.linear`."""
+is the transposed linear-attention state [N, P]); chunked, see `chunk.linear`."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from .chunked import linear, split, sweep
-from .states import emit, gather, run_sequences, scatter
+from .chunk import linear, split, sweep
+from .states import emit, run_sequences, update_rows
 
 
 def _dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -55,9 +55,11 @@ def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus
     h = x.shape[1]
     d = _dt(dt, dt_bias, dt_softplus, dt_limit)                                   # [bsz, H]
     Bh, Ch = (t.float().repeat_interleave(h // t.shape[1], 1) for t in (B, C))    # [bsz, H, N]
-    s = gather(state, state_indices)                                              # [bsz, H, P, N]
-    s *= (d * A.float()).exp()[..., None, None]                                   # exp(d A) h
-    s += (d[..., None] * x.float())[..., None] * Bh[..., None, :]                 # + d x B^T
-    scatter(state, state_indices, s)
-    Dc = None if D is None else D.float().view(h, -1)                               # [H, 1|P]
-    return emit(_skip_gate((s @ Ch[..., None]).squeeze(-1), x.float(), Dc, z), out, x.dtype)
+    Dc = None if D is None else D.float().view(h, -1)                             # [H, 1|P]
+
+    def step(s):                                                                  # [bsz, H, P, N], in place
+        s *= (d * A.float()).exp()[..., None, None]                               # exp(d A) h
+        s.addcmul_((d[..., None] * x.float())[..., None], Bh[..., None, :])       # + d x B^T
+        return emit(_skip_gate((s @ Ch[..., None]).squeeze(-1), x.float(), Dc, z), out, x.dtype)
+
+    return update_rows(state, state_indices, step)

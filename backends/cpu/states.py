@@ -4,7 +4,7 @@ Sequence forms: `initial_states` gives every sequence's starting state in float3
 the cache row `state_indices[i]`, or zero where that index is -1, `has_initial_state[i]` is False or
 nothing is given) and `finish` puts the final states where they go (the cache rows in place, in the
 cache's dtype, -1 skipped; or a new `final_state`). `run_sequences` drives a per-sequence kernel between
-the two. Step forms: one `gather` of the state rows, one in-place `scatter` back.
+the two. Step forms: `update_rows`.
 """
 from __future__ import annotations
 
@@ -12,18 +12,48 @@ from typing import Callable
 
 import torch
 
+from .workspace import buffer
 
-def gather(cache: torch.Tensor, rows: torch.Tensor, read: torch.Tensor | None = None) -> torch.Tensor:
-    """float32 copies of `cache[rows]`, zero where a row is -1 (or `read` is False)."""
+
+def gather(cache: torch.Tensor, rows: torch.Tensor, read: torch.Tensor | None = None,
+           into: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 copies of `cache[rows]` (written into `into` when given), zero where a row is -1 (or `read`
+    is False): only those rows are zeroed, not a pass over all."""
     keep = rows >= 0 if read is None else (rows >= 0) & read
-    states = cache.index_select(0, rows.clamp(min=0).long()).float()
-    return states.masked_fill_(~keep.view((-1,) + (1,) * (states.dim() - 1)), 0.0)
+    safe = rows.clamp(min=0)
+    if into is None:
+        states = cache.index_select(0, safe).float()
+    elif into.dtype == cache.dtype:
+        states = torch.index_select(cache, 0, safe, out=into)
+    else:
+        states = into.copy_(cache.index_select(0, safe))
+    if not bool(keep.all()):
+        states.index_fill_(0, (~keep).nonzero().squeeze(1), 0.0)
+    return states
 
 
 def scatter(cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor) -> None:
     """`cache[rows] = states` in place, in the cache's dtype; -1 rows are skipped."""
-    keep = rows >= 0
-    cache.index_copy_(0, rows[keep].long(), states[keep].to(cache.dtype))
+    if bool((rows >= 0).all()):
+        cache.index_copy_(0, rows.long(), states.to(cache.dtype))
+        return
+    keep = (rows >= 0).nonzero().squeeze(1)
+    cache.index_copy_(0, rows.index_select(0, keep).long(), states.index_select(0, keep).to(cache.dtype))
+
+
+def update_rows(cache: torch.Tensor, rows: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor]):
+    """A step form's state update: `step(s)` gets the float32 states s [bsz, *tail] of the listed cache
+    rows (zero for a -1 row), updates them in place and returns the step's output, which this returns
+    after the rows are back in the cache. Consecutive rows of a float32 cache are updated where they
+    lie; otherwise through scratch buffers kept across calls (fresh multi-MB copies cost page faults)."""
+    idx = rows.tolist()
+    if cache.dtype == torch.float32 and idx and idx[0] >= 0 and idx == list(range(idx[0], idx[0] + len(idx))):
+        return step(cache[idx[0]:idx[0] + len(idx)])
+    shape = (len(idx), *cache.shape[1:])
+    s = gather(cache, rows, into=buffer("states", shape, torch.float32))
+    y = step(s)
+    scatter(cache, rows, s if cache.dtype == torch.float32 else buffer("states.cache", shape, cache.dtype).copy_(s))
+    return y
 
 
 def initial_states(initial_state, state_indices, has_initial_state, nseq: int, tail: tuple, device) -> torch.Tensor:

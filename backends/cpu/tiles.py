@@ -107,11 +107,17 @@ def add_sinks(o, lse, sinks):
 
 def store(o, lse, t0: int, ot, lt, sinks) -> None:
     """Write n tiles of r rows, ot [n, Hq, r, Dv] and lt [n, Hq, r], to query rows t0 .. t0 + n*r of
-    o [Tq, Hq, Dv] and lse [Hq, Tq], joining the sinks first."""
+    o [Tq, Hq, Dv] and lse [Hq, Tq] (None: not wanted), joining the sinks first."""
     ot, lt = add_sinks(ot, lt, sinks)
     n, hq, r, dv = ot.shape
     o[t0:t0 + n * r].view(n, r, hq, dv).copy_(ot.transpose(1, 2))
-    lse[:, t0:t0 + n * r].view(hq, n, r).copy_(lt.transpose(0, 1))
+    if lse is not None:
+        lse[:, t0:t0 + n * r].view(hq, n, r).copy_(lt.transpose(0, 1))
+
+
+def lse_rows(lse, start: int, end: int):
+    """The columns start .. end of lse [Hq, Tq], or None when lse is not wanted."""
+    return None if lse is None else lse[:, start:end]
 
 
 def band_vis(p, j, causal: bool, window: tuple[int, int]):
@@ -137,15 +143,17 @@ def unseen(vis, hkv: int):
     return None if bool(seen.all()) else ~seen.transpose(1, 2)
 
 
-def clear(x, dead):
-    """Gathered keys or values x with the entries where `dead` (x's leading axes; a last axis of 1 spans
-    the rest) zeroed, in place when x is contiguous: memory no query sees may hold NaN or Inf, which a
+def clear(dead, *xs) -> list:
+    """Gathered keys and values xs with the entries where `dead` (their leading axes; a last axis of 1
+    spans the rest) zeroed, in place when contiguous: memory no query sees may hold NaN or Inf, which a
     masked score or a zero weight would still carry (0 * NaN = NaN). index_fill_ on row numbers: a
     bool-mask assignment costs a pass over all of x."""
-    x = x.contiguous()
     dead = dead[..., 0] if dead.shape[-1] == 1 else dead
-    x.view(dead.numel(), -1).index_fill_(0, dead.flatten().nonzero().squeeze(1), 0)
-    return x
+    rows = dead.flatten().nonzero().squeeze(1)
+    xs = [x.contiguous() for x in xs]
+    for x in xs:
+        x.view(dead.numel(), -1).index_fill_(0, rows, 0)
+    return xs
 
 
 def block_keys(bm, s: int, p, lo: int, hi: int):

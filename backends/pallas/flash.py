@@ -69,13 +69,10 @@ def _kernel(st: Static, opts_ref, p0_ref, lo_ref, hi_ref, cnt_ref, kvj_ref, tile
                    & ((right < 0) | (j <= p + right)))
         if st.has_mask:
             visible &= (part_ref[t * st.nv + n] < 0) | (pm_ref[...] != 0)
-        # value rows no query of the tile sees are zeroed: their 0 weights would still carry NaN/Inf
-        # bits (a page's slots past seqused_k) into the product
-        jc = kvj_ref[t * st.nv + n] * st.bk + jax.lax.broadcasted_iota(jnp.int32, (st.bk, 1), 0)   # [bk, 1]
-        p_min, p_max = jnp.maximum(p0_ref[w], lo_ref[w]), jnp.minimum(p0_ref[w] + st.bq, hi_ref[w]) - 1  # its queries
-        seen = ((jc < hi_ref[w]) & ((opts_ref[0] == 0) | (jc <= p_max)) & ((left < 0) | (jc >= p_min - left))
-                & ((right < 0) | (jc <= p_max + right)))
-        v = jnp.where(seen, v_ref[...], 0)
+        # a masked weight is 0, but 0 * NaN is NaN: non-finite values (a page's slots past seqused_k, keys a
+        # block mask hides) must not reach the product
+        v = v_ref[...]
+        v = jnp.where(jnp.isfinite(v), v, 0)
         m, l, acc = softmax.update(s, visible, v, m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...])
         m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
         l_sc[...] = jnp.broadcast_to(l, l_sc.shape)

@@ -46,9 +46,11 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     block_d, block_dv = triton.next_power_of_2(d), triton.next_power_of_2(dv)
     block_h = max(1, min(triton.next_power_of_2(hkv), TILE // max(block_d, block_dv)))
     _write_kv_kernel[(t, triton.cdiv(hkv, block_h))](
-        k, v, k_cache, v_cache, slot_mapping,
-        hkv, d, dv, nb * bs, bs, slot_mapping.stride(0),
-        *k.stride(), *v.stride(), *k_cache.stride(), *v_cache.stride(),
+        k_ptr=k, v_ptr=v, kc_ptr=k_cache, vc_ptr=v_cache, slot_ptr=slot_mapping,
+        H=hkv, D=d, DV=dv, NSLOTS=nb * bs, BS=bs, sm_st=slot_mapping.stride(0),
+        k_st=k.stride(0), k_sh=k.stride(1), k_sd=k.stride(2), v_st=v.stride(0), v_sh=v.stride(1), v_sd=v.stride(2),
+        kc_sb=k_cache.stride(0), kc_ss=k_cache.stride(1), kc_sh=k_cache.stride(2), kc_sd=k_cache.stride(3),
+        vc_sb=v_cache.stride(0), vc_ss=v_cache.stride(1), vc_sh=v_cache.stride(2), vc_sd=v_cache.stride(3),
         BLOCK_H=block_h, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=1 if block_h * max(block_d, block_dv) <= 512 else 4)
     return None

@@ -22,7 +22,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import dense, silu
+from .common import dense, silu, stride
 from .tuning import recurrent
 
 TILE = 4096  # most window elements (channels x columns) one program holds
@@ -174,26 +174,20 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     e = recurrent(x)
     y = out if out is not None else x.new_empty(x.shape)
     state = NO_STATE if initial_state is None else (CACHE if state_indices is not None else PER_SEQUENCE)
-    dummy = x
-    cu = dummy if cu_seqlens is None else cu_seqlens
-    s = dummy if initial_state is None else initial_state
-    idx = dummy if state_indices is None else state_indices
-    has = dummy if has_initial_state is None else has_initial_state
-    s_st = (0, 0, 0) if initial_state is None else tuple(initial_state.stride())
-    common = dict(VARLEN=cu_seqlens is not None, STATE=state, HAS_FLAGS=has_initial_state is not None)
-    cu_s = 0 if cu_seqlens is None else cu_seqlens.stride(0)
-    idx_s = 0 if state_indices is None else state_indices.stride(0)
-    has_s = 0 if has_initial_state is None else has_initial_state.stride(0)
-    slots = 0 if initial_state is None else initial_state.shape[0]
-    launch = {"num_warps": e.num_warps, "num_stages": 1, **dict(e.options)}
+    # what both passes read: x, the packing and the initial states
+    common = dict(x_ptr=x, cu_ptr=cu_seqlens, s_ptr=initial_state, idx_ptr=state_indices,
+                  has_ptr=has_initial_state, x_st=x.stride(0), x_sc=x.stride(1), cu_s=stride(cu_seqlens, 0),
+                  s_ss=stride(initial_state, 0), s_sc=stride(initial_state, 1), s_sw=stride(initial_state, 2),
+                  idx_s=stride(state_indices, 0), has_s=stride(has_initial_state, 0), T=n_tok, C=ch, W=wd,
+                  SLOTS=0 if initial_state is None else initial_state.shape[0],
+                  VARLEN=cu_seqlens is not None, STATE=state, HAS_FLAGS=has_initial_state is not None,
+                  num_warps=e.num_warps, num_stages=1, **dict(e.options))
     block_c = _block_c(e.block_c, ch, 1)
     if n_tok and ch and nseq:
         _conv_kernel[(triton.cdiv(n_tok, e.block_t), triton.cdiv(ch, block_c))](
-            x, weight, dummy if bias is None else bias, cu, s, idx, has, y,
-            *x.stride(), *weight.stride(), cu_s, *s_st, idx_s, has_s, *y.stride(),
-            n_tok, ch, wd, nseq, slots, max(nseq - 1, 0).bit_length(),
-            **common, HAS_BIAS=bias is not None, SILU=activation == "silu", BLOCK_T=e.block_t, BLOCK_C=block_c,
-            **launch)
+            w_ptr=weight, bias_ptr=bias, y_ptr=y, w_sc=weight.stride(0), w_sw=weight.stride(1), y_st=y.stride(0),
+            y_sc=y.stride(1), NSEQ=nseq, STEPS=max(nseq - 1, 0).bit_length(), HAS_BIAS=bias is not None,
+            SILU=activation == "silu", BLOCK_T=e.block_t, BLOCK_C=block_c, **common)
     if state_indices is not None:
         final = initial_state
     elif output_final_state:
@@ -204,10 +198,8 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
         block_w = triton.next_power_of_2(wd - 1)
         block_c = _block_c(e.block_c, ch, block_w)
         _final_kernel[(nseq, triton.cdiv(ch, block_c))](
-            x, cu, s, idx, has, final,
-            *x.stride(), cu_s, *s_st, idx_s, has_s, *final.stride(),
-            n_tok, ch, wd, slots, **common, IN_PLACE=state_indices is not None, BLOCK_C=block_c,
-            BLOCK_W=block_w, **launch)
+            f_ptr=final, f_ss=final.stride(0), f_sc=final.stride(1), f_sw=final.stride(2),
+            IN_PLACE=state_indices is not None, BLOCK_C=block_c, BLOCK_W=block_w, **common)
     return y, final if output_final_state else None
 
 
@@ -223,8 +215,10 @@ def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_in
     block_c = _block_c(e.step_block_c, ch, block_w)
     dense_rows = wd == 1 or (state.stride(1) == wd - 1 and (wd == 2 or state.stride(2) == 1))
     _step_kernel[(bsz, triton.cdiv(ch, block_c))](
-        x, weight, x if bias is None else bias, state, state_indices, y,
-        *x.stride(), *weight.stride(), *state.stride(), state_indices.stride(0), *y.stride(),
-        ch, state.shape[0], W=wd, DENSE=dense_rows, HAS_BIAS=bias is not None, SILU=activation == "silu",
-        BLOCK_C=block_c, BLOCK_W=block_w, num_warps=e.num_warps, num_stages=1, **dict(e.options))
+        x_ptr=x, w_ptr=weight, bias_ptr=bias, s_ptr=state, idx_ptr=state_indices, y_ptr=y,
+        x_sb=x.stride(0), x_sc=x.stride(1), w_sc=weight.stride(0), w_sw=weight.stride(1), s_ss=state.stride(0),
+        s_sc=state.stride(1), s_sw=state.stride(2), idx_s=state_indices.stride(0), y_sb=y.stride(0),
+        y_sc=y.stride(1), C=ch, SLOTS=state.shape[0], W=wd, DENSE=dense_rows, HAS_BIAS=bias is not None,
+        SILU=activation == "silu", BLOCK_C=block_c, BLOCK_W=block_w, num_warps=e.num_warps, num_stages=1,
+        **dict(e.options))
     return y

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import BIG, INTERPRET, clamp, dot, finish, join_sink, softmax_step, tanh
+from .common import BIG, INTERPRET, clamp, dot, finish, join_sink, softmax_step, stride, tanh
 from .tuning import entry
 
 MAX_SPLITS = 64
@@ -184,29 +184,30 @@ def decode_split(q, k_cache, v_cache, block_table, seqused_k, *, window_size=(-1
     block_dv = max(triton.next_power_of_2(dv), e.min_dot)
     block_n = max(e.block_n if max(block_d, block_dv) <= 128 else e.big_head_block_n, e.min_dot)
     launch = {"num_warps": max(1, min(e.num_warps, 4)), "num_stages": e.num_stages, **dict(e.options)}
-    sink_arg = sinks if sinks is not None else lse  # never read without HAS_SINKS
-    if num_splits == 1:
-        ow, lw = o, lse
-        ow_strides = (o.stride(0), o.stride(1), 0, o.stride(2))
-        lw_strides = (lse.stride(1), lse.stride(0), 0)
+    if num_splits == 1:  # pass 1 writes the output itself: o [S, Hq, 1, Dv] and lse [S, Hq, 1], one split
+        ow, lw = o.unsqueeze(2), lse.t().unsqueeze(2)
     else:
         ow = torch.empty(nseq, hq, num_splits, dv, dtype=torch.float32, device=q.device)
         lw = torch.empty(nseq, hq, num_splits, dtype=torch.float32, device=q.device)
-        ow_strides, lw_strides = ow.stride(), lw.stride()
     _split_kernel[(nseq, hkv * (group // heads), num_splits)](
-        q, k_cache, v_cache, block_table, seqused_k, sink_arg, ow, lw,
-        *q.stride(), *k_cache.stride(), *v_cache.stride(), *block_table.stride(), seqused_k.stride(0),
-        sink_arg.stride(-1),
-        *ow_strides, *lw_strides,
-        nb, block_table.shape[1] if nb else 0, bs, group, heads, d, dv, num_splits, left,  # no blocks: no keys
-        scale, float(softcap),
+        q_ptr=q, kc_ptr=k_cache, vc_ptr=v_cache, bt_ptr=block_table, su_ptr=seqused_k, sink_ptr=sinks, o_ptr=ow,
+        lse_ptr=lw,
+        q_ss=q.stride(0), q_sh=q.stride(1), q_sd=q.stride(2),
+        kc_sb=k_cache.stride(0), kc_ss=k_cache.stride(1), kc_sh=k_cache.stride(2), kc_sd=k_cache.stride(3),
+        vc_sb=v_cache.stride(0), vc_ss=v_cache.stride(1), vc_sh=v_cache.stride(2), vc_sd=v_cache.stride(3),
+        bt_ss=block_table.stride(0), bt_sb=block_table.stride(1), su_st=seqused_k.stride(0),
+        sk_st=stride(sinks, 0), o_ss=ow.stride(0), o_sh=ow.stride(1), o_sp=ow.stride(2), o_sd=ow.stride(3),
+        l_ss=lw.stride(0), l_sh=lw.stride(1), l_sp=lw.stride(2),
+        NB=nb, MB=block_table.shape[1] if nb else 0, BS=bs, G=group, HEADS=heads, D=d, DV=dv,  # no blocks: no keys
+        SPLITS=num_splits, LEFT=left, scale=scale, softcap=float(softcap),
         FINAL=num_splits == 1, HAS_SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
         BLOCK_G=block_g, BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_DV=block_dv, **launch)
     if num_splits > 1:
         _merge_kernel[(nseq, hq)](
-            ow, lw, sink_arg, o, lse,
-            *ow.stride(), *lw.stride(), *o.stride(), lse.stride(1), lse.stride(0), sink_arg.stride(-1),
-            num_splits, dv,
+            ow_ptr=ow, lw_ptr=lw, sink_ptr=sinks, o_ptr=o, lse_ptr=lse,
+            ow_ss=ow.stride(0), ow_sh=ow.stride(1), ow_sp=ow.stride(2), ow_sd=ow.stride(3), lw_ss=lw.stride(0),
+            lw_sh=lw.stride(1), lw_sp=lw.stride(2), o_ss=o.stride(0), o_sh=o.stride(1), o_sd=o.stride(2),
+            l_ss=lse.stride(1), l_sh=lse.stride(0), sk_st=stride(sinks, 0), SPLITS=num_splits, DV=dv,
             HAS_SINKS=sinks is not None, BLOCK_SPLITS=triton.next_power_of_2(num_splits), BLOCK_DV=block_dv,
             num_warps=launch["num_warps"])
     return (o, lse) if return_lse else o

@@ -34,7 +34,7 @@ import triton.language as tl
 
 from portable_attn.masks import EMPTY, FULL, PARTIAL
 
-from .common import BIG, LOG2E, dense, dot, tanh
+from .common import BIG, LOG2E, dense, dot, stride, tanh
 from .tuning import flash_tiles
 
 MASK_PARTIAL = tl.constexpr(PARTIAL)
@@ -294,6 +294,46 @@ def mask_tables(bm, rows: int, block_n: int, heads: int):
     return state.to(torch.int8).contiguous(), count.contiguous(), order.contiguous(), nrows, nkt
 
 
+def _kv_args(k, v, block_table) -> dict:
+    """The flash kernel's key/value keyword arguments: strides of k, v [Tk, Hkv, D] (block stride 0), or of
+    the caches [NB, BS, Hkv, D] and the block table (PAGED), and the sizes Tk, NB, BS, MAXB."""
+    if block_table is None:
+        return dict(sk_b=0, sk_t=k.stride(0), sk_h=k.stride(1), sk_d=k.stride(2), sv_b=0, sv_t=v.stride(0),
+                    sv_h=v.stride(1), sv_d=v.stride(2), sbt_s=0, sbt_b=0, Tk=k.shape[0], NB=1, BS=1, MAXB=1)
+    nb, bs = k.shape[:2]
+    if bs == 0:  # a cache without slots: every key is masked (and no division by zero)
+        nb, bs = 0, 1
+    return dict(sk_b=k.stride(0), sk_t=k.stride(1), sk_h=k.stride(2), sk_d=k.stride(3), sv_b=v.stride(0),
+                sv_t=v.stride(1), sv_h=v.stride(2), sv_d=v.stride(3), sbt_s=block_table.stride(0),
+                sbt_b=block_table.stride(1), Tk=0, NB=nb, BS=bs, MAXB=block_table.shape[1])
+
+
+def _mask_args(block_mask, tiles, device) -> dict:
+    """The flash kernel's block-mask keyword arguments: the mask's tensors and the tables of `mask_tables`
+    (None without a mask), their sizes and strides, and the HAS_MASK, MASK_SEQS, MASK_HEADS constexprs."""
+    if block_mask is None:
+        return dict(LAYOUT=None, PIDX=None, PMASK=None, TSTATE=None, TCUM=None, TIDX=None, bq=1, bk=1, nqb=1, nkb=1,
+                    rq=1, nrows=1, nkt=1, n_pm=1, lay_ss=0, lay_sh=0, tab_ss=0, tab_sh=0, HAS_MASK=False,
+                    MASK_SEQS=False, MASK_HEADS=False)
+    bq, bk = block_mask.block_size
+    ns, nh, nqb, nkb = block_mask.layout.shape
+    tstate, tcount, tidx, nrows, nkt = mask_tables(block_mask, tiles.mask_rows, tiles.block_n, tiles.heads)
+    layout = block_mask.layout.contiguous()
+    pidx = block_mask.partial_index.contiguous()
+    pmask = block_mask.partial_masks.contiguous().view(torch.uint8)
+    n_pm = pmask.shape[0]
+    if n_pm == 0:  # keep every (masked) gather address inside a real tensor
+        pmask = torch.zeros((1, bq, bk), dtype=torch.uint8, device=device)
+    if layout.numel() == 0:
+        layout = torch.zeros(1, dtype=torch.int8, device=device)
+        pidx = torch.full((1,), -1, dtype=torch.int32, device=device)
+    packs = nh // tiles.heads if nh > 1 else 1
+    return dict(LAYOUT=layout, PIDX=pidx, PMASK=pmask, TSTATE=tstate, TCUM=tcount, TIDX=tidx, bq=bq, bk=bk,
+                nqb=nqb, nkb=nkb, rq=tiles.mask_rows, nrows=nrows, nkt=nkt, n_pm=max(n_pm, 1),
+                lay_ss=nh * nqb * nkb, lay_sh=nqb * nkb, tab_ss=packs * nrows * (nkt + 1), tab_sh=nrows * (nkt + 1),
+                HAS_MASK=True, MASK_SEQS=ns > 1, MASK_HEADS=nh > 1)
+
+
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
@@ -305,7 +345,6 @@ def forward(q, k, v, o, lse, *, cu_q=None, cu_k=None, seqused=None, block_table=
     lse [Hq, Tq] (or None) are written. Returns the grid (None when there is nothing to compute).
     `visits` (int32, at least 2 x grid size), when given, receives per program the key tiles it
     visited and how many of them took an element mask (a test hook)."""
-    paged = block_table is not None
     cu_q, cu_k, seqused, sinks = dense(cu_q, cu_k, seqused, sinks)  # read by bare offsets
     tq, hq, d = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]
@@ -327,51 +366,15 @@ def forward(q, k, v, o, lse, *, cu_q=None, cu_k=None, seqused=None, block_table=
     cap2 = softcap * LOG2E if softcap > 0 else 0.0
     inv_cap = scale / softcap if softcap > 0 else 0.0
 
-    if block_mask is not None:
-        bm = block_mask
-        bq, bk = bm.block_size
-        ns, nh, nqb, nkb = bm.layout.shape
-        tstate, tcount, tidx, nrows, nkt = mask_tables(bm, tiles.mask_rows, tiles.block_n, tiles.heads)
-        layout = bm.layout.contiguous()
-        pidx = bm.partial_index.contiguous()
-        pmask = bm.partial_masks.contiguous().view(torch.uint8)
-        n_pm = pmask.shape[0]
-        if n_pm == 0:  # keep every (masked) gather address inside a real tensor
-            pmask = torch.zeros((1, bq, bk), dtype=torch.uint8, device=q.device)
-        if layout.numel() == 0:
-            layout = torch.zeros(1, dtype=torch.int8, device=q.device)
-            pidx = torch.full((1,), -1, dtype=torch.int32, device=q.device)
-        packs = nh // tiles.heads if nh > 1 else 1
-        mask_args = (bq, bk, nqb, nkb, tiles.mask_rows, nrows, nkt, max(n_pm, 1), nh * nqb * nkb, nqb * nkb,
-                     packs * nrows * (nkt + 1), nrows * (nkt + 1))
-        mask_seqs, mask_heads = ns > 1, nh > 1
-    else:
-        layout = pidx = pmask = tstate = tcount = tidx = None
-        mask_args = (1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0)
-        mask_seqs = mask_heads = False
-
-    if paged:
-        k_strides, v_strides = k.stride(), v.stride()
-        nb, bs = k.shape[:2]
-        if bs == 0:  # a cache without slots: every key is masked (and no division by zero)
-            nb, bs = 0, 1
-        bt, bt_strides, maxb = block_table, block_table.stride(), block_table.shape[1]
-        tk = 0
-    else:
-        k_strides, v_strides = (0,) + k.stride(), (0,) + v.stride()
-        nb, bs, bt, bt_strides, maxb = 1, 1, None, (0, 0), 1
-        tk = k.shape[0]
-    lse_strides = lse.stride() if lse is not None else (0, 0)
     _flash_fwd[grid](
-        q, k, v, o, lse, sinks, cu_q, cu_k, seqused, bt,
-        layout, pidx, pmask, tstate, tcount, tidx, visits,
-        *q.stride(), *k_strides, *v_strides, *o.stride(), *lse_strides, *bt_strides,
-        tq, tk, hq, d, dv, nb, bs, maxb, n_m,
-        scale2, cap2, inv_cap, left, right,
-        *mask_args,
+        Q=q, K=k, V=v, O=o, LSE=lse, SINKS=sinks, CU_Q=cu_q, CU_K=cu_k, SEQUSED=seqused, BLOCK_TABLE=block_table,
+        VISITS=visits,
+        sq_t=q.stride(0), sq_h=q.stride(1), sq_d=q.stride(2), so_t=o.stride(0), so_h=o.stride(1), so_d=o.stride(2),
+        sl_h=stride(lse, 0), sl_t=stride(lse, 1),
+        Tq=tq, Hq=hq, D=d, DV=dv, n_m=n_m, scale2=scale2, cap2=cap2, inv_cap=inv_cap, left=left, right=right,
+        **_kv_args(k, v, block_table), **_mask_args(block_mask, tiles, q.device),
         GROUP=group, HEADS=tiles.heads,
-        VARLEN=cu_q is not None, SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, PAGED=paged,
-        HAS_MASK=block_mask is not None, MASK_SEQS=mask_seqs, MASK_HEADS=mask_heads,
+        VARLEN=cu_q is not None, SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None, PAGED=block_table is not None,
         STORE_LSE=lse is not None, COUNT=visits is not None,
         BLOCK_Q=tiles.block_q, BLOCK_H=tiles.block_h, BLOCK_N=tiles.block_n,
         BLOCK_D=tiles.block_d, BLOCK_DV=tiles.block_dv,

@@ -13,7 +13,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import clamp, dot, finish, join_sink, softmax_step, tanh
+from .common import clamp, dot, finish, join_sink, softmax_step, stride, tanh
 from .decode import query_heads
 from .tuning import entry
 
@@ -101,15 +101,15 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
     block_k = min(block_k, max(triton.next_power_of_2(topk), ent.min_dot))
     varlen = cu_seqlens_q is not None
     nseq = cu_seqlens_q.shape[0] - 1 if varlen else 1
-    cuq = cu_seqlens_q if varlen else indices  # never read unless VARLEN
-    cuk = cu_seqlens_k if varlen else indices
-    sink_arg = sinks if sinks is not None else lse  # never read without HAS_SINKS
     _sparse_kernel[(tq, hkv * (group // heads))](
-        q, k, v, indices, cuq, cuk, sink_arg, o, lse,
-        *q.stride(), *k.stride(), *v.stride(), *indices.stride(), *o.stride(), *lse.stride(),
-        cuq.stride(0), cuk.stride(0), sink_arg.stride(-1),
-        nseq, tk, group, heads, d, dv, topk, scale, float(softcap), max(1, nseq.bit_length()),
-        VARLEN=varlen,
+        q_ptr=q, k_ptr=k, v_ptr=v, idx_ptr=indices, cuq_ptr=cu_seqlens_q, cuk_ptr=cu_seqlens_k, sink_ptr=sinks,
+        o_ptr=o, lse_ptr=lse,
+        q_st=q.stride(0), q_sh=q.stride(1), q_sd=q.stride(2), k_st=k.stride(0), k_sh=k.stride(1), k_sd=k.stride(2),
+        v_st=v.stride(0), v_sh=v.stride(1), v_sd=v.stride(2), i_st=indices.stride(0), i_sh=indices.stride(1),
+        i_sk=indices.stride(2), o_st=o.stride(0), o_sh=o.stride(1), o_sd=o.stride(2), l_sh=lse.stride(0),
+        l_st=lse.stride(1), cq_st=stride(cu_seqlens_q, 0), ck_st=stride(cu_seqlens_k, 0), sk_st=stride(sinks, 0),
+        NSEQ=nseq, TK=tk, G=group, HEADS=heads, D=d, DV=dv, TOPK=topk, scale=scale, softcap=float(softcap),
+        SEARCH_STEPS=max(1, nseq.bit_length()), VARLEN=varlen,
         HAS_SOFTCAP=softcap > 0, HAS_SINKS=sinks is not None,
         BLOCK_G=block_g, BLOCK_K=block_k, BLOCK_D=block_d, BLOCK_DV=block_dv,
         num_warps=max(1, min(ent.num_warps, 4)), num_stages=ent.num_stages, **dict(ent.options))

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .common import clamp, dense, silu, softplus
+from .common import clamp, dense, silu, softplus, stride
 from .tuning import recurrent
 
 TILE = 8192  # most state elements one program holds (float32 registers)
@@ -82,14 +82,10 @@ def _step_kernel(q_ptr, k_ptr, v_ptr, g_ptr, beta_ptr, a_ptr, dtb_ptr, d_ptr, z_
     tl.store(o_ptr + b * o_sb + h * o_sh + vv * o_sv, o.to(o_ptr.dtype.element_ty), mask=vm)
 
 
-def _strides(x, n):
-    """The strides of tensor x, or n zeros when it is absent."""
-    return tuple(x.stride()) if x is not None else (0,) * n
-
-
-def _step(q, k, v, o, state, state_strides, idx, *, scale, g=None, beta=None, l2norm=False, ssd=None):
-    """Launch the step kernel: q, k [bsz, Hk, K], v, o [bsz, Hv, V], the state cache read as
-    [slots, Hv, K, V] through `state_strides`; `ssd` holds (A, dt_bias, D, z, softplus, lo, hi)."""
+def _step(q, k, v, o, state, idx, *, scale, g=None, beta=None, l2norm=False, swap=False, A=None, dt_bias=None,
+          D=None, z=None, dt_softplus=False, dt_limit=(0.0, 0.0)):
+    """Launch the step kernel: q, k [bsz, Hk, K], v, o [bsz, Hv, V], the state cache [slots, Hv, K, V] (swap:
+    [slots, Hv, V, K], read through swapped strides); A given: ssd, g is dt."""
     bsz, hv, vd = v.shape
     kd = q.shape[2]
     if o.numel() == 0:
@@ -97,45 +93,42 @@ def _step(q, k, v, o, state, state_strides, idx, *, scale, g=None, beta=None, l2
     e = recurrent(q)
     block_k = triton.next_power_of_2(kd)
     block_v = max(1, min(e.block_v, triton.next_power_of_2(vd), TILE // block_k))
-    if ssd is not None:
-        A, dt_bias, D, z, soft, lo, hi = ssd
-        A, dt_bias = dense(A, dt_bias)  # read by bare offsets
+    A, dt_bias = dense(A, dt_bias)  # read by bare offsets
+    if A is not None:
         decay = HEAD_DECAY
-        d_st = (0, 0) if D is None else ((D.stride(0), 0) if D.dim() == 1 else tuple(D.stride()))
     else:
-        A = dt_bias = D = z = None
-        soft, lo, hi, d_st = False, 0.0, 0.0, (0, 0)
         decay = NO_DECAY if g is None else (HEAD_DECAY if g.dim() == 2 else KEY_DECAY)
-    g_st = (0, 0, 0) if g is None else (tuple(g.stride()) + (0,))[:3]
-    dummy = q
+    sk, sv = (3, 2) if swap else (2, 3)
     _step_kernel[(bsz, hv, triton.cdiv(vd, block_v))](
-        q, k, v, dummy if g is None else g, dummy if beta is None else beta, dummy if A is None else A,
-        dummy if dt_bias is None else dt_bias, dummy if D is None else D, dummy if z is None else z,
-        idx, state, o,
-        *q.stride(), *k.stride(), *v.stride(), *g_st, *_strides(beta, 2), *d_st, *_strides(z, 3),
-        idx.stride(0), state.stride(0), state.stride(1), *state_strides, *o.stride(),
-        kd, vd, state.shape[0], hv // q.shape[1], scale, lo, hi,
-        DECAY=decay, DELTA=beta is not None, L2NORM=l2norm, SSD=ssd is not None, SOFTPLUS=soft,
-        HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
+        q_ptr=q, k_ptr=k, v_ptr=v, g_ptr=g, beta_ptr=beta, a_ptr=A, dtb_ptr=dt_bias, d_ptr=D, z_ptr=z, idx_ptr=idx,
+        s_ptr=state, o_ptr=o,
+        q_sb=q.stride(0), q_sh=q.stride(1), q_sk=q.stride(2), k_sb=k.stride(0), k_sh=k.stride(1), k_sk=k.stride(2),
+        v_sb=v.stride(0), v_sh=v.stride(1), v_sv=v.stride(2), g_sb=stride(g, 0), g_sh=stride(g, 1),
+        g_sk=stride(g, 2), beta_sb=stride(beta, 0), beta_sh=stride(beta, 1), d_sh=stride(D, 0),
+        d_sv=stride(D, 1), z_sb=stride(z, 0), z_sh=stride(z, 1), z_sv=stride(z, 2), idx_s=idx.stride(0),
+        s_ss=state.stride(0), s_sh=state.stride(1), s_sk=state.stride(sk), s_sv=state.stride(sv),
+        o_sb=o.stride(0), o_sh=o.stride(1), o_sv=o.stride(2),
+        K=kd, V=vd, SLOTS=state.shape[0], GROUP=hv // q.shape[1], scale=scale, dt_lo=dt_limit[0],
+        dt_hi=dt_limit[1], DECAY=decay, DELTA=beta is not None, L2NORM=l2norm, SSD=A is not None,
+        SOFTPLUS=dt_softplus, HAS_DT_BIAS=dt_bias is not None, HAS_D=D is not None, HAS_Z=z is not None,
         BLOCK_K=block_k, BLOCK_V=block_v, num_warps=e.num_warps, num_stages=1, **dict(e.options))
     return o
 
 
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
     o = out if out is not None else q.new_empty(v.shape)
-    return _step(q, k, v, o, state, (state.stride(2), state.stride(3)), state_indices, scale=scale, g=g)
+    return _step(q, k, v, o, state, state_indices, scale=scale, g=g)
 
 
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
     o = out if out is not None else v.new_empty(v.shape)
-    return _step(q, k, v, o, state, (state.stride(2), state.stride(3)), state_indices, scale=scale, g=g,
-                 beta=beta, l2norm=use_qk_l2norm)
+    return _step(q, k, v, o, state, state_indices, scale=scale, g=g, beta=beta, l2norm=use_qk_l2norm)
 
 
 def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, float("inf")), state_indices=None, out=None):
     o = out if out is not None else x.new_empty(x.shape)
     # state [slots, H, P, N] read as [slots, H, N, P]: key dims N, value dims P
-    return _step(C, B, x, o, state, (state.stride(3), state.stride(2)), state_indices, scale=1.0, g=dt,
-                 ssd=(A, dt_bias, D, z, dt_softplus, dt_limit[0], dt_limit[1]))
+    return _step(C, B, x, o, state, state_indices, scale=1.0, g=dt, swap=True, A=A, dt_bias=dt_bias, D=D, z=z,
+                 dt_softplus=dt_softplus, dt_limit=dt_limit)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from ..optable import OPS
-from ..reference.attention import _bounds, _visible
+from ..backends.reference.attention import _bounds, _visible
 
 POISON = float("nan")
 

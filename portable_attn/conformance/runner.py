@@ -14,7 +14,7 @@ import torch
 import portable_attn
 from ..errors import BackendUnavailable, NotSupported
 from ..optable import OPS
-from ..reference.precision import emulate
+from ..backends.reference.precision import emulate
 from . import invisible, tensors
 from .cases import Case
 from .tolerance import Verdict, combine, compare

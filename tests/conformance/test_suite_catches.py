@@ -6,7 +6,7 @@ from portable_attn import registry
 from portable_attn.backend import Backend
 from portable_attn.conformance import SMOKE, catalogue, run_case
 from portable_attn.errors import NotSupported
-from portable_attn.reference import BACKEND as REFERENCE
+from portable_attn.backends.reference import BACKEND as REFERENCE
 
 
 class Mutant(Backend):

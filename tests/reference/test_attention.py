@@ -17,11 +17,11 @@ from hypothesis import strategies as st
 
 from portable_attn import checks, ops
 from portable_attn.masks import BlockMask
-from portable_attn.reference import precision
+from portable_attn.backends.reference import precision
 
 from . import brute_attention as brute
 
-ref = importlib.import_module("portable_attn.reference.attention")
+ref = importlib.import_module("portable_attn.backends.reference.attention")
 F64 = torch.float64
 INF = math.inf
 HYP = settings(max_examples=40, deadline=None)

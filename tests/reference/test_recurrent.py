@@ -14,7 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import portable_attn as pa
-from portable_attn.reference import precision
+from portable_attn.backends.reference import precision
 
 from . import brute_recurrent as brute
 

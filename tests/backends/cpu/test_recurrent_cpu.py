@@ -7,11 +7,11 @@ import pytest
 import torch
 
 import portable_attn as pa
-from portable_attn.backends.cpu import chunked
+from portable_attn.backends.cpu import chunk
 from tests.backends.compare import state_tail
 
 F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
-C, BLOCK = chunked.CHUNK, chunked.BLOCK
+C, BLOCK = chunk.CHUNK, chunk.BLOCK
 SEQ_OPS = ("linear_attention", "gated_delta_rule", "ssd", "causal_conv1d")
 TOKEN_ARGS = ("q", "k", "v", "g", "beta", "x", "dt", "B", "C", "z")
 
@@ -25,7 +25,7 @@ def neg(gen, lo, hi, *shape):
     return -(lo + (hi - lo) * torch.rand(shape, generator=gen))
 
 
-# -log-decay per token; a full chunk of "below_span" / "above_span" spans just under / over chunked.SPAN
+# -log-decay per token; a full chunk of "below_span" / "above_span" spans just under / over chunk.SPAN
 DECAYS = {"weak": (0.01, 0.4), "below_span": (1.6, 1.85), "above_span": (1.95, 2.1), "strong": (20.0, 40.0)}
 
 
@@ -123,7 +123,7 @@ def test_long_sequence_many_blocks(op, gate, dtype):
     ("gated_delta_rule", "key", "below_span"), ("gated_delta_rule", "key", "above_span")])
 def test_strong_decays(op, gate, decay):
     """Log-decays of -20..-40 a token (a chunk sums to about -2000): no overflow, no NaN. Per-key decays
-    whose chunk spans sit just below and above chunked.SPAN (the two forms of the per-key scores)."""
+    whose chunk spans sit just below and above chunk.SPAN (the two forms of the per-key scores)."""
     gen = torch.Generator().manual_seed(3)
     a = inputs(op, gen, C + 37, gate=gate, decay=decay)
     init = randn(gen, 1, *state_tail(op, a))

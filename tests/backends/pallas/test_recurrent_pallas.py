@@ -15,7 +15,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from portable_attn.backends.pallas import chunk, conv, delta, linear, ssd, tuning  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
-from portable_attn.reference.precision import emulate  # noqa: E402
+from portable_attn.backends.reference.precision import emulate  # noqa: E402
 
 import portable_attn as pa  # noqa: E402
 from tests.backends.compare import state_tail  # noqa: E402

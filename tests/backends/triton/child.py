@@ -6,6 +6,7 @@ gfx942 with IEEE float32 dots. CI also runs these tests under the GPU image's Tr
 `assert_survives`: calls with bad index values and the checks off end normally (no memory fault)."""
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -14,17 +15,38 @@ import textwrap
 import pytest
 
 VENDORS = ("cuda", "hip")
+INSTALL = "pip install -e '.[interpret]'"
+SETTINGS = "TRITON_INTERPRET=1 PORTABLE_ATTN_INTERPRET=1"
 _TARGET = {"cuda": 'GPUTarget("cuda", 90, 32)', "hip": 'GPUTarget("hip", "gfx942", 64)'}
 _OPTIONS = {"cuda": {}, "hip": {"waves_per_eu": 2}}
 _F32_DOT = {"cuda": "tf32x3", "hip": "ieee"}
 
 
+def skip_unless_interpreting() -> None:
+    """Skip the calling test module unless triton is installed and its interpreter was switched on at
+    process start (Triton fixes its mode when a kernel is decorated, so a test cannot switch it on)."""
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip(f"triton is not installed: {INSTALL}", allow_module_level=True)
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip(f"needs {SETTINGS} in the environment at process start", allow_module_level=True)
+
+
+# defined for `build`: the launchers pass None for an absent tensor, which Triton compiles as a constexpr
+_ABSENT = """
+    def absent(sig, ce, names):
+        for n in names:
+            sig[n], ce[n] = "constexpr", None
+"""
+
+
 def assert_lowers(vendor: str, build: str, options: dict, timeout: int = 900) -> None:
-    """Run `build` (Python source defining `runs`, a list of (kernel, signature, constexprs)) in a child
-    process and compile every run for the vendor's target with `options`."""
+    """Run `build` (Python source defining `runs`, a list of (kernel, signature, constexprs), with
+    `absent(sig, ce, names)` to pass None for the pointers `names`) in a child process and compile every
+    run for the vendor's target with `options`."""
     code = "\n".join([
         "from triton.backends.compiler import GPUTarget",
         "from triton.compiler import ASTSource, compile",
+        textwrap.dedent(_ABSENT),
         textwrap.dedent(build),
         "for fn, sig, ce in runs:",
         f"    compile(ASTSource(fn, sig, ce), target={_TARGET[vendor]}, options={dict(options, **_OPTIONS[vendor])!r})",

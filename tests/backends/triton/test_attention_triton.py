@@ -14,15 +14,13 @@ child process without the interpreter.
 """
 from __future__ import annotations
 
-import importlib.util
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1" or importlib.util.find_spec("triton") is None:
-    pytest.skip("needs TRITON_INTERPRET=1 set before the process starts (and triton installed)",
-                allow_module_level=True)
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402

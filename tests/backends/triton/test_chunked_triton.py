@@ -11,20 +11,19 @@ Results are compared with the float64 reference by the conformance tolerance.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 in the environment at process start", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 import portable_attn as pa  # noqa: E402
 from portable_attn.backend import Call  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
 from portable_attn.platforms import Platform  # noqa: E402
-from portable_attn.reference.precision import emulate  # noqa: E402
+from portable_attn.backends.reference.precision import emulate  # noqa: E402
 
 from portable_attn.backends.triton import support, tuning  # noqa: E402
 from tests.backends.triton.child import VENDORS, assert_lowers, assert_survives  # noqa: E402
@@ -296,18 +295,28 @@ def test_kernels_compile_for_gpu_targets(vendor):
         for act, gates in (("bf16", paths), ("fp16", paths[3:4]), ("fp32", paths[4:])):
             for i, (gate, ssd, delta) in enumerate(gates):
                 varlen, init, final = ((False, 0, 1), (True, 2, 2), (True, 1, 0))[i % 3]
-                runs.append((chunk._chunk_state, sig(chunk._chunk_state, act,
-                             fp32=("G_", "DT", "DTB", "A_", "U_"), i32p=("IDX", "CU", "OFFS"), i1p=("HAS",),
-                             state="bf16" if init == 2 else "fp32"),
-                             dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, DELTA=delta, VARLEN=varlen,
-                                  INIT=init, HAS_FLAG=init == 2, FINAL=final, C=64, BK=128 if delta else 64, BV=64)))
-                runs.append((chunk._chunk_output, sig(chunk._chunk_output, act,
-                             fp32=("G_", "DT", "DTB", "A_", "D_"), i32p=("CU", "OFFS", "SEQ")),
-                             dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, HAS_D=ssd, HAS_Z=ssd,
-                                  VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
+                gate_off = ["G_"] if gate == 0 or ssd else []
+                ssd_off = [] if ssd else ["DT", "DTB", "A_"]
+                packed_off = [] if varlen else ["CU", "OFFS", "SEQ"]
+                fn = chunk._chunk_state
+                s, c = (sig(fn, act, fp32=("G_", "DT", "DTB", "A_", "U_"), i32p=("IDX", "CU", "OFFS"), i1p=("HAS",),
+                            state="bf16" if init == 2 else "fp32"),
+                        dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, DELTA=delta, VARLEN=varlen,
+                             INIT=init, HAS_FLAG=init == 2, FINAL=final, C=64, BK=128 if delta else 64, BV=64))
+                absent(s, c, gate_off + ssd_off + packed_off[:2] + (["V_"] if delta else ["W_", "U_", "VNEW"])
+                       + ["H0"] * (init == 0) + ["IDX", "HAS"] * (init != 2) + ["HT"] * (final == 0))
+                runs.append((fn, s, c))
+                fn = chunk._chunk_output
+                s, c = (sig(fn, act, fp32=("G_", "DT", "DTB", "A_", "D_"), i32p=("CU", "OFFS", "SEQ")),
+                        dict(GROUP=2, GATE=gate, SSD=ssd, SOFTPLUS=ssd, HAS_BIAS=ssd, HAS_D=ssd, HAS_Z=ssd,
+                             VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16))
+                absent(s, c, gate_off + ssd_off + packed_off + ([] if ssd else ["D_", "Z_"]))
+                runs.append((fn, s, c))
                 if delta:
-                    runs.append((delta_rule._delta_wy, sig(delta_rule._delta_wy, act, fp32=("G_", "BETA", "U_"),
-                                 i32p=("CU", "OFFS", "SEQ")),
-                                 dict(GROUP=2, GATE=gate, VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16)))
+                    fn = delta_rule._delta_wy
+                    s, c = (sig(fn, act, fp32=("G_", "BETA", "U_"), i32p=("CU", "OFFS", "SEQ")),
+                            dict(GROUP=2, GATE=gate, VARLEN=varlen, C=64, BK=64, BV=64, SUB_=16))
+                    absent(s, c, packed_off)
+                    runs.append((fn, s, c))
             runs.append((delta_rule._l2norm, sig(delta_rule._l2norm, act), dict(BT=32, BK=128)))
     """, {"num_warps": 4, "num_stages": 2 if vendor == "cuda" else 1}, timeout=1500)

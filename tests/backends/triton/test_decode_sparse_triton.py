@@ -11,19 +11,18 @@ Results are compared with the float64 reference (`backend="reference"`) by the c
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 in the environment at process start", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 import portable_attn as pa  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
 from portable_attn.masks import BlockMask  # noqa: E402
-from portable_attn.reference.precision import emulate  # noqa: E402
+from portable_attn.backends.reference.precision import emulate  # noqa: E402
 
 from portable_attn import library  # noqa: E402
 from tests.backends.compare import paged_cache  # noqa: E402

@@ -16,14 +16,13 @@ Skipped unless the process was started with TRITON_INTERPRET=1:
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 in the environment at process start", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 import portable_attn as pa  # noqa: E402
 from portable_attn.backends.triton import tuning  # noqa: E402

@@ -11,19 +11,18 @@ every kernel for sm_90 and gfx942.
 """
 from __future__ import annotations
 
-import os
 
 import pytest
 import torch
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 in the environment at process start", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 import portable_attn as pa  # noqa: E402
 from portable_attn.backends.triton import tuning  # noqa: E402
 from portable_attn.conformance.tolerance import compare  # noqa: E402
-from portable_attn.reference.precision import emulate  # noqa: E402
+from portable_attn.backends.reference.precision import emulate  # noqa: E402
 from tests.backends.triton.child import VENDORS, assert_lowers, assert_survives  # noqa: E402
 
 F32, F16, BF16 = torch.float32, torch.float16, torch.bfloat16
@@ -355,7 +354,11 @@ def test_kernels_compile_for_gpu_targets(vendor):
                 ptrs.update({n: "*fp32" for n in ("g_ptr", "beta_ptr", "a_ptr", "dtb_ptr", "d_ptr")})
                 ptrs.update(idx_ptr="*i32", s_ptr="*" + st)
                 fn = steps._step_kernel
-                yield fn, sig(fn, ptrs, ("scale", "dt_lo", "dt_hi")), dict(base, **ce, BLOCK_K=bk, BLOCK_V=bv)
+                s, c = sig(fn, ptrs, ("scale", "dt_lo", "dt_hi")), dict(base, **ce, BLOCK_K=bk, BLOCK_V=bv)
+                absent(s, c, [n for n, on in (("g_ptr", c["DECAY"]), ("beta_ptr", c["DELTA"]), ("a_ptr", c["SSD"]),
+                                              ("dtb_ptr", c["HAS_DT_BIAS"]), ("d_ptr", c["HAS_D"]),
+                                              ("z_ptr", c["HAS_Z"])) if not on])
+                yield fn, s, c
 
         def conv_cases():
             for act, ce in [("bf16", dict(VARLEN=True, STATE=2, HAS_FLAGS=True)),
@@ -363,11 +366,16 @@ def test_kernels_compile_for_gpu_targets(vendor):
                             ("fp16", dict(VARLEN=True, STATE=0, HAS_FLAGS=False))]:
                 ptrs = {n: "*" + act for n in ("x_ptr", "s_ptr", "y_ptr", "f_ptr", "bias_ptr")}
                 ptrs.update(w_ptr="*fp32", cu_ptr="*i32", idx_ptr="*i32", has_ptr="*i1")
+                gone = [n for n, on in (("cu_ptr", ce["VARLEN"]), ("s_ptr", ce["STATE"]), ("idx_ptr", ce["STATE"] == 2),
+                                        ("has_ptr", ce["HAS_FLAGS"]), ("bias_ptr", act != "fp32")) if not on]
                 fn = conv._conv_kernel
-                yield fn, sig(fn, ptrs), dict(ce, HAS_BIAS=act != "fp32", SILU=act == "bf16", BLOCK_T=64,
-                                              BLOCK_C=128)
+                s, c = sig(fn, ptrs), dict(ce, HAS_BIAS=act != "fp32", SILU=act == "bf16", BLOCK_T=64, BLOCK_C=128)
+                absent(s, c, gone)
+                yield fn, s, c
                 fn = conv._final_kernel
-                yield fn, sig(fn, ptrs), dict(ce, IN_PLACE=ce["STATE"] == 2, BLOCK_C=128, BLOCK_W=4)
+                s, c = sig(fn, ptrs), dict(ce, IN_PLACE=ce["STATE"] == 2, BLOCK_C=128, BLOCK_W=4)
+                absent(s, c, [n for n in gone if n in s])
+                yield fn, s, c
             for act, st, bias, silu, w, dense, bc in (("bf16", "bf16", True, True, 4, True, 512),
                                                       ("fp16", "fp32", True, False, 3, False, 1024),
                                                       ("fp32", "fp32", False, False, 1, True, 1024),
@@ -375,8 +383,10 @@ def test_kernels_compile_for_gpu_targets(vendor):
                 ptrs = {n: "*" + act for n in ("x_ptr", "y_ptr", "bias_ptr", "w_ptr")}
                 ptrs.update(idx_ptr="*i32", s_ptr="*" + st)
                 fn = conv._step_kernel
-                yield fn, sig(fn, ptrs), dict(W=w, DENSE=dense, HAS_BIAS=bias, SILU=silu, BLOCK_C=bc,
-                                              BLOCK_W=triton.next_power_of_2(w))
+                s, c = sig(fn, ptrs), dict(W=w, DENSE=dense, HAS_BIAS=bias, SILU=silu, BLOCK_C=bc,
+                                           BLOCK_W=triton.next_power_of_2(w))
+                absent(s, c, [] if bias else ["bias_ptr"])
+                yield fn, s, c
 
         runs = [*step_cases(), *conv_cases()]
     """, {"num_warps": 4, "num_stages": 1})

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import pathlib
 
 import pytest
 
-if os.environ.get("TRITON_INTERPRET") != "1":
-    pytest.skip("needs TRITON_INTERPRET=1 in the environment at process start", allow_module_level=True)
-pytest.importorskip("triton")
+from tests.backends.triton.child import skip_unless_interpreting
+
+skip_unless_interpreting()
 
 from portable_attn.backends.triton import tuning  # noqa: E402
 
