@@ -356,7 +356,7 @@ def main(argv=None) -> int:
     console = make_console()
     try:
         return {"info": cmd_info, "check": cmd_check, "bench": cmd_bench}[args.command](args, console)
-    except ValueError as exc:  # a bad backend name or env var: say it, no traceback
+    except (ValueError, ImportError) as exc:  # a bad backend name or env var, a missing extra: say it, no traceback
         console.print(f"[red]error:[/] {escape(str(exc))}")
         return 2
 

@@ -337,16 +337,10 @@ def empties(be):
         yield from recurrent_empties(be, op)
 
 
-# a pallas bug found by this test (no blocks at all), expected to fail until backends/pallas fixes it
-PALLAS_EMPTY_BUGS = {"paged no blocks"}  # flash.py gather_keys indexes a block_table of 0 columns
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("case", [c[0] for c in empties("reference")])
-def test_empty_sizes_work(backend, case, monkeypatch, request):
+def test_empty_sizes_work(backend, case, monkeypatch):
     if backend in ("triton", "pallas"):
         monkeypatch.setenv("PORTABLE_ATTN_INTERPRET", "1")
-    if backend == "pallas" and case in PALLAS_EMPTY_BUGS:
-        request.applymarker(pytest.mark.xfail(strict=True, reason="pallas fails on this empty input (reported)"))
     _, fn, ok = next(c for c in empties(backend) if c[0] == case)
     assert ok(fn())

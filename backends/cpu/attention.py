@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from .tiles import attend, band_vis, block_keys, bounds, clear, lse_rows, merge, store, unit, unseen
+from .tiles import attend, band_vis, block_keys, bounds, clear, heads_first, lse_rows, merge, store, unit, unseen
 
 TILE = 256      # query rows per tile (x the GQA group once packed): measured on a 2-core AVX-512 host,
 MIN_TILE = 64   # fp32 flat over 64..256, bf16 best at 256; a narrower window gets tiles about its width
@@ -30,6 +30,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
+    if cu_seqlens_q is None and cu_seqlens_k is None:  # one sequence: no slicing (decode-sized calls count us)
+        sequence(opts, 0, q, k, v, 0, k.shape[0], o, lse)
+        return (o, lse) if return_lse else o
     seqs = zip(bounds(cu_seqlens_q, q.shape[0]), bounds(cu_seqlens_k, k.shape[0]))
     for s, ((qs, qe), (ks, ke)) in enumerate(seqs):
         sequence(opts, s, q[qs:qe], k[ks:ke], v[ks:ke], 0, ke - ks, o[qs:qe], lse_rows(lse, qs, qe))
@@ -87,7 +90,7 @@ def _few(opts, q, k, v, off, o, lse):
     last query, so no key needs clearing."""
     lq, lk = q.shape[0], k.shape[0]
     vis = band_vis(torch.arange(off, off + lq), torch.arange(lk), True, (-1, -1)) if opts.causal and lq > 1 else None
-    qh, kh, vh = (x.permute(1, 0, 2)[None] for x in (q, k, v))  # [1, H, L, D] views
+    qh, kh, vh = (heads_first(x) for x in (q, k, v))  # [1, H, L, D] views
     store(o, lse, 0, *attend(qh, kh, vh, None if vis is None else vis[None], opts.scale, 0.0), opts.sinks)
 
 

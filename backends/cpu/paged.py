@@ -20,7 +20,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     lens = seqused_k.tolist()
     if cu_seqlens_q is None or q.shape[0] == len(lens) and bool((cu_seqlens_q.diff() == 1).all()):  # decode
-        _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse)
+        _decode(opts, q, k_cache, v_cache, block_table, seqused_k, lens, o, lse)
     else:
         bs = k_cache.shape[1]
         for s, (qs, qe) in enumerate(bounds(cu_seqlens_q, q.shape[0])):
@@ -31,7 +31,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     return (o, lse) if return_lse else o
 
 
-def _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse):
+def _decode(opts, q, k_cache, v_cache, block_table, seqused_k, lens, o, lse):
     """One query per sequence, at position Lk - 1: batches of sequences, keys gathered block-padded."""
     bs = k_cache.shape[1]
     first = [first_key(opts, 1, n) for n in lens]
@@ -42,9 +42,9 @@ def _decode(opts, q, k_cache, v_cache, block_table, lens, o, lse):
         ids = _block_ids(block_table[a:b], b0[a:b], counts[a:b], m)
         kt, vt = (torch.index_select(c, 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], *c.shape[1:]), c.dtype))
                   .view(b - a, m * bs, *c.shape[2:]) for n, c in (("k", k_cache), ("v", v_cache)))  # [C, m*BS, Hkv, D]
-        vis = _visible(opts, a, [p * bs for p in b0[a:b]], first[a:b], lens[a:b], m * bs)
-        if vis is not None:
-            dead = unseen(vis, k_cache.shape[2])  # padding, slots past seqused_k, keys outside the window or mask
+        vis = _visible(opts, a, seqused_k[a:b], [p * bs for p in b0[a:b]], first[a:b], lens[a:b], m * bs)
+        if vis is not None:  # padding, slots past seqused_k, keys outside the window or mask
+            dead = ~vis.view(b - a, -1) if opts.block_mask is None else unseen(vis, k_cache.shape[2])
             if dead is not None:
                 kt, vt = clear(dead, kt, vt)
         ot, lt = attend(q[a:b, :, None], kt.transpose(1, 2), vt.transpose(1, 2), vis, opts.scale, opts.softcap)
@@ -76,21 +76,21 @@ def _block_ids(table, b0: list[int], counts: list[int], m: int):
     return torch.where(used, table.long().gather(1, where), 0).flatten()
 
 
-def _visible(opts, a: int, start: list[int], first: list[int], lens: list[int], nk: int):
+def _visible(opts, a: int, used, start: list[int], first: list[int], lens: list[int], nk: int):
     """bool [C, 1|Hm, 1, nk]: which of its nk gathered keys (key i at position start[s] + i) the query of
-    each sequence a + s sees; None when each sees all of them."""
+    each sequence a + s (`used`: their seqused_k, `lens` as ints) sees; None when each sees all of them."""
     lo = [f - p for f, p in zip(first, start)]   # first and one-past-last visible gathered key
     hi = [n - p for n, p in zip(lens, start)]
     if opts.block_mask is None and not any(lo) and all(n == nk for n in hi):
         return None
     i = torch.arange(nk)
-    vis = i < torch.tensor(hi)[:, None]                                            # [C, nk]
+    vis = i < (torch.tensor(hi) if any(start) else used)[:, None]                  # [C, nk]
     if any(lo):
         vis &= i >= torch.tensor(lo)[:, None]
     if opts.block_mask is not None:
         j, last = torch.tensor(start)[:, None] + i, torch.tensor(lens)[:, None] - 1  # key, query positions
         vis = vis[:, None, None] & torch.stack([opts.block_mask.visible(a + s, last[s], j[s])
-                                          for s in range(len(lens))])             # [C, Hm, 1, nk]
+                                                for s in range(len(lens))])       # [C, Hm, 1, nk]
     return vis.view(vis.shape[0], -1, 1, nk)
 
 

@@ -51,6 +51,12 @@ def attend(q, k, v, vis, scale: float, softcap: float, causal: bool = False):
     return o.reshape(b, hq, lq, dv), lse.reshape(b, hq, lq)
 
 
+def heads_first(x):
+    """The view [1, H, L, D] of a token-major x [L, H, D] (one op: these views are made per call)."""
+    (n, h, d), (s0, s1, s2) = x.shape, x.stride()
+    return x.as_strided((1, h, n, d), (x.numel(), s1, s0, s2), x.storage_offset())
+
+
 def unit(x):
     """x with a contiguous last axis: the kernel assumes one (and silently misreads others)."""
     return x if x.stride(-1) == 1 else x.contiguous()
@@ -66,7 +72,7 @@ def _fused(q, k, v, vis, scale, softcap, causal):
     o, lse = _flash(unit(q), unit(k), unit(v), 0.0, causal, attn_mask=bias, scale=scale)
     if vis is not None:
         lse = lse.masked_fill(~vis.any(-1), NEG)  # the kernel reports lse = 0 for a row with no key
-    return o[..., :dv], lse
+    return (o if dv == d else o[..., :dv]), lse
 
 
 def _explicit(q, k, v, vis, scale, softcap, causal):

@@ -244,9 +244,11 @@ def forward(q, cu_q, lq, lk, keys: Keys, *, causal, window_size, softcap, sinks,
     assert not isinstance(tiles, str), tiles   # support.py refuses these calls first
     bq, bk = tiles.block_q, tiles.block_k
     nseq = lq.shape[0]
-    if tq == 0:
+    if tq == 0 or keys.bound(bk) == 0 or keys.k.shape[0] == 0:  # no query, or no key anywhere (nothing to index)
         o = jnp.zeros((tq, hq, dv), q.dtype)
-        return (o, jnp.full((hq, tq), -jnp.inf, jnp.float32)) if return_lse else o
+        lse = jnp.full((hq, tq), -jnp.inf, jnp.float32) if sinks is None else \
+            jnp.broadcast_to(sinks.astype(jnp.float32)[:, None], (hq, tq))
+        return (o, lse) if return_lse else o
     # static sizes from the (bucketed) shapes alone, so that they add no compiled variants; only the
     # grid's key steps per query tile (nv) follow the data, bucketed
     nk = keys.bound(bk) if max_k is None else min(keys.bound(bk), -(-max_k // bk))

@@ -90,7 +90,9 @@ def work(lq, lk, opts, *, bq: int, bk: int, nqt: int, nk: int, mask: Mask | None
              & ((left < 0) | (k0 + bk - 1 >= (pa - left)[:, None]))
              & ((right < 0) | (k0 <= (pb + right)[:, None])))[None]     # [Hm, NQT, NK]
     part = jnp.full(visit.shape, -1, jnp.int32)
-    if mask is not None:
+    if mask is not None and 0 in mask.layout.shape[2:]:  # a layout over no positions: nothing is visible
+        visit = jnp.zeros_like(visit)
+    elif mask is not None:
         bq_m, bk_m = mask.block
         nqb, nkb = mask.layout.shape[2:]
         qb = jnp.floor_divide(p0, bq_m)

@@ -20,7 +20,9 @@ import torch
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+from portable_attn import envs
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's own variable
 
 # the same flag as a constexpr global, which jit functions may read
 UPCAST_DOT = tl.constexpr(INTERPRET)
@@ -28,8 +30,8 @@ UPCAST_DOT = tl.constexpr(INTERPRET)
 
 def _f32_dot() -> str:
     """The input precision of float32 dots: tf32x3 on NVIDIA, ieee elsewhere (and with no GPU)."""
-    if os.environ.get("PORTABLE_ATTN_TRITON_F32_DOT"):
-        return os.environ["PORTABLE_ATTN_TRITON_F32_DOT"]
+    if envs.PORTABLE_ATTN_TRITON_F32_DOT:
+        return envs.PORTABLE_ATTN_TRITON_F32_DOT
     try:
         return "tf32x3" if triton.runtime.driver.active.get_current_target().backend == "cuda" else "ieee"
     except Exception:  # no GPU driver (the interpreter, or compiling for a target without one)

@@ -21,7 +21,7 @@ try:
     from hypothesis import HealthCheck, Phase, given, settings, strategies as st
     from hypothesis import seed as hypothesis_seed
 except ImportError as exc:  # a dev dependency, not one of the library's
-    raise ImportError("the conformance fuzzer needs hypothesis: pip install 'hypothesis>=6.100'") from exc
+    raise ImportError("the conformance fuzzer needs hypothesis: pip install 'portable-attn[fuzz]'") from exc
 
 from .. import registry
 from ..optable import NAMES, OPS

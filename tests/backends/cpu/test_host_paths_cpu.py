@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import portable_attn as pa
-from portable_attn.backends.cpu import tiles, workspace
+from portable_attn.backends.cpu import workspace
 from tests.backends.compare import assert_close, state_tail
 from tests.backends.cpu.test_attention_cpu import kernel_calls  # noqa: F401 - fixture
 from tests.backends.cpu.test_recurrent_cpu import STEPS, inputs, randn
@@ -53,9 +53,9 @@ def test_few_queries_one_kernel_call(kernel_calls, lq, lk, causal, dtype):  # no
 
 
 def test_decode_query_without_lse():
-    """One query, no out= and no lse: the result as the reference's (the lse is never computed)."""
+    """One query, no out= and no lse wanted (none is stored): the result as the reference's."""
     g = torch.Generator().manual_seed(7)
-    q, k, v = torch.randn(1, 8, 32, generator=g), torch.randn(50, 2, 32, generator=g), torch.randn(50, 2, 32, generator=g)
+    q, k, v = (torch.randn(n, h, 32, generator=g) for n, h in ((1, 8), (50, 2), (50, 2)))
     o = pa.attention(q, k, v, causal=True, backend="cpu")
     assert_close_states(o, reference("attention", q, k, v, causal=True))
 

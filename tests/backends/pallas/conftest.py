@@ -2,7 +2,8 @@
 test); they are skipped where jax is not installed (pip install -e '.[pallas-interpret]')."""
 import pytest
 
-pytest.importorskip("jax")
+pytest.importorskip("jax", reason="jax not installed: pip install -e '.[pallas-interpret]', then run with "
+                                  "PORTABLE_ATTN_INTERPRET=1 JAX_PLATFORMS=cpu")
 
 
 @pytest.fixture(autouse=True)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-jax = pytest.importorskip("jax")
+jax = pytest.importorskip("jax", reason="jax not installed: pip install -e '.[pallas-interpret]'")
 import jax.numpy as jnp  # noqa: E402
 
 from portable_attn.backends.pallas import chunk, conv, delta, linear, ssd, tuning  # noqa: E402

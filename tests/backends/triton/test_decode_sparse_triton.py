@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 
-from tests.backends.triton.child import skip_unless_interpreting
+from tests.backends.triton.child import VENDORS, assert_lowers, skip_unless_interpreting
 
 skip_unless_interpreting()
 
@@ -337,3 +337,35 @@ def test_compile_fullgraph(compiler):
     for a, b in zip(got, want):
         assert torch.allclose(a, b, atol=1e-6, rtol=0), float((a - b).abs().max())
 
+
+
+# ---- the compiled kernels -----------------------------------------------------------------------
+
+@pytest.mark.parametrize("vendor", VENDORS)
+def test_kernels_compile_for_gpu_targets(vendor):
+    """Lower the split-KV, merge, sparse and cache-write kernels for a GPU target, with and without sinks and
+    packing (None pointers for the absent ones)."""
+    assert_lowers(vendor, """
+        from portable_attn.backends.triton import cache, decode, sparse
+
+        def sig(fn, ptrs, floats=("scale", "softcap")):
+            consts = {p.name for p in fn.params if p.is_constexpr}
+            return {n: "constexpr" if n in consts else ptrs.get(n, "fp32" if n in floats else "i32")
+                    for n in fn.arg_names}
+
+        runs = []
+        for act, on in (("bf16", True), ("fp32", False)):
+            ptrs = {n: "*" + act for n in ("q_ptr", "kc_ptr", "vc_ptr", "k_ptr", "v_ptr", "o_ptr")}
+            ptrs.update({n: "*i32" for n in ("bt_ptr", "su_ptr", "idx_ptr", "cuq_ptr", "cuk_ptr", "slot_ptr")})
+            ptrs.update({n: "*fp32" for n in ("sink_ptr", "lse_ptr", "ow_ptr", "lw_ptr")})
+            for fn, ce in ((decode._split_kernel, dict(FINAL=on, HAS_SOFTCAP=on, BLOCK_G=16, BLOCK_N=64)),
+                           (decode._merge_kernel, dict(BLOCK_SPLITS=8)),
+                           (sparse._sparse_kernel, dict(VARLEN=on, HAS_SOFTCAP=on, BLOCK_G=16, BLOCK_K=64))):
+                s, c = sig(fn, ptrs), dict(ce, HAS_SINKS=on, BLOCK_D=128, BLOCK_DV=128)
+                c = {n: v for n, v in c.items() if n in s}
+                absent(s, c, [n for n in ("sink_ptr", "cuq_ptr", "cuk_ptr") if n in s and not on])
+                runs.append((fn, s, c))
+            fn = cache._write_kv_kernel
+            ptrs.update(kc_ptr="*" + act, vc_ptr="*" + act)
+            runs.append((fn, sig(fn, ptrs), dict(BLOCK_H=4, BLOCK_D=128, BLOCK_DV=64)))
+    """, {"num_warps": 4, "num_stages": 1})
