@@ -91,7 +91,7 @@ def _visible(opts, a: int, used, start: list[int], first: list[int], lens: list[
         j, last = torch.tensor(start)[:, None] + i, torch.tensor(lens)[:, None] - 1  # key, query positions
         vis = vis[:, None, None] & torch.stack([opts.block_mask.visible(a + s, last[s], j[s])
                                                 for s in range(len(lens))])       # [C, Hm, 1, nk]
-    return vis.view(vis.shape[0], -1, 1, nk)
+    return vis[:, None, None] if vis.dim() == 2 else vis
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
