@@ -7,6 +7,9 @@ kernel module is imported when PORTABLE_ATTN_INTERPRET=1).
 The interpreter computes bfloat16 `tl.dot` wrongly (it multiplies the raw 16-bit patterns,
 found here): under it, `dot` upcasts its operands to float32 first. A canary test
 (tests/backends/triton/test_attention_triton.py) fails once upstream fixes that, so this can go.
+It also truncates float32 -> bfloat16 casts, where GPUs round to nearest: a bias of up to one bf16 ulp
+per rounding that pushed bf16 results past the tolerance; under it, such casts round to nearest too (a
+second canary test watches that).
 On a GPU, float32 operands are multiplied at float32 accuracy, as the float32 tolerance needs: on
 NVIDIA as three TF32 tensor-core products (`tf32x3`: ~fp32 accuracy, far faster than FMAs, and it
 avoids Triton 3.6's failure to lower FMA dots in the paged + block-mask flash kernel), elsewhere in
@@ -26,6 +29,30 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")  # Triton's
 
 # the same flag as a constexpr global, which jit functions may read
 UPCAST_DOT = tl.constexpr(INTERPRET)
+
+
+def _round_bf16_casts() -> None:
+    """The interpreter's float32 -> bfloat16 cast rounds to nearest even, as the GPU's does."""
+    import numpy as np
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    truncating = builder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return truncating(self, src, dst_type)
+        bits = np.asarray(src.data, dtype=np.float32).view(np.uint32)
+        high = bits >> np.uint32(16)
+        rounded = (bits + np.uint32(0x7FFF) + (high & np.uint32(1))) >> np.uint32(16)  # ties to even
+        out = np.where(np.isnan(src.data), high | np.uint32(0x40), rounded)               # NaN stays NaN
+        return interpreter.TensorHandle(out.astype(np.uint16), tl.bfloat16)
+
+    builder.cast_impl = cast_impl
+
+
+if INTERPRET:
+    _round_bf16_casts()
 
 
 def _f32_dot() -> str:

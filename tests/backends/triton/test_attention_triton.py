@@ -77,6 +77,21 @@ def test_bf16_dot_canary():
     assert _dot_error(_raw_dot, torch.bfloat16) > 1.0
 
 
+@triton.jit
+def _cast(x_ptr, y_ptr, N: tl.constexpr):
+    i = tl.arange(0, N)
+    tl.store(y_ptr + i, tl.load(x_ptr + i).to(y_ptr.dtype.element_ty))
+
+
+def test_bf16_casts_round_to_nearest():
+    """float32 -> bfloat16 in a kernel rounds as torch (and the GPU) does; the interpreter alone truncates,
+    common.py corrects it. When the raw interpreter rounds, upstream fixed it: drop common._round_bf16_casts."""
+    x = torch.tensor([0.99999, -0.99999, 1 + 2 ** -8 + 2 ** -10, 0.3333333, 3e-39, 1e30, 2.0, -0.0])
+    y = torch.empty(8, dtype=torch.bfloat16)
+    _cast[(1,)](x, y, N=8)
+    assert torch.equal(y.float(), x.to(torch.bfloat16).float())
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_dot_helper_is_right(dtype):
     assert _dot_error(_helper_dot, dtype) < 1e-4
