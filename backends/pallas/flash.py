@@ -72,7 +72,7 @@ def _kernel(st: Static, opts_ref, p0_ref, lo_ref, hi_ref, cnt_ref, kvj_ref, tile
         # a masked weight is 0, but 0 * NaN is NaN: non-finite values (a page's slots past seqused_k, keys a
         # block mask hides) must not reach the product
         v = v_ref[...]
-        v = jnp.where(jnp.isfinite(v), v, 0)
+        v = jnp.where(jnp.isfinite(v.astype(jnp.float32)), v, 0)  # Mosaic's finiteness test takes float32 only
         m, l, acc = softmax.update(s, visible, v, m_sc[...][:, :1], l_sc[...][:, :1], acc_sc[...])
         m_sc[...] = jnp.broadcast_to(m, m_sc.shape)
         l_sc[...] = jnp.broadcast_to(l, l_sc.shape)
