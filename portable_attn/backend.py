@@ -81,11 +81,19 @@ class Backend:
             return ("inference only, no backward: a tensor argument requires grad; call it under torch.no_grad() "
                     "or torch.inference_mode(), or pass .detach()ed tensors")
         if self.support:
-            return importlib.import_module(self.support).why_not(call)
+            return self._module("support").why_not(call)
         return None
 
     def impl(self):
-        return importlib.import_module(self.module)
+        return self._module("module")
+
+    def _module(self, attr: str):
+        """The module named by `attr` ("module" or "support"), imported on first use and kept: every call
+        dispatched to this backend asks for it."""
+        found = self.__dict__.get("_loaded_" + attr)
+        if found is None:
+            found = self.__dict__["_loaded_" + attr] = importlib.import_module(getattr(self, attr))
+        return found
 
     def release(self) -> None:
         """Drop what the backend keeps per input shape (compiled programs). The conformance suite calls

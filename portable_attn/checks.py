@@ -192,14 +192,15 @@ def max_seqlen(name: str, value, cu: np.ndarray | None) -> int | None:
     return value
 
 
-def index_range(name: str, idx: np.ndarray, low: int, high: int, what: str) -> None:
-    """Every value in [low, high)."""
+def index_range(name: str, idx: np.ndarray, low: int, high: int, what: str) -> tuple[int, int] | None:
+    """Every value in [low, high); returns (min, max), None when `idx` is empty."""
     if idx.size == 0:
-        return
+        return None
     lo, hi = int(idx.min()), int(idx.max())
     if lo < low or hi >= high:
         bad = lo if lo < low else hi
         raise ValueError(f"{name}: {what} must lie in [{low}, {high}), got {bad}")
+    return lo, hi
 
 
 def no_duplicates(name: str, idx: np.ndarray, what: str) -> None:
@@ -404,14 +405,14 @@ def check_paged_attention(a: dict) -> dict:
         if hcu is not None:
             cu_values("cu_seqlens_q", hcu, q.shape[0])
         if nseq:
-            index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
-                        f"{bt.shape[1]} blocks of {bs})")
-            lk_max = int(hsu.max())
+            lk_max = index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
+                                 f"{bt.shape[1]} blocks of {bs})")[1]
             if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
                 raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
                                  f"({lk_max})")
-            used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
-            index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
+            if hbt.size and not (0 <= hbt.min() and hbt.max() < kc.shape[0]):  # else only the entries in use
+                used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
+                index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
     a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], vc.shape[3]), q.dtype, dev, "Tq Hq Dv")

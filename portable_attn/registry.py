@@ -96,7 +96,7 @@ def select(call: Call, backend=None) -> Backend:
     """The backend that runs `call`: `backend=` beats PORTABLE_ATTN_BACKEND beats the platform default."""
     if backend is not None:
         names = _parse(backend, "backend=")
-    elif envs.is_set("PORTABLE_ATTN_BACKEND"):
+    elif envs.PORTABLE_ATTN_BACKEND:
         names = _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
     else:
         names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]

@@ -3,10 +3,11 @@ with one) are gathered; chunked prefill then runs the attention core per sequenc
 batches of sequences through one kernel call each."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from .attention import Options, first_key, sequence
-from .tiles import attend, bounds, clear, lse_rows, store, unseen
+from .tiles import add_sinks, attend, bounds, clear, flash, lse_rows, store, unit, unseen
 from .workspace import buffer
 
 GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16 MiB: measured best)
@@ -15,9 +16,16 @@ GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q=None, max_seqlen_q=None,
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
+    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
+    if cu_seqlens_q is None:
+        plain = _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k)
+        if plain is not None:
+            ot, lt = plain
+            if out is not None:
+                ot = out.copy_(ot)
+            return (ot, lt) if return_lse else ot
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
-    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     lens = seqused_k.tolist()
     if cu_seqlens_q is None or q.shape[0] == len(lens) and bool((cu_seqlens_q.diff() == 1).all()):  # decode
         _decode(opts, q, k_cache, v_cache, block_table, seqused_k, lens, o, lse)
@@ -29,6 +37,42 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
             k, v = (c.index_select(0, blocks).flatten(0, 1)[:lens[s] - b0 * bs] for c in (k_cache, v_cache))
             sequence(opts, s, q[qs:qe], k, v, b0 * bs, lens[s], o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
+
+
+def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
+    """Decode where each query sees all its sequence's keys (no binding window, mask or softcap), every
+    sequence has one and the block-padded gather fits one batch: o [S, Hq, Dv] and lse [Hq, S] from one
+    kernel call on token-gathered keys, or None when the call is not of this kind. A sequence's keys are
+    padded with copies of its last key, masked out: no slot it does not use is read (nothing to clear).
+    The index arithmetic runs in NumPy on views of the int32 tables (a torch op costs several us)."""
+    nseq, (nb, bs, hkv, d), dv = q.shape[0], k_cache.shape, v_cache.shape[3]
+    if not nseq or opts.block_mask is not None or opts.softcap != 0 or d != dv:
+        return None
+    used = seqused_k.numpy()
+    most = int(used.max())
+    if int(used.min()) == 0 or 0 <= opts.window[0] < most - 1:
+        return None
+    nk = -(-most // bs) * bs  # keys per sequence, block-padded
+    if nseq * nk * hkv * (d + dv) * k_cache.element_size() > GATHER_BUDGET or not _flat(k_cache, v_cache):
+        return None
+    pos = np.minimum(np.arange(nk), used[:, None] - 1)  # [S, nk] key positions, the padding at the last key
+    table = block_table.numpy()
+    ids = torch.from_numpy((table[np.arange(nseq)[:, None], pos // bs].astype(np.int64) * bs + pos % bs).ravel())
+    kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], hkv, d),
+              c.dtype)).view(nseq, nk, hkv, d).transpose(1, 2) for n, c in (("k", k_cache), ("v", v_cache)))
+    bias = None
+    if int(used.min()) != nk:  # padding to mask: [S, 1, 1, nk], broadcast over heads and query rows
+        pad = np.where(np.arange(nk) < used[:, None], 0.0, -np.inf).astype(np.float32)[:, None, None]
+        bias = torch.from_numpy(pad).to(q.dtype)
+    qg = unit(q).reshape(nseq, hkv, q.shape[1] // hkv, d)  # [S, Hkv, g, D]: a kv head's g query heads as rows
+    ot, lt = flash(qg, kt, vt, 0.0, False, attn_mask=bias, scale=opts.scale)
+    ot, lt = add_sinks(ot.view(nseq, q.shape[1], 1, d), lt.reshape(nseq, q.shape[1], 1), opts.sinks)
+    return ot.view(nseq, q.shape[1], d).to(q.dtype), lt.reshape(nseq, q.shape[1]).t().contiguous()
+
+
+def _flat(*caches) -> bool:
+    """Each cache [NB, BS, Hkv, D] views as [NB * BS, Hkv, D] (blocks one after the other)."""
+    return all(c.stride(0) == c.shape[1] * c.stride(1) for c in caches)
 
 
 def _decode(opts, q, k_cache, v_cache, block_table, seqused_k, lens, o, lse):

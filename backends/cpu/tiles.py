@@ -16,7 +16,7 @@ from portable_attn.masks import EMPTY
 NEG = -math.inf
 SCORE_BUDGET = 1 << 22  # score elements per step of the explicit (softcap) path: 16 MiB of float32
 
-_flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 
 def bounds(cu: torch.Tensor | None, total: int) -> list[tuple[int, int]]:
@@ -69,7 +69,7 @@ def _fused(q, k, v, vis, scale, softcap, causal):
     elif dv > d:
         q, k = F.pad(q, (0, dv - d)), F.pad(k, (0, dv - d))
     bias = None if vis is None else torch.zeros(vis.shape, dtype=q.dtype).masked_fill_(~vis, NEG)
-    o, lse = _flash(unit(q), unit(k), unit(v), 0.0, causal, attn_mask=bias, scale=scale)
+    o, lse = flash(unit(q), unit(k), unit(v), 0.0, causal, attn_mask=bias, scale=scale)
     if vis is not None:
         lse = lse.masked_fill(~vis.any(-1), NEG)  # the kernel reports lse = 0 for a row with no key
     return (o if dv == d else o[..., :dv]), lse

@@ -15,6 +15,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import time
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +38,8 @@ NOTES = {
     "overhead_s": "this row's median - the median of its `vs` row (the kernel it ends in, else the backend's own "
                   "function): binding, checks, backend selection and the backend's wrapper work",
     "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
+    "clock": "on the CPU with one torch thread, the calling thread's CPU time (time.thread_time): all the work "
+             "runs on that thread, and time spent descheduled on a shared machine is not counted; else wall time",
 }
 
 _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
@@ -44,8 +47,9 @@ _flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
 def _flash_decode(args, sizes):
     """One query that sees every key, as the cpu backend's kernel call: the query heads of each kv head
-    packed as rows of one head (backends/cpu/tiles.attend), [1, H, L, D] layouts made in setup."""
-    q, k, v = (heads_first(args[n]) for n in "qkv")
+    packed as rows of one head (backends/cpu/tiles.attend), on [1, H, L, D] views of the caller's
+    token-major tensors (made in setup)."""
+    q, k, v = (args[n].transpose(0, 1)[None] for n in "qkv")  # [1, H, L, D] views
     q = q.reshape(1, k.shape[1], -1, q.shape[-1])  # [1, Hkv, g, D]
     return functools.partial(_flash, q, k, v, 0.0, False, scale=q.shape[-1] ** -0.5)
 
@@ -80,7 +84,8 @@ def _gather_flash(args, sizes):
 KERNELS = {
     "attention": (
         impls.Impl("aten-flash", "kernel", "aten._scaled_dot_product_flash_attention_for_cpu on [1, Hkv, g, D] "
-                   "query rows and [1, Hkv, Tk, D] copies: the one kernel call the cpu backend needs", _flash_decode),
+                   "query rows and [1, Hkv, Tk, D] views of the inputs: the one kernel call the cpu backend needs",
+                   _flash_decode),
         impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
                    _sdpa_decode)),
     "paged_attention": (
@@ -136,25 +141,30 @@ def checks_env(on: bool | None):
             os.environ[CHECK_VAR] = old
 
 
-def _sampler(fn, sync, calls: int, checks: bool | None):
+def clock(device: str):
+    """The clock of the host case (NOTES["clock"]): thread CPU time where one thread does all the work."""
+    return time.thread_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
+
+
+def _sampler(fn, sync, calls: int, checks: bool | None, clk):
     def loop():
         for _ in range(calls):
             fn()
 
     def sample() -> float:
         with checks_env(checks):
-            return timing.timed(loop, sync, calls)
+            return timing.timed(loop, sync, calls, clk)
     return sample
 
 
-def _start(row: Row, args: dict, sizes: dict, sync, entry: dict):
+def _start(row: Row, args: dict, sizes: dict, sync, entry: dict, clk):
     """The row's sampler after its first call (setup) and three timed calls (the fastest sets the calls per
     sample: on a loaded machine any one of them can be far slower)."""
     with checks_env(row.checks):
         fn, entry["setup_s"] = impls.start(row.impl, args, sizes, sync)
         calls = CALLS if min(timing.timed(fn, sync) for _ in range(3)) < SLOW_S else 1
     entry["calls_per_sample"] = calls
-    return _sampler(fn, sync, calls, row.checks)
+    return _sampler(fn, sync, calls, row.checks, clk)
 
 
 def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
@@ -168,7 +178,8 @@ def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
                                           what=row.impl.what, vs=row.vs, status="ok", reason=None)
         for row in group:
             try:
-                samplers[row.impl.name] = _start(row, args, point.sizes, sync, entries[row.impl.name])
+                samplers[row.impl.name] = _start(row, args, point.sizes, sync, entries[row.impl.name],
+                                                 clock(settings.device))
             except Exception as exc:  # noqa: BLE001 - the group's status: a backend that cannot run this op
                 status, reason = impls.classify(exc, row.impl)
                 for r in group:
@@ -198,7 +209,8 @@ def run(case: cases.Case, settings, log) -> dict:
         log(f"{case.name} {case.label(point)}")
         calls.append(_point(case, point, settings, log))
     return dict(name=case.name, kind=NAME, op=case.op, pattern=case.pattern, axis=case.axis, baseline=None,
-                notes=NOTES, points=[], calls=calls)
+                notes=NOTES, points=[], calls=calls,
+                clock="thread CPU time" if clock(settings.device) is time.thread_time else "wall time")
 
 
 def _us(seconds) -> str:
@@ -222,13 +234,18 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
     return cols, rows
 
 
-CAPTION = "overhead: this median - the median of the `vs` row; medians of samples of consecutive calls, interleaved"
+CAPTION = ("overhead: this median - the median of the `vs` row; medians of samples of consecutive calls, "
+           "interleaved")
+
+
+def _caption(case: dict) -> str:
+    return f"{CAPTION}; clock: {case.get('clock', 'wall time')}"
 
 
 def table(case: dict, styles: dict) -> Table:
     """The host case as a rich table; `styles` colours the note by status (report.STATUS_STYLE)."""
     cols, rows = _grid(case)
-    t = Table(title=escape(f"{case['name']}: {case['pattern']}"), caption=escape(CAPTION))
+    t = Table(title=escape(f"{case['name']}: {case['pattern']}"), caption=escape(_caption(case)))
     for col in cols:
         t.add_column(col, justify="left" if col in ("op", "impl", "vs", "note") else "right", no_wrap=col != "note")
     for cells, status, last in rows:
@@ -238,6 +255,6 @@ def table(case: dict, styles: dict) -> Table:
 
 def markdown(case: dict) -> list[str]:
     cols, rows = _grid(case)
-    return [f"**{case['name']}**: {case['pattern']} ({CAPTION})", "", "| " + " | ".join(cols) + " |",
+    return [f"**{case['name']}**: {case['pattern']} ({_caption(case)})", "", "| " + " | ".join(cols) + " |",
             "|" + "---|" * len(cols), *("| " + " | ".join(c.replace("|", "/") for c in cells) + " |"
                                         for cells, _, _ in rows), ""]

@@ -462,6 +462,10 @@ def _catalogue() -> list[Case]:
         attention_case("varlen_mqa", chunky, hq=4, hkv=1, variant=attention_one_by_one,
                        invariant="packed varlen == one by one"),
         attention_case("decode_alignment", [1, 1, 1], [5, 40, 1]),
+        # decode as engines call it: one sequence, the op's own output
+        dataclasses.replace(attention_case("decode_one_sequence", 1, 57, hq=8, hkv=2, sinks=True), use_out=False),
+        dataclasses.replace(attention_case("decode_wide_window", 1, 40, dv=24, window=(60, 0), causal=False),
+                            use_out=False),
         attention_case("chunked_prefill", [16, 7], [80, 7], hq=6, hkv=3),
         attention_case("more_queries_than_keys", [20, 3], [8, 3]),
         attention_case("more_queries_noncausal", [12], [5], causal=False),
