@@ -53,6 +53,13 @@ def backends() -> dict[str, Backend]:
     return found
 
 
+def rediscover() -> None:
+    """Forget the backends found and the backend names parsed, so that the next call discovers them anew
+    (after installing a plugin in a running process, or in tests that fake entry points)."""
+    backends.cache_clear()
+    _parse_names.cache_clear()
+
+
 def get(name: str) -> Backend:
     known = backends()
     if name not in known:

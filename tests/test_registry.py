@@ -142,14 +142,14 @@ def _entry_points(*eps):
 def test_entry_point_backends_are_registered(monkeypatch):
     ep = EntryPoint("plugin", "tests.test_registry:PLUGIN", registry.ENTRY_POINT_GROUP)
     monkeypatch.setattr(registry, "entry_points", _entry_points(ep))
-    registry.backends.cache_clear()
+    registry.rediscover()
     try:
         assert registry.backends()["plugin"] is PLUGIN
         out = portable_attn.attention(*_qkv(), backend="plugin")
         assert out.shape == (6, 2, 8) and PLUGIN.calls == 1
     finally:
         monkeypatch.undo()
-        registry.backends.cache_clear()
+        registry.rediscover()
 
 
 @pytest.mark.parametrize("target,match", [
@@ -159,13 +159,13 @@ def test_entry_point_backends_are_registered(monkeypatch):
 def test_bad_entry_points_are_rejected(monkeypatch, target, match):
     name = "reference" if "reference" in target else "plugin"
     monkeypatch.setattr(registry, "entry_points", _entry_points(EntryPoint(name, target, registry.ENTRY_POINT_GROUP)))
-    registry.backends.cache_clear()
+    registry.rediscover()
     try:
         with pytest.raises(RuntimeError, match=match):
             registry.backends()
     finally:
         monkeypatch.undo()
-        registry.backends.cache_clear()
+        registry.rediscover()
 
 
 PLUGIN = Fake("plugin")

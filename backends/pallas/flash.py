@@ -40,7 +40,7 @@ class Static:
     return_lse: bool
 
 
-def _kernel(st: Static, opts_ref, p0_ref, lo_ref, hi_ref, cnt_ref, kvj_ref, tile_ref, part_ref, *refs):
+def _kernel(st: Static, opts_ref, p0_ref, hi_ref, cnt_ref, kvj_ref, tile_ref, part_ref, *refs):
     del tile_ref  # only the index maps read it
     refs = list(refs)
     nums_ref, q_ref, k_ref, v_ref = refs[:4]
@@ -89,7 +89,7 @@ def _kernel(st: Static, opts_ref, p0_ref, lo_ref, hi_ref, cnt_ref, kvj_ref, tile
 
 def call(st: Static, tables, nums, q_t, k_t, v_t, part_tiles, sinks):
     """q_t [Hq, NQT * bq, Dp]; k_t, v_t [tiles, bk, Hkv * Dp]; tables (int32, SMEM): opts [causal, left,
-    right], p0, lo, hi, count, kv_j, kv_tile, part; nums float32 [scale, softcap].
+    right], p0, hi, count, kv_j, kv_tile, part; nums float32 [scale, softcap].
     Returns o_t [Hq, NQT * bq, Dvp] (and lse_t [Hq, NQT * bq, 128])."""
     bq, bk, nv, g = st.bq, st.bk, st.nv, st.group
     dp, dvp = q_t.shape[2], v_t.shape[2] // (st.heads // g)
@@ -101,10 +101,10 @@ def call(st: Static, tables, nums, q_t, k_t, v_t, part_tiles, sinks):
     def q_map(h, w, n, *tables):
         return h, w, 0
 
-    def kv_map(h, w, n, opts, p0, lo, hi, cnt, kvj, tile, part):
+    def kv_map(h, w, n, opts, p0, hi, cnt, kvj, tile, part):
         return tile[at(h, w, n)], 0, jax.lax.div(h, g)   # h // g without floor's sign fix-up
 
-    def pm_map(h, w, n, opts, p0, lo, hi, cnt, kvj, tile, part):
+    def pm_map(h, w, n, opts, p0, hi, cnt, kvj, tile, part):
         return jnp.maximum(part[at(h, w, n)], 0), 0, 0
 
     smem = pl.BlockSpec(memory_space=pltpu.SMEM)
@@ -222,7 +222,7 @@ def _run(st: Static, wk: plan.Work, opts, nums, q, cu_q, lq, lk, keys: Keys, sin
     else:
         k_t, v_t, starts = gather_keys(keys, lk, bk=st.bk, nkt=nkt, dp=dp, dvp=dvp)
         tile = jnp.clip(starts[seq] + kv_j, 0, nkt - 1)
-    tables = (opts, wk.p0, wk.lo, wk.hi, wk.count, kv_j.reshape(-1), tile.reshape(-1).astype(jnp.int32),
+    tables = (opts, wk.p0, wk.hi, wk.count, kv_j.reshape(-1), tile.reshape(-1).astype(jnp.int32),
               wk.part[:, :st.nv].reshape(-1))
     outs = call(st, tables, nums, q_t, k_t, v_t, part_tiles, sinks)
     at = plan.tile_rows(wk, cu_q, lq, lk, st.bq, tq)
