@@ -8,6 +8,8 @@ requires grad while grad mode is on is refused with `NotSupported` (SPEC "Autogr
 from __future__ import annotations
 
 import math
+import re
+import textwrap
 
 import torch
 
@@ -15,6 +17,41 @@ from . import dispatch
 from .dispatch import make_call  # noqa: F401  (tools and tests build checked calls with it)
 
 INF = math.inf
+
+
+# Argument descriptions several ops share: a docstring line `{name}` stands for _SHARED[name] (`_documented`).
+_SHARED = {
+    "max_seqlen": "max_seqlen_q, max_seqlen_k: optional host ints, at least the longest query / key count (a grid "
+                  "size\n    without a device-to-host sync; default None).",
+    "window_size": "window_size: (left, right) ints, each >= -1 (-1 = unbounded; default (-1, -1)): keys\n"
+                   "    p - left <= j <= p + right. Hugging Face's sliding_window=W is (W - 1, 0) with causal=True.",
+    "softcap": "softcap: float >= 0 (default 0.0 = off): scores become softcap * tanh(s / softcap).",
+    "sinks": "sinks: float32 or activation-dtype [Hq] (default None): one logit per head that joins only the\n"
+             "    softmax denominator (gpt-oss); -inf = no sink for that head.",
+    "softmax_scale": "softmax_scale: float (default None = 1/sqrt(D); 0.0 is a value).",
+    "block_mask": "block_mask: portable_attn.BlockMask over positions, on the inputs' device (default None).",
+    "return_lse": "return_lse: bool (default False): also return the float32 log-sum-exp (the sink included).",
+    "output_final_state": "output_final_state: bool (default False): return the final states.",
+    "state_indices": "state_indices: int32 [S] (default None): sequence i starts from cache row state_indices[i] "
+                     "and\n    writes its final state there; -1 = no row (zero start, nothing written); no row twice.",
+    "has_initial_state": "has_initial_state: bool [S] (default None: all True), only with state_indices: False "
+                         "starts that\n    sequence from zeros.",
+    "cu_seqlens": "cu_seqlens: int32 [S+1] sequence boundaries of the packed axis 0 (default None: one sequence).",
+    "step_state_indices": "state_indices: int32 [bsz] (default None: rows 0..bsz-1); -1 = no row (zero state, "
+                          "nothing\n    written); no row twice.",
+    "backend": "backend: a backend name or a priority list (default None: the platform's default).",
+}
+_SHARED["attention_options"] = "\n".join(_SHARED[n] for n in ("window_size", "softcap", "sinks", "softmax_scale",
+                                                               "block_mask", "return_lse"))
+_SHARED["sequence_states"] = "\n".join(_SHARED[n] for n in ("output_final_state", "state_indices", "has_initial_state",
+                                                             "cu_seqlens"))
+
+
+def _documented(fn):
+    """`fn` with each `{name}` line of its docstring replaced by _SHARED[name], at that line's indent."""
+    fn.__doc__ = re.sub(r"^( *)\{(\w+)\}$", lambda m: textwrap.indent(_SHARED[m[2]], m[1]), fn.__doc__,
+                        flags=re.MULTILINE)
+    return fn
 
 
 def _dispatch(op: str, local: dict):
@@ -26,6 +63,7 @@ def _dispatch(op: str, local: dict):
     return dispatch.run(op, local, backend)
 
 
+@_documented
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, window_size=(-1, -1), softcap=0.0, sinks=None, softmax_scale=None, block_mask=None,
               return_lse=False, out=None, backend=None):
@@ -39,21 +77,13 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
             bfloat16; float64 on the reference), Hkv dividing Hq, head dims at least 1.
         cu_seqlens_q, cu_seqlens_k: int32 [S+1] sequence boundaries of the packed axis 0, both or neither
             (default None: one sequence each).
-        max_seqlen_q, max_seqlen_k: optional host ints, at least the longest query / key count (a grid size
-            without a device-to-host sync; default None).
+        {max_seqlen}
         causal: bool (default False): query t of a sequence with Lq queries and Lk keys sits at position
             p = t + Lk - Lq (bottom-right aligned) and sees keys j <= p.
-        window_size: (left, right) ints, each >= -1 (-1 = unbounded; default (-1, -1)): keys
-            p - left <= j <= p + right. Hugging Face's sliding_window=W is (W - 1, 0) with causal=True.
-        softcap: float >= 0 (default 0.0 = off): scores become softcap * tanh(s / softcap).
-        sinks: float32 or activation-dtype [Hq] (default None): one logit per head that joins only the
-            softmax denominator (gpt-oss); -inf = no sink for that head.
-        softmax_scale: float (default None = 1/sqrt(D); 0.0 is a value).
-        block_mask: portable_attn.BlockMask over positions, on the inputs' device (default None).
-        return_lse: bool (default False): also return the float32 log-sum-exp (the sink included).
+        {attention_options}
         out: [Tq, Hq, Dv] tensor of q's dtype to write into (default None: a new one); must not overlap an
             input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `o [Tq, Hq, Dv]` in q's dtype, or `(o, lse)` with `lse [Hq, Tq]` (float32) when return_lse.
@@ -70,6 +100,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     return _dispatch("attention", locals())
 
 
+@_documented
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q=None, max_seqlen_q=None,
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None, backend=None):
@@ -85,21 +116,13 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
         block_table: int32 [S, max_blocks], the block ids of each sequence's keys, in [0, NB).
         seqused_k: int32 [S], each sequence's key count (0 gives o = 0, lse = -inf or the sink).
         cu_seqlens_q: int32 [S+1] query boundaries (default None: decode, one query per sequence).
-        max_seqlen_q, max_seqlen_k: optional host ints, at least the longest query / key count (a grid size
-            without a device-to-host sync; default None).
+        {max_seqlen}
         causal: bool (default True): query t of a sequence with Lq queries and Lk keys sits at position
             p = t + Lk - Lq (bottom-right aligned) and sees keys j <= p.
-        window_size: (left, right) ints, each >= -1 (-1 = unbounded; default (-1, -1)): keys
-            p - left <= j <= p + right. Hugging Face's sliding_window=W is (W - 1, 0) with causal=True.
-        softcap: float >= 0 (default 0.0 = off): scores become softcap * tanh(s / softcap).
-        sinks: float32 or activation-dtype [Hq] (default None): one logit per head that joins only the
-            softmax denominator (gpt-oss); -inf = no sink for that head.
-        softmax_scale: float (default None = 1/sqrt(D); 0.0 is a value).
-        block_mask: portable_attn.BlockMask over positions, on the inputs' device (default None).
-        return_lse: bool (default False): also return the float32 log-sum-exp (the sink included).
+        {attention_options}
         out: [Tq, Hq, Dv] tensor of q's dtype to write into (default None: a new one); must not overlap an
             input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `o [Tq, Hq, Dv]`, or `(o, lse)` with `lse [Hq, Tq]` (float32) when return_lse.
@@ -116,6 +139,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     return _dispatch("paged_attention", locals())
 
 
+@_documented
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
     """Write new keys and values into a paged KV cache, in place (vLLM's reshape_and_cache).
 
@@ -126,7 +150,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
         k [T, Hkv, D], v [T, Hkv, Dv]: the new tokens, in the caches' dtype (float32, float16 or bfloat16).
         k_cache [NB, BS, Hkv, D], v_cache [NB, BS, Hkv, Dv]: the caches, updated in place.
         slot_mapping: int32 or int64 [T], slots in [-1, NB * BS), no slot twice.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         None (the caches are updated in place).
@@ -142,6 +166,7 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
     return _dispatch("write_kv_cache", locals())
 
 
+@_documented
 def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, softcap=0.0, sinks=None,
                      softmax_scale=None, return_lse=False, out=None, backend=None):
     """Top-k / index-selected attention (DeepSeek DSA, NSA's selection branch).
@@ -160,7 +185,7 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
         softmax_scale: float (default None = 1/sqrt(D)).
         return_lse: bool (default False): also return the float32 log-sum-exp.
         out: [Tq, Hq, Dv] tensor of q's dtype to write into (default None); must not overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `o [Tq, Hq, Dv]`, or `(o, lse)` with `lse [Hq, Tq]` (float32) when return_lse.
@@ -175,6 +200,7 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
     return _dispatch("sparse_attention", locals())
 
 
+@_documented
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None, out=None, backend=None):
     """(Gated) linear attention: linear attention, RetNet / lightning (constant g), simple GLA, GLA.
@@ -189,15 +215,10 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
         scale: float (default None = 1/sqrt(K)).
         initial_state: float32 or activation-dtype [S, H, K, V] (default None: zeros); with state_indices, a
             state cache [slots, H, K, V] whose rows are read and written back in place.
-        output_final_state: bool (default False): return the final states.
-        state_indices: int32 [S] (default None): sequence i starts from cache row state_indices[i] and
-            writes its final state there; -1 = no row (zero start, nothing written); no row twice.
-        has_initial_state: bool [S] (default None: all True), only with state_indices: False starts that
-            sequence from zeros.
-        cu_seqlens: int32 [S+1] sequence boundaries of the packed axis 0 (default None: one sequence).
+        {sequence_states}
         out: [T, H, V] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `(out, final_state)`: `out [T, H, V]` in the activation dtype; `final_state` is None unless
@@ -216,6 +237,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
     return _dispatch("linear_attention", locals())
 
 
+@_documented
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None, backend=None):
     """One decode token per sequence of `linear_attention`; the state cache is updated in place.
 
@@ -223,13 +245,12 @@ def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=N
         q [bsz, H, K], k [bsz, H, K], v [bsz, H, V]: one token per sequence, one activation dtype.
         state: state cache [slots, H, K, V], float32 or the activation dtype, updated in place at
             state_indices.
-        state_indices: int32 [bsz] (default None: rows 0..bsz-1); -1 = no row (zero state, nothing
-            written); no row twice.
+        {step_state_indices}
         g: log-decay [bsz, H] or [bsz, H, K] (default None: no decay).
         scale: float (default None = 1/sqrt(K)).
         out: [bsz, H, V] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `out [bsz, H, V]`.
@@ -245,6 +266,7 @@ def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=N
     return _dispatch("linear_attention_step", locals())
 
 
+@_documented
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None, use_qk_l2norm=False, out=None,
                      backend=None):
@@ -262,16 +284,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         scale: float (default None = 1/sqrt(K)).
         initial_state: float32 or activation-dtype [S, Hv, K, V] (default None: zeros); with state_indices, a
             state cache [slots, Hv, K, V] whose rows are read and written back in place.
-        output_final_state: bool (default False): return the final states.
-        state_indices: int32 [S] (default None): sequence i starts from cache row state_indices[i] and
-            writes its final state there; -1 = no row (zero start, nothing written); no row twice.
-        has_initial_state: bool [S] (default None: all True), only with state_indices: False starts that
-            sequence from zeros.
-        cu_seqlens: int32 [S+1] sequence boundaries of the packed axis 0 (default None: one sequence).
+        {sequence_states}
         use_qk_l2norm: bool (default False): L2-normalise q and k over K (in float32) first.
         out: [T, Hv, V] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `(out, final_state)`: `out [T, Hv, V]` in the activation dtype; `final_state` is None unless
@@ -292,6 +309,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     return _dispatch("gated_delta_rule", locals())
 
 
+@_documented
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None, backend=None):
     """One decode token per sequence of `gated_delta_rule`; the state cache is updated in place.
@@ -301,13 +319,12 @@ def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=
         g: log-decay [bsz, Hv] or [bsz, Hv, K]; beta: [bsz, Hv] (float32 or the activation dtype).
         state: state cache [slots, Hv, K, V], float32 or the activation dtype, updated in place at
             state_indices.
-        state_indices: int32 [bsz] (default None: rows 0..bsz-1); -1 = no row (zero state, nothing
-            written); no row twice.
+        {step_state_indices}
         scale: float (default None = 1/sqrt(K)).
         use_qk_l2norm: bool (default False): L2-normalise q and k over K first.
         out: [bsz, Hv, V] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `out [bsz, Hv, V]`.
@@ -324,6 +341,7 @@ def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=
     return _dispatch("gated_delta_rule_step", locals())
 
 
+@_documented
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF), initial_state=None,
         output_final_state=False, state_indices=None, has_initial_state=None, cu_seqlens=None, out=None,
         backend=None):
@@ -343,15 +361,10 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
         dt_limit: (low, high) floats (default (0.0, inf)): d is clamped to it, always.
         initial_state: float32 or activation-dtype [S, H, P, N] (default None: zeros); with state_indices, a
             state cache [slots, H, P, N] whose rows are read and written back in place.
-        output_final_state: bool (default False): return the final states.
-        state_indices: int32 [S] (default None): sequence i starts from cache row state_indices[i] and
-            writes its final state there; -1 = no row (zero start, nothing written); no row twice.
-        has_initial_state: bool [S] (default None: all True), only with state_indices: False starts that
-            sequence from zeros.
-        cu_seqlens: int32 [S+1] sequence boundaries of the packed axis 0 (default None: one sequence).
+        {sequence_states}
         out: [T, H, P] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `(out, final_state)`: `out [T, H, P]` in the activation dtype; `final_state` is None unless
@@ -373,6 +386,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
     return _dispatch("ssd", locals())
 
 
+@_documented
 def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF),
              state_indices=None, out=None, backend=None):
     """One decode token per sequence of `ssd` (mamba's selective_state_update); the state cache is updated
@@ -384,8 +398,7 @@ def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus
         B [bsz, G, N], C [bsz, G, N]: activation dtype, G dividing H.
         state: state cache [slots, H, P, N], float32 or the activation dtype, updated in place at
             state_indices.
-        state_indices: int32 [bsz] (default None: rows 0..bsz-1); -1 = no row (zero state, nothing
-            written); no row twice.
+        {step_state_indices}
         D: skip term [H] or [H, P] (default None), float32 or the activation dtype.
         z: gate [bsz, H, P] in the activation dtype (default None): y *= silu(z).
         dt_bias: [H] (default None), added to dt before f.
@@ -393,7 +406,7 @@ def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus
         dt_limit: (low, high) floats (default (0.0, inf)): d is clamped to it, always.
         out: [bsz, H, P] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `out [bsz, H, P]`.
@@ -410,6 +423,7 @@ def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus
     return _dispatch("ssd_step", locals())
 
 
+@_documented
 def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, output_final_state=False,
                   state_indices=None, has_initial_state=None, cu_seqlens=None, out=None, backend=None):
     """Depthwise causal conv1d over packed sequences (the short convolution before Mamba / delta-rule mixers).
@@ -424,15 +438,10 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
         activation: None or "silu" (default None).
         initial_state: [S, C, W-1] in the activation dtype (default None: zeros); with state_indices, a
             state cache [slots, C, W-1] whose rows are read and written back in place.
-        output_final_state: bool (default False): return the final states.
-        state_indices: int32 [S] (default None): sequence i starts from cache row state_indices[i] and
-            writes its final state there; -1 = no row (zero start, nothing written); no row twice.
-        has_initial_state: bool [S] (default None: all True), only with state_indices: False starts that
-            sequence from zeros.
-        cu_seqlens: int32 [S+1] sequence boundaries of the packed axis 0 (default None: one sequence).
+        {sequence_states}
         out: [T, C] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `(out, final_state)`: `out [T, C]` in the activation dtype; `final_state` is None unless
@@ -449,6 +458,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     return _dispatch("causal_conv1d", locals())
 
 
+@_documented
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None,
                        backend=None):
     """One decode token per sequence of `causal_conv1d`; the state cache is updated in place (shifted by one).
@@ -458,11 +468,10 @@ def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_in
         weight [C, W], bias [C] (default None): float32 or the activation dtype.
         state: state cache [slots, C, W-1] in the activation dtype, updated in place at state_indices.
         activation: None or "silu" (default None).
-        state_indices: int32 [bsz] (default None: rows 0..bsz-1); -1 = no row (zero state, nothing
-            written); no row twice.
+        {step_state_indices}
         out: [bsz, C] tensor of the activation dtype to write into (default None: a new one); must not
             overlap an input.
-        backend: a backend name or a priority list (default None: the platform's default).
+        {backend}
 
     Returns:
         `out [bsz, C]`.
