@@ -30,7 +30,8 @@ class OnnxRuntimeBackend(Backend):
         **{op: "com.microsoft VarlenCausalConvWithState" for op in ("causal_conv1d", "causal_conv1d_step")},
     }
     limits = ("float64 (use reference); ops whose ONNX kernel no chosen provider registers; attention calls whose "
-              "dense visibility mask would pass 2**28 elements; float16/bfloat16 cross into the graph as float32")
+              "scores (Hq x Tq x Tk, packed sequences in one row) would pass 1 GiB of float32; float16/bfloat16 are "
+              "computed in float32 inside the graph")
 
     def available(self) -> str | None:
         for package in ("onnxruntime", "onnx"):
