@@ -59,15 +59,16 @@ def sparse(a: dict, q, k) -> dict:
 
 
 def nothing_visible(q, dv: int, sinks) -> tuple[torch.Tensor, torch.Tensor]:
-    """o = 0 and lse = the sink (or -inf) for every query: a call with no keys at all (no graph to run)."""
+    """o = 0 and lse = the sink (or -inf) for every query: a call without keys (no graph to run)."""
     hq, tq = q.shape[1], q.shape[0]
     lse = (sinks.float()[:, None].expand(hq, tq).clone() if sinks is not None
            else torch.full((hq, tq), -math.inf))
     return torch.zeros(tq, hq, dv), lse
 
 
-def run(kind: str, a: dict, q, dv: int, feeds: dict):
-    """Run attention graph `kind` on float32 `feeds` (q, scale and sinks added here); the op's return value."""
+def run(kind: str, a: dict, q, dv: int, feeds: dict, keys: int):
+    """Run attention graph `kind` on float32 `feeds` (q, scale and sinks added here) over `keys` keys (per query
+    for sparse_attention); the op's return value."""
     sig = {"sinks": a["sinks"] is not None, "softcap": float(a["softcap"]), "lse": bool(a["return_lse"])}
     if kind == "attention":
         sig["paged"] = "k_cache" in feeds
@@ -76,7 +77,7 @@ def run(kind: str, a: dict, q, dv: int, feeds: dict):
     direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
     o = out if direct else torch.empty(tq, hq, dv)
     lse = torch.empty(hq, tq) if sig["lse"] else None
-    if tq and feeds["keep"].shape[-1 if kind == "sparse_attention" else 0]:
+    if tq and keys:
         inputs = dict(feeds, q=q.float(), scale=torch.tensor(a["softmax_scale"], dtype=torch.float32))
         if a["sinks"] is not None:
             inputs["sinks"] = a["sinks"].float()

@@ -16,7 +16,7 @@ def attention(q, k, v, *, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k
     a = locals()
     kb = _attention.bounds(cu_seqlens_k, k.shape[0])
     feeds = _attention.dense(a, q, k.shape[1], _attention.bounds(cu_seqlens_q, q.shape[0]), kb)
-    return _attention.run("attention", a, q, v.shape[2], feeds | {"k": k.float(), "v": v.float()})
+    return _attention.run("attention", a, q, v.shape[2], feeds | {"k": k.float(), "v": v.float()}, k.shape[0])
 
 
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q, max_seqlen_q, max_seqlen_k,
@@ -28,14 +28,14 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     feeds = _attention.dense(a, q, k_cache.shape[2], qb, kb)
     return _attention.run("attention", a, q, v_cache.shape[3],
                           feeds | {"slots": slots, "k_cache": k_cache.flatten(0, 1).float(),
-                                   "v_cache": v_cache.flatten(0, 1).float()})
+                                   "v_cache": v_cache.flatten(0, 1).float()}, slots.numel())
 
 
 def sparse_attention(q, k, v, indices, *, cu_seqlens_q, cu_seqlens_k, softcap, sinks, softmax_scale, return_lse,
                      out):
     a = locals()
     feeds = _attention.sparse(a, q, k) | {"k": k.flatten(0, 1).float(), "v": v.flatten(0, 1).float()}
-    return _attention.run("sparse_attention", a, q, v.shape[2], feeds)
+    return _attention.run("sparse_attention", a, q, v.shape[2], feeds, k.shape[0] and indices.shape[2])
 
 
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):

@@ -81,6 +81,24 @@ def test_a_huge_score_matrix_is_refused():
     assert support.MAX_SCORES == 2 ** 28
 
 
+def test_a_huge_key_copy_is_refused():
+    """Keys and values of 2 heads x (1 + 1) dims: 2**26 keys are 1 GiB of float32 (allowed), one more is not."""
+    q = torch.zeros(1, 2, 1)
+    for n, allowed in ((2 ** 26, True), (2 ** 26 + 1, False)):
+        k = torch.zeros(1, 1, 1).expand(n, 2, 1)  # strides 0: no memory
+        reason = registry.why_not(registry.get(ORT), make_call("attention", {"q": q, "k": k, "v": k}))
+        assert (reason is None) == allowed, reason
+    assert "would copy 1.0 GiB of float32 keys and values" in reason
+
+
+def test_no_keys_runs_no_graph():
+    """A sparse call over an empty key set (topk > 0, every slot -1): o = 0, lse = the sink or -inf."""
+    q, k = torch.randn(2, 2, 4), torch.zeros(0, 1, 4)
+    idx = torch.full((2, 1, 3), -1, dtype=torch.int32)
+    o, lse = pa.sparse_attention(q, k, k, idx, sinks=torch.tensor([0.5, -1.0]), return_lse=True, backend=ORT)
+    assert (o == 0).all() and torch.equal(lse, torch.tensor([[0.5, 0.5], [-1.0, -1.0]]))
+
+
 def test_one_session_per_signature():
     sessions.clear()
     g = torch.Generator().manual_seed(0)
