@@ -1,6 +1,7 @@
 """The onnxruntime backend: every call is a small ONNX graph, built once per call signature and cached with
 its InferenceSession (sessions.py), run by ONNX Runtime's fused operators on the execution providers that
 PORTABLE_ATTN_ORT_PROVIDERS names. Opt-in by name (`backend="onnxruntime"`): it is in no default priority."""
+import functools
 import importlib.util
 import sys
 
@@ -34,10 +35,7 @@ class OnnxRuntimeBackend(Backend):
               "computed in float32 inside the graph")
 
     def available(self) -> str | None:
-        for package in ("onnxruntime", "onnx"):
-            if importlib.util.find_spec(package) is None:
-                return f"{package} not installed (pip install 'portable-attn[onnx]')"
-        return None
+        return _missing_package()
 
     def settings(self) -> str:
         from . import kernels  # imports onnxruntime: only once it is known to be installed
@@ -48,6 +46,14 @@ class OnnxRuntimeBackend(Backend):
         sessions = sys.modules.get("portable_attn.backends.onnxruntime.sessions")
         if sessions is not None:  # nothing built yet otherwise
             sessions.clear()
+
+
+@functools.cache  # asked on every call dispatched here; a package search costs tens of microseconds
+def _missing_package() -> str | None:
+    for package in ("onnxruntime", "onnx"):
+        if importlib.util.find_spec(package) is None:
+            return f"{package} not installed (pip install 'portable-attn[onnx]')"
+    return None
 
 
 BACKEND = OnnxRuntimeBackend()
