@@ -37,7 +37,6 @@ from portable_attn.optable import OPS
 
 op = onnxscript.opset23  # the newest onnxscript knows; the model imports opset 24 (Attention's kernel there)
 NS = "portable_attn_onnx"
-GDN_RULES = {"linear_attention": ("linear", "gated"), "gated_delta_rule": ("gated_delta",)}
 
 
 def _register_schema(name: str) -> None:
