@@ -95,6 +95,10 @@ class Backend:
             found = self.__dict__["_loaded_" + attr] = importlib.import_module(getattr(self, attr))
         return found
 
+    def settings(self) -> str:
+        """What the backend resolved from its environment variables, for `portable-attn info` ("" if nothing)."""
+        return ""
+
     def release(self) -> None:
         """Drop what the backend keeps per input shape (compiled programs). The conformance suite calls
         it between cases: a process that meets thousands of shapes would otherwise run out of memory

@@ -106,6 +106,9 @@ def cmd_info(args, console: Console) -> int:
                   ", ".join(sorted(p.value for p in b.platforms)), prio or "by name only", escape(b.description),
                   escape(b.limits or "-"), ", ".join(sorted(b.backward)) or "none: inference only")
     console.print(t)
+    for name, b in registry.backends().items():
+        if b.available() is None and b.settings():
+            console.print(f"{escape(name)}: {escape(b.settings())}")
     device = default_device()
     m = Table(title=f"support on {device} (each backend's own checks; `portable-attn check` proves it)")
     m.add_column("op", no_wrap=True)

@@ -49,6 +49,9 @@ VARS = {v.name: v for v in (
     Var("PORTABLE_ATTN_TRITON_F32_DOT", "", _text,
         "the `input_precision` of the triton backend's float32 dots (`ieee`, `tf32x3`, `tf32`); default per "
         "vendor"),
+    Var("PORTABLE_ATTN_ORT_PROVIDERS", "", _names,
+        "the onnxruntime backend's execution providers, a priority list `a,b`; default: every provider the "
+        "installed onnxruntime build has, `CPUExecutionProvider` last"),
 )}
 
 

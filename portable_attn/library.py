@@ -151,9 +151,14 @@ def _backend(spec) -> str | None:
     return ",".join(spec)
 
 
+FUNCTIONAL = None  # while portable_attn.integrations.onnx exports: (op, args) -> the public op's result
+
+
 def compiled(op: str, args: dict):
     """The public op `op` with its arguments by name (`backend` included, defaults filled in), as one
     custom-op call that dynamo records; the public op's return value."""
+    if FUNCTIONAL is not None:
+        return FUNCTIONAL(op, args)
     decl = OPS[op]
     a = dict(args, backend=_backend(args.get("backend")))
     if decl.family != "cache":

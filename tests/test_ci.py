@@ -239,7 +239,7 @@ def _ready_entry() -> dict:
 
 
 def _planned_entry() -> dict:
-    return copy.deepcopy(ENTRIES["cpu-onnxruntime"])
+    return copy.deepcopy(ENTRIES["cpu-ipex"])
 
 
 def _drop(entry: dict, key: str) -> dict:
@@ -322,7 +322,7 @@ def test_run_here_reports_planned_entries_and_runs_only_what_is_here(fake_check,
     reports = tmp_path / "reports"
     assert matrix.run(_tiny_matrix(), here=True, reports=reports, check=check) == 0
     out = capsys.readouterr().out
-    planned_line = next(line for line in out.splitlines() if line.startswith("cpu-onnxruntime "))
+    planned_line = next(line for line in out.splitlines() if line.startswith("cpu-ipex "))
     assert "planned (unfiled)" in planned_line and "passed" not in planned_line
     assert re.search(r"^cpu-reference\s+passed$", out, re.M)
     assert re.search(r"^cuda-reference\s+skipped: no cuda device here$", out, re.M)
@@ -358,7 +358,7 @@ def test_run_with_jobs_runs_entries_side_by_side_and_shows_each_log(fake_check, 
 def test_run_a_planned_entry_by_name_runs_nothing(fake_check, tmp_path, monkeypatch, capsys):
     check, calls = fake_check
     monkeypatch.setattr(matrix, "check_command", lambda: check)
-    assert matrix.main(["run", "--here", "--name", "cpu-onnxruntime", "--reports", str(tmp_path)]) == 0
+    assert matrix.main(["run", "--here", "--name", "cpu-ipex", "--reports", str(tmp_path)]) == 0
     assert "planned (unfiled): not built yet" in capsys.readouterr().out
     assert calls() == []
 

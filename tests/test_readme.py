@@ -57,6 +57,15 @@ def test_jax_example_runs(monkeypatch):
         pltpu.reset_tpu_interpret_mode_state()
 
 
+@pytest.mark.skipif(importlib.util.find_spec("onnxscript") is None or importlib.util.find_spec("onnxruntime") is None,
+                    reason="the README's ONNX export example needs pip install -e '.[onnx]'")
+def test_onnx_example_runs():
+    examples = blocks("python onnx")
+    assert examples
+    for code in examples:
+        run(code)
+
+
 def test_env_var_table_is_generated_from_envs():
     from portable_attn import envs
 
