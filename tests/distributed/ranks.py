@@ -30,6 +30,10 @@ def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
     try:
         fn(rank, world, *args)
         dist.barrier()
+    except Exception as exc:
+        if "Connection" in str(exc):  # a peer rank died: let its own error be the one reported first
+            time.sleep(5)
+        raise
     finally:
         dist.destroy_process_group()
 
