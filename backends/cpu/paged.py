@@ -49,8 +49,8 @@ def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
     if not nseq or opts.block_mask is not None or opts.softcap != 0 or d != dv:
         return None
     used = seqused_k.numpy()
-    most = int(used.max())
-    if int(used.min()) == 0 or 0 <= opts.window[0] < most - 1:
+    least, most = int(used.min()), int(used.max())
+    if least == 0 or 0 <= opts.window[0] < most - 1:
         return None
     nk = -(-most // bs) * bs  # keys per sequence, block-padded
     if nseq * nk * hkv * (d + dv) * k_cache.element_size() > GATHER_BUDGET or not _flat(k_cache, v_cache):
@@ -61,7 +61,7 @@ def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
     kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], hkv, d),
               c.dtype)).view(nseq, nk, hkv, d).transpose(1, 2) for n, c in (("k", k_cache), ("v", v_cache)))
     bias = None
-    if int(used.min()) != nk:  # padding to mask: [S, 1, 1, nk], broadcast over heads and query rows
+    if least != nk:  # padding to mask: [S, 1, 1, nk], broadcast over heads and query rows
         pad = np.where(np.arange(nk) < used[:, None], 0.0, -np.inf).astype(np.float32)[:, None, None]
         bias = torch.from_numpy(pad).to(q.dtype)
     qg = unit(q).reshape(nseq, hkv, q.shape[1] // hkv, d)  # [S, Hkv, g, D]: a kv head's g query heads as rows
