@@ -65,10 +65,18 @@ def test_quick_run_writes_json_and_one_plot_per_series(quick_run):
     assert "Measured bandwidth: " in md and "| % BW |" in md and "no peer to compare with" in md
 
 
-def test_no_bandwidth_copy_without_a_memory_bound_case(tmp_path):
-    rc, data = bench(tmp_path, "--case", "gdr", "--no-memory")
-    assert rc == 0 and data["bandwidth"] is None
-    assert "Measured bandwidth" not in (tmp_path / "bench.md").read_text()
+def test_a_cpu_run_measures_the_machine_and_each_thread_count(tmp_path):
+    rc, data = bench(tmp_path, "--case", "gdr", "--no-memory", "--threads", "1", "2")
+    assert rc == 0 and data["bandwidth"]["gbps"] > 0  # copy bandwidth even without a memory-bound case
+    assert set(data["machine"]["matmul"]["gflops"]) == {"fp32", "bf16"}
+    assert all(set(by) == {"1", "2"} and min(by.values()) > 0 for by in data["machine"]["matmul"]["gflops"].values())
+    (case,) = data["cases"]
+    assert [(p["x"], p["threads"]) for p in case["points"]] == [(2, 1), (2, 2)]
+    one, two = ({e["name"]: e for e in p["impls"]} for p in case["points"])
+    for name, e in two.items():
+        assert one[name]["scaling"] == 1.0 and e["scaling"] == pytest.approx(one[name]["median_s"] / e["median_s"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "| threads |" in md and "x of 1 thread" in md and "Matrix products (256 x 256" in md
 
 
 def test_missing_transformers_skips_its_peers(tmp_path, monkeypatch):
