@@ -36,7 +36,7 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
             ax.plot(xs, [y0 * (x / x0) ** power for x in xs], style, color="grey", linewidth=0.8,
                     label=f"∝ {case['axis']}" + ("²" if power == 2 else ""))
         fixed = " ".join(f"{k}={v}" for k, v in case["points"][0]["sizes"].items() if k != case["axis"])
-        ax.set(xscale="log", yscale="log", xlabel=f"{case['axis']} (tokens)", ylabel="median time per call (s)",
+        ax.set(xscale="log", yscale="log", xlabel=case["axis"] + (" (tokens)" if case["axis"] in ("T", "ctx") else ""), ylabel="median time per call (s)",
                title=f"{case['name']}: {case['pattern']}\n{fixed}, {results['machine']['cpu']}")
         ax.set_xticks(xs, [str(x) for x in xs])
         ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
