@@ -335,3 +335,12 @@ def test_host_samples_run_under_their_check_setting(before, monkeypatch):
         seconds = host._sampler(call, lambda: None, 3, checks)()
         assert seconds > 0 and seen == [want] * 3
         assert os.environ.get(host.CHECK_VAR) == before
+
+
+def test_block_mask_flops_count_the_visible_pairs():
+    case = cases.catalogue(quick=True)["block_mask"]
+    sizes = case.points[0].sizes
+    pos = torch.arange(sizes["T"])
+    pairs = int(cases._local_global_mask(sizes).dense(0, 0, pos, pos).sum())
+    assert case.flops(sizes) == 4.0 * sizes["H"] * sizes["D"] * pairs
+    assert peers._mask_mod(case.make(sizes, "cpu"), sizes)(None, None, pos[:, None], pos[None, :]).sum() == pairs
