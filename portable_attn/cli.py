@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import os
 import pathlib
 import sys
 import time
@@ -342,6 +341,9 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="bench-results", help="folder for bench.json and the PNGs (default bench-results)")
     b.add_argument("--mem-budget-gb", type=float, default=16.0,
                    help="skip peers whose estimated peak exceeds this many GiB (default 16)")
+    b.add_argument("--threads", type=int, nargs="+", metavar="N",
+                   help="torch thread counts to time every point at (default on CPU: 1 2; --quick and GPUs: "
+                        "torch's current count)")
     b.add_argument("--memory", action=argparse.BooleanOptionalAction, default=True,
                    help="measure each implementation's peak memory in a worker process")
     sub.add_parser("demo", help="a small hybrid transformers model (random weights) through portable_attn, beside "

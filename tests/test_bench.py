@@ -66,10 +66,18 @@ def test_quick_run_writes_json_and_one_plot_per_series(quick_run):
     assert "Measured bandwidth: " in md and "| % BW |" in md and "no peer to compare with" in md
 
 
-def test_no_bandwidth_copy_without_a_memory_bound_case(tmp_path):
-    rc, data = bench(tmp_path, "--case", "gdr", "--no-memory")
-    assert rc == 0 and data["bandwidth"] is None
-    assert "Measured bandwidth" not in (tmp_path / "bench.md").read_text()
+def test_a_cpu_run_measures_the_machine_and_each_thread_count(tmp_path):
+    rc, data = bench(tmp_path, "--case", "gdr", "--no-memory", "--threads", "1", "2")
+    assert rc == 0 and data["bandwidth"]["gbps"] > 0  # copy bandwidth even without a memory-bound case
+    assert set(data["machine"]["matmul"]["gflops"]) == {"fp32", "bf16"}
+    assert all(set(by) == {"1", "2"} and min(by.values()) > 0 for by in data["machine"]["matmul"]["gflops"].values())
+    (case,) = data["cases"]
+    assert [(p["x"], p["threads"]) for p in case["points"]] == [(2, 1), (2, 2)]
+    one, two = ({e["name"]: e for e in p["impls"]} for p in case["points"])
+    for name, e in two.items():
+        assert one[name]["scaling"] == 1.0 and e["scaling"] == pytest.approx(one[name]["median_s"] / e["median_s"])
+    md = (tmp_path / "bench.md").read_text()
+    assert "| threads |" in md and "x of 1 thread" in md and "Matrix products (256 x 256" in md
 
 
 def test_missing_transformers_skips_its_peers(tmp_path, monkeypatch):
@@ -328,3 +336,12 @@ def test_host_samples_run_under_their_check_setting(before, monkeypatch):
         seconds = host._sampler(call, lambda: None, 3, checks, time.perf_counter)()
         assert seconds > 0 and seen == [want] * 3
         assert os.environ.get(host.CHECK_VAR) == before
+
+
+def test_block_mask_flops_count_the_visible_pairs():
+    case = cases.catalogue(quick=True)["block_mask"]
+    sizes = case.points[0].sizes
+    pos = torch.arange(sizes["T"])
+    pairs = int(cases._local_global_mask(sizes).dense(0, 0, pos, pos).sum())
+    assert case.flops(sizes) == 4.0 * sizes["H"] * sizes["D"] * pairs
+    assert peers._mask_mod(case.make(sizes, "cpu"), sizes)(None, None, pos[:, None], pos[None, :]).sum() == pairs

@@ -7,6 +7,7 @@ from typing import NamedTuple
 
 import torch
 
+from . import blockvis
 from .tiles import (add_sinks, attend, band_vis, block_keys, bounds, clear, flash, heads_first, lse_rows, merge,
                     store, unit, unseen)
 
@@ -129,15 +130,16 @@ def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):
         tile = min(TILE, max(MIN_TILE, window[0] + max(window[1], 0) + 1))
     else:
         tile = TILE
+    table = None if bm is None else blockvis.table(bm)
     for t0, n, r, lo, hi in _tiles(lq, lk, opts.causal, window, tile, grouped=bm is None):
         p = torch.arange(t0, t0 + r) + off  # positions of the first tile's queries
         j = torch.arange(lo, hi) if bm is None else block_keys(bm, s, p, lo, hi)
         vis = band_vis(p, j, opts.causal, window)
-        if bm is not None:
-            blocks = bm.visible(s, p, j)  # [Hm, r, K]
+        blocks = None if bm is None else blockvis.visible(bm, table, s, t0 + off, t0 + off + r, j)  # [Hm, r, K]
+        if blocks is not None:
             vis = blocks if vis is None else blocks & vis
         vis = None if vis is None else vis[None]
-        dead = None if bm is None else unseen(vis, k.shape[1])  # a band tile's every key is seen by some query
+        dead = None if vis is None or bm is None else unseen(vis, k.shape[1])  # a band tile's keys are all seen
         if j.numel() == hi - lo and dead is None:  # keys contiguous: tile i sees keys [lo + i*r, hi + i*r), views only
             kt, vt = (_windows(x, lo - k0, n, hi - lo, r) for x in (k, v))
         else:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from portable_attn.masks import EMPTY
 
 NEG = -math.inf
-SCORE_BUDGET = 1 << 22  # score elements per step of the explicit (softcap) path: 16 MiB of float32
+SCORE_BUDGET = 1 << 20  # score elements per step of the explicit (softcap) path: 4 MiB of float32
 
 flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
 
@@ -76,20 +76,48 @@ def _fused(q, k, v, vis, scale, softcap, causal):
 
 
 def _explicit(q, k, v, vis, scale, softcap, causal):
-    """Scores in float32 (softcap needs them), over key chunks bounded by SCORE_BUDGET, merged by lse."""
+    """Scores in float32 (softcap needs them), a step of rows x keys at a time small enough to stay in
+    the core's cache (SCORE_BUDGET), each step in place; partial results over key chunks merged by lse."""
     b, h, r, _ = q.shape
-    q = q.float()
-    step = max(1, SCORE_BUDGET // (b * h * r))
-    o = lse = None
-    for j in range(0, k.shape[2], step):
-        s = scale * (q @ k[:, :, j:j + step].float().transpose(-1, -2))  # [B, H, R, step]
-        s = softcap * torch.tanh(s / softcap)
-        if vis is not None:
-            s = s.masked_fill(~vis[..., j:j + step], NEG)
-        part_lse = torch.logsumexp(s, -1)
-        part = torch.exp(s - part_lse.clamp(min=torch.finfo(s.dtype).min)[..., None]) @ v[:, :, j:j + step].float()
-        o, lse = (part, part_lse) if o is None else merge(o, lse, part, part_lse)
+    nk = k.shape[2]
+    o = q.new_empty(b, h, r, v.shape[-1], dtype=torch.float32)
+    lse = q.new_empty(b, h, r, dtype=torch.float32)
+    step_k = -(-nk // -(-r * nk // SCORE_BUDGET))   # key chunks of equal length, each within the budget
+    heads = max(1, SCORE_BUDGET // (r * step_k))    # (batch, head) pairs per step
+    qs = q.float() * (scale / softcap)              # tanh's argument straight out of the product
+    hidden = None if vis is None else ~vis
+    for i, hs in _row_steps(b, h, heads):
+        bi = (slice(i[0], i[1]), hs)
+        ot = lt = None
+        for j in range(0, nk, step_k):
+            keys = slice(j, j + step_k)
+            s = qs[bi] @ k[bi][..., keys, :].float().transpose(-1, -2)  # [b', h', R, keys]
+            s.tanh_().mul_(softcap)
+            if hidden is not None:
+                s.masked_fill_(_part(hidden, bi)[..., keys], NEG)
+            m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # a row seeing nothing: finite
+            s.sub_(m).exp_()
+            total = s.sum(-1, keepdim=True)
+            # P @ V with P rounded to v's dtype (what a low-precision kernel does), accumulated in float32
+            part = (s.to(v.dtype) @ v[bi][..., keys, :]).float().div_(total.clamp(min=torch.finfo(s.dtype).tiny))
+            part_lse = (m + total.log()).squeeze(-1)
+            ot, lt = (part, part_lse) if ot is None else merge(ot, lt, part, part_lse)
+        o[bi], lse[bi] = ot, lt
     return o, lse
+
+
+def _row_steps(b: int, h: int, per: int):
+    """((b0, b1), head slice) covering [b, h] in steps of about `per` (batch, head) pairs."""
+    if per >= h:
+        nb = per // h
+        return [((i, min(b, i + nb)), slice(None)) for i in range(0, b, nb)]
+    return [((i, i + 1), slice(j, j + per)) for i in range(b) for j in range(0, h, per)]
+
+
+def _part(vis, bi):
+    """Rows `bi` (batch slice, head slice) of a mask vis [B|1, H|1, R|1, K], broadcasting kept."""
+    bs, hs = bi
+    return vis[bs if vis.shape[0] > 1 else slice(None), hs if vis.shape[1] > 1 else slice(None)]
 
 
 def _weight(lse, total):

@@ -35,15 +35,16 @@ def command(args, console: Console) -> int:
         cases=tuple(args.case or cases.catalogue(args.quick)),
         backends=tuple(args.backend or plan.default_backends(args.device)), peers=args.peers, repeat=args.repeat,
         warmup=args.warmup, quick=args.quick, device=args.device, mem_budget_gb=args.mem_budget_gb,
-        memory=args.memory)
+        memory=args.memory, threads=tuple(args.threads or plan.default_threads(args.device, args.quick)))
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     results = runner.run(settings, log=lambda msg: console.print(f"[dim]{escape(msg)}[/]"),
                          checkpoint=lambda partial: report.write_json(partial, out))
     for table in report.tables(results):
         console.print(table)
-    if line := report.bandwidth_line(results):
-        console.print(line)
+    for line in (report.bandwidth_line(results), report.matmul_line(results)):
+        if line:
+            console.print(line)
     written = [report.write_json(results, out)]
     try:
         written += plots.write(results, out)

@@ -78,12 +78,34 @@ def _attention_inputs(sizes: dict, device: str) -> dict:
     hkv = sizes.get("Hkv", H)
     q, k, v = (_randn(gen, T, h, D).to(device, _dtype(sizes)) for h in (H, hkv, hkv))
     left = sizes["W"] - 1 if "W" in sizes else -1
-    return dict(q=q, k=k, v=v, causal=True, window_size=(left, 0 if left >= 0 else -1))
+    return dict(q=q, k=k, v=v, causal=True, window_size=(left, 0 if left >= 0 else -1),
+                **({"softcap": sizes["softcap"]} if "softcap" in sizes else {}))
 
 
 def _attention_flops(sizes: dict) -> float:
     left = sizes["W"] - 1 if "W" in sizes else -1
     return 4.0 * sizes["H"] * sizes["D"] * _visible_pairs(sizes["T"], left)
+
+
+def _local_global_mask(sizes: dict):
+    """Longformer's pattern: keys within W of the query, plus the first G tokens seeing and seen by all."""
+    from portable_attn.masks import BlockMask
+
+    return BlockMask.local_global(sizes["T"], sizes["W"], range(sizes["G"]), (sizes["BS"], sizes["BS"]))
+
+
+def _block_mask_inputs(sizes: dict, device: str) -> dict:
+    args = _attention_inputs({k: v for k, v in sizes.items() if k != "W"}, device)
+    return args | dict(causal=False, window_size=(-1, -1), block_mask=_local_global_mask(sizes).to(device))
+
+
+def _block_mask_flops(sizes: dict) -> float:
+    T, W, G = sizes["T"], sizes["W"], sizes["G"]
+    p = torch.arange(T)
+    lo, hi = (p - W).clamp(min=0), (p + W).clamp(max=T - 1)
+    seen = hi - lo + 1 + (G - (hi.clamp(max=G - 1) - lo + 1).clamp(min=0).clamp(max=G))  # band + globals outside it
+    seen = torch.where(p < G, T, seen)
+    return 4.0 * sizes["H"] * sizes["D"] * float(seen.sum())
 
 
 def _decode_inputs(sizes: dict, device: str) -> dict:
@@ -205,6 +227,11 @@ def _series(axis, values, **fixed):
     return tuple(Point({axis: v} | fixed, v) for v in values)
 
 
+def _bf16(points):
+    """The same points with bfloat16 activations."""
+    return tuple(Point(p.sizes | dict(dtype="bf16"), p.x) for p in points)
+
+
 def gpu_catalogue() -> dict[str, Case]:
     """The GPU goals of the triton backend (bf16; on an H100): prefill as fast as SDPA (attention) and as
     flash-linear-attention's chunk kernels (recurrences), a 1k window at 32k far cheaper than the same
@@ -254,9 +281,11 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
         causal = series("T", (128,), H=2, D=16)
         decode = series("ctx", (64, 256), B=2, Hq=4, Hkv=2, D=16, BS=16)
         decode_b64 = series("ctx", (128,), B=4, Hq=4, Hkv=2, D=16, BS=16)
-        gdr = series("T", (128,), H=2, K=16, V=16)
-        ssd = series("T", (128,), H=2, P=8, N=16, G=1)
-        gla = series("T", (128,), H=2, K=16, V=16)
+        gdr = series("H", (2,), T=128, K=16, V=16)
+        ssd = series("H", (2,), T=128, P=8, N=16, G=1)
+        gla = series("H", (2,), T=128, K=16, V=16)
+        softcap = series("T", (256,), H=2, D=16, W=32, softcap=50.0)
+        block_mask = series("T", (256,), H=2, D=16, W=16, G=16, BS=16)
         conv = series("T", (128,), C=64, W=4)
         ssd_step = series("B", (4,), H=2, P=8, N=16, G=1)
         gdr_step = series("B", (4,), H=2, Hv=4, K=16, V=16)
@@ -267,9 +296,12 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
         causal = series("T", (4096, 8192), H=8, D=64)
         decode = series("ctx", (1024, 4096, 16384, 65536), B=8, Hq=32, Hkv=8, D=128, BS=16)
         decode_b64 = series("ctx", (8192,), B=64, Hq=32, Hkv=8, D=128, BS=16)
-        gdr = series("T", (4096,), H=16, K=128, V=128)
-        ssd = series("T", (4096,), H=32, P=64, N=128, G=1)  # H=64 takes 3x longer in the HF peer here
-        gla = series("T", (4096,), H=16, K=128, V=128)
+        gdr = series("H", (8, 16), T=4096, K=128, V=128)
+        ssd = series("H", (8, 16), T=4096, P=64, N=128, G=1)
+        gla = series("H", (8, 16), T=4096, K=128, V=128)
+        softcap = series("T", (16384,), H=8, D=64, W=1024, softcap=50.0)  # Gemma 2's attention softcap
+        # 128-token blocks, keys within 640 and 128 global tokens: 10.5 % of the blocks visible
+        block_mask = series("T", (16384,), H=8, D=64, W=640, G=128, BS=128)
         conv = series("T", (4096,), C=8192, W=4)
         ssd_step = series("B", (256,), H=32, P=64, N=128, G=1)  # states of 256 MiB each: half the GPU sizes
         gdr_step = series("B", (256,), H=8, Hv=16, K=128, V=128)
@@ -279,18 +311,36 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
     cases = (
         Case("swa", "attention", "sliding window W, causal, window_size=(W-1, 0), fp32", "T", "flex",
              ("sdpa-mask", "flex"), swa, _attention_inputs, _attention_flops),
+        Case("swa_bf16", "attention", "sliding window W, causal, window_size=(W-1, 0), bf16", "T", "flex", ("flex",),
+             _bf16(swa[-2:-1] if not quick else swa), _attention_inputs, _attention_flops),
         Case("causal", "attention", "dense causal, fp32", "T", "sdpa-causal", ("sdpa-causal", "flex"), causal,
              _attention_inputs, _attention_flops),
+        Case("causal_bf16", "attention", "dense causal, bf16", "T", "sdpa-causal", ("sdpa-causal", "flex"),
+             _bf16(causal), _attention_inputs, _attention_flops),
+        Case("softcap", "attention", "sliding window W with a logit softcap (tanh), fp32", "T", "cpu-no-softcap",
+             ("cpu-no-softcap", "flex"), softcap, _attention_inputs, _attention_flops),
+        Case("softcap_bf16", "attention", "sliding window W with a logit softcap (tanh), bf16", "T", "cpu-no-softcap",
+             ("cpu-no-softcap", "flex"), _bf16(softcap), _attention_inputs, _attention_flops),
+        Case("block_mask", "attention", "BlockMask local (|p - j| <= W) + global (first G tokens), not causal, fp32",
+             "T", "flex", ("flex", "cpu-band"), block_mask, _block_mask_inputs, _block_mask_flops),
         Case("decode", "paged_attention", "paged decode step, one query per sequence, GQA, fp32", "ctx",
              "gather-sdpa", ("gather-sdpa",), decode, _decode_inputs, _decode_flops, _decode_bytes),
         Case("decode_b64", "paged_attention", "paged decode step, batch 64, GQA, fp32", "ctx", "gather-sdpa",
              ("gather-sdpa",), decode_b64, _decode_inputs, _decode_flops, _decode_bytes),
-        Case("gdr", "gated_delta_rule", "gated delta rule prefill, use_qk_l2norm, fp32", "T", "hf-qwen3next",
+        Case("decode_b64_bf16", "paged_attention", "paged decode step, batch 64, GQA, bf16 caches", "ctx",
+             "gather-sdpa", ("gather-sdpa",), _bf16(decode_b64), _decode_inputs, _decode_flops, _decode_bytes),
+        Case("gdr", "gated_delta_rule", "gated delta rule prefill, use_qk_l2norm, fp32", "H", "hf-qwen3next",
              ("hf-qwen3next",), gdr, _gdr_inputs, _gdr_flops),
-        Case("ssd", "ssd", "Mamba-2 SSD prefill, dt softplus + bias, D skip, fp32", "T", "hf-mamba2",
+        Case("gdr_bf16", "gated_delta_rule", "gated delta rule prefill, use_qk_l2norm, bf16", "H", "hf-qwen3next",
+             ("hf-qwen3next",), _bf16(gdr), _gdr_inputs, _gdr_flops),
+        Case("ssd", "ssd", "Mamba-2 SSD prefill, dt softplus + bias, D skip, fp32", "H", "hf-mamba2",
              ("hf-mamba2",), ssd, _ssd_inputs, _ssd_flops),
-        Case("gla", "linear_attention", "GLA prefill: decay per key dim g [T, H, K], fp32 (no PyTorch peer)", "T",
+        Case("ssd_bf16", "ssd", "Mamba-2 SSD prefill, dt softplus + bias, D skip, bf16", "H", "hf-mamba2",
+             ("hf-mamba2",), _bf16(ssd), _ssd_inputs, _ssd_flops),
+        Case("gla", "linear_attention", "GLA prefill: decay per key dim g [T, H, K], fp32 (no PyTorch peer)", "H",
              None, (), gla, _gla_inputs, _gla_flops),
+        Case("gla_bf16", "linear_attention", "GLA prefill: decay per key dim g [T, H, K], bf16 (no PyTorch peer)",
+             "H", None, (), _bf16(gla), _gla_inputs, _gla_flops),
         Case("conv", "causal_conv1d", "causal conv1d prefill, silu, fp32", "T", "torch-conv1d", ("torch-conv1d",), conv,
              _conv_inputs, _conv_flops, _conv_bytes),
         Case("ssd_step", "ssd_step", f"Mamba-2 SSD step, {step} (no PyTorch peer)", "B", None, (), ssd_step,

@@ -11,6 +11,8 @@ import importlib
 import torch
 import torch.nn.functional as F
 
+import portable_attn
+
 from .fla_peers import FLA_PEERS
 from .impls import Impl, Refused
 
@@ -26,10 +28,12 @@ def _attention_layout(args):
     return q, k, v, dict(enable_gqa=q.shape[1] != k.shape[1])
 
 
-def _mask_mod(args):
+def _mask_mod(args, sizes=None):
     """The visible (query, key) pairs of a prefill attention call (Tq == Tk) as a FlexAttention mask_mod;
     evaluated on index grids it is also the dense mask."""
     causal, (left, right) = args["causal"], args["window_size"]
+    if sizes is not None and "G" in sizes:  # the block_mask case's local + global pattern
+        return _local_global_mod(sizes["W"], sizes["G"])
 
     def mask_mod(b, h, q_idx, kv_idx):
         keep = kv_idx <= q_idx if causal else kv_idx >= 0
@@ -39,6 +43,31 @@ def _mask_mod(args):
             keep = keep & (kv_idx - q_idx <= right)
         return keep
     return mask_mod
+
+
+def _local_global_mod(window: int, globals_: int):
+    def mask_mod(b, h, q_idx, kv_idx):
+        return ((q_idx - kv_idx).abs() <= window) | (q_idx < globals_) | (kv_idx < globals_)
+    return mask_mod
+
+
+def _softcap_mod(cap: float):
+    def score_mod(score, b, h, q_idx, kv_idx):
+        return cap * torch.tanh(score / cap)
+    return score_mod
+
+
+def _cpu_without(*names, **override):
+    """The cpu backend on the same call, `names` left out and `override` set: the work a feature adds."""
+    def prepare(args, sizes):
+        kept = {k: v for k, v in args.items() if k not in names} | override
+        return functools.partial(portable_attn.attention, **kept, backend="cpu")
+    return prepare
+
+
+def _cpu_band(args, sizes):
+    """The block_mask case's local band alone as a window, no block mask (the globals' work left out)."""
+    return _cpu_without("block_mask", window_size=(sizes["W"], sizes["W"]))(args, sizes)
 
 
 def _sdpa_causal(args, sizes):
@@ -80,8 +109,9 @@ def _flex(args, sizes):
     q, k, v, gqa = _attention_layout(args)
     Tq, Tk = q.shape[2], k.shape[2]
     block_mask_of = eager_block_mask if Tq * Tk <= EAGER_BLOCK_MASK_PAIRS else compiled_block_mask
-    block_mask = block_mask_of(_mask_mod(args), None, None, Tq, Tk, device=q.device)
-    return functools.partial(flex, q, k, v, block_mask=block_mask, **gqa)
+    block_mask = block_mask_of(_mask_mod(args, sizes), None, None, Tq, Tk, device=q.device)
+    score_mod = _softcap_mod(args["softcap"]) if args.get("softcap") else None
+    return functools.partial(flex, q, k, v, score_mod=score_mod, block_mask=block_mask, **gqa)
 
 
 def _flash_attn(args, sizes):
@@ -162,8 +192,12 @@ PEERS = {p.name: p for p in (
     Impl("sdpa-mask", "peer", "F.scaled_dot_product_attention(q, k, v, attn_mask=dense bool [T, T] mask) on "
          "[1, H, T, D] copies, in a worker process; the mask is built in setup", _sdpa_mask,
          need_bytes=_dense_mask_bytes, in_child=True),
-    Impl("flex", "peer", "torch.compile(flex_attention)(q, k, v, block_mask) on [1, H, T, D] copies; the block "
-         "mask (create_block_mask, same mask_mod) and the compile are setup", _flex),
+    Impl("flex", "peer", "torch.compile(flex_attention)(q, k, v, block_mask) on [1, H, T, D] copies (softcap: a tanh "
+         "score_mod); the block mask (create_block_mask, same mask_mod) and the compile are setup", _flex),
+    Impl("cpu-no-softcap", "peer", "portable_attn.attention(..., backend='cpu') on the same call without softcap: "
+         "what the softcap adds", _cpu_without("softcap")),
+    Impl("cpu-band", "peer", "portable_attn.attention(..., backend='cpu') with the mask's band as window_size=(W, W) "
+         "and no block mask: the local blocks' work without the globals or the mask", _cpu_band),
     Impl("flash-attn", "peer", "flash_attn.flash_attn_func(q, k, v, causal, window_size) on [1, T, H, D] views "
          "(GPU only; skipped where flash-attn is not installed)", _flash_attn),
     Impl("gather-sdpa", "peer", "k_cache[block_table], v_cache[block_table] gathered to [B, Hkv, L, D] (timed), "

@@ -3,6 +3,7 @@ worker process."""
 from __future__ import annotations
 
 import dataclasses
+import os
 
 import torch
 
@@ -28,6 +29,13 @@ def default_backends(device: str) -> list[str]:
     platform = platform_of(torch.empty(0, device=device))
     return [name for name, b in registry.backends().items()
             if name != "reference" and b.available() is None and b.serves(platform) is None]
+
+
+def default_threads(device: str, quick: bool) -> tuple[int, ...]:
+    """CPU full runs: 1 and 2 threads (how each case scales); otherwise torch's current count."""
+    if device != "cpu" or quick or (os.cpu_count() or 1) < 2:
+        return (torch.get_num_threads(),)
+    return (1, 2)
 
 
 def impls_for(case: cases.Case, backends, peers: bool) -> list[Impl]:

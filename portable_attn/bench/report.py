@@ -39,8 +39,11 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
     moved = any(p["bytes"] for p in case["points"])
     frac = any(e.get("bw_frac") is not None for p in case["points"] for e in p["impls"])
     base = case["baseline"]
-    cols = [case["axis"], "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if moved else []),
-            *(["% BW"] if frac else []), "peak MB", "setup s", *([f"vs {base}"] if base else []), "note"]
+    counts = sorted({p.get("threads") for p in case["points"]} - {None})
+    multi = len(counts) > 1
+    cols = [case["axis"], *(["threads"] if multi else []), "impl", "median ms", "min ms", "IQR ms", "GFLOP/s", *(["GB/s"] if moved else []),
+            *(["% BW"] if frac else []), "peak MB", "setup s", *([f"vs {base}"] if base else []),
+            *([f"x of {counts[0]} thread{'s' * (counts[0] > 1)}"] if multi else []), "note"]
     rows = []
     for point in case["points"]:
         for i, e in enumerate(point["impls"]):
@@ -48,12 +51,14 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
             status = "" if e["status"] == "ok" else f"{e['status']}: "
             note = e["reason"] if status else e.get("peak_mem_note") or ""
             bw = None if e.get("bw_frac") is None else 100 * e["bw_frac"]
-            rows.append(([str(point["x"]) if i == 0 else "", e["name"],
+            rows.append(([str(point["x"]) if i == 0 else "",
+                          *([str(point["threads"]) if i == 0 else ""] if multi else []), e["name"],
                           _ms(e.get("median_s")), _ms(e.get("min_s")), _ms(e.get("iqr_s")),
                           _num(e.get("gflops"), ".3g"), *([_num(e.get("gbps"), ".3g")] if moved else []),
                           *([_num(bw, ".0f")] if frac else []),
                           _num(None if mem is None else mem / 2**20, ".0f"), _num(e.get("setup_s"), ".2f"),
-                          *([_num(e.get("ratio"), ".2f")] if base else []), f"{status}{note}"],
+                          *([_num(e.get("ratio"), ".2f")] if base else []),
+                          *([_num(e.get("scaling"), ".2f")] if multi else []), f"{status}{note}"],
                          e["status"], i == len(point["impls"]) - 1))
     return cols, rows
 
@@ -73,6 +78,16 @@ def bandwidth_line(results: dict) -> str | None:
             f"copy, bytes read + written / median of {bw['repeat']}); % BW is GB/s as a share of it.")
 
 
+def matmul_line(results: dict) -> str | None:
+    """The matrix-product rates measured in the run, or None (not measured on this device)."""
+    mm = results["machine"].get("matmul")
+    if not mm:
+        return None
+    parts = [f"{dtype} " + ", ".join(f"{r:.0f} GFLOP/s at {n} thread{'s' * (n != '1')}" for n, r in by.items())
+             for dtype, by in mm["gflops"].items()]
+    return f"Matrix products ({mm['size']} x {mm['size']}, torch.mm, median of 5): " + "; ".join(parts) + "."
+
+
 def tables(results: dict) -> list[Table]:
     out = []
     for case in results["cases"]:
@@ -82,7 +97,7 @@ def tables(results: dict) -> list[Table]:
         cols, rows = _grid(case)
         t = Table(title=escape(f"{case['name']}: {case['op']}, {case['pattern']}"), caption=escape(_caption(case)))
         for col in cols:
-            t.add_column(col, justify="left" if col in (case["axis"], "impl", "note") else "right",
+            t.add_column(col, justify="left" if col in (case["axis"], "threads", "impl", "note") else "right",
                          no_wrap=col != "note")
         for cells, status, last in rows:
             t.add_row(*map(escape, cells[:-1]), f"[{STATUS_STYLE[status]}]{escape(cells[-1])}[/]", end_section=last)
@@ -95,7 +110,8 @@ def markdown(results: dict) -> str:
     m = results["machine"]
     gpu = f" ({m['gpu']})" if m.get("gpu") else ""
     lines = [f"Machine: {m['cpu']}, {m['cores']} cores, torch {m['torch']}, device {m['device']}{gpu}, {m['date']}.",
-             *([bandwidth_line(results)] if results.get("bandwidth") else []), ""]
+             *([bandwidth_line(results)] if results.get("bandwidth") else []),
+             *([matmul_line(results)] if results["machine"].get("matmul") else []), ""]
     for case in results["cases"]:
         if case.get("kind") == host.NAME:
             lines += host.markdown(case)

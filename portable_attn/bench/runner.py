@@ -28,6 +28,11 @@ NOTES = {
              "gaps of an engine running decode, not Python's",
     "ratio": "baseline median / this median (> 1: faster than the case's baseline)",
     "peak_mem_bytes": memory.MEANING,
+    "threads": "torch.set_num_threads for the point's calls (peers included); each thread count is its own "
+               "round-robin, so ratios compare implementations at one thread count",
+    "scaling": "this implementation's median at the point's lowest thread count / its median here",
+    "matmul": "GFLOP/s of a square matrix product per dtype and thread count, measured in the same run: what the "
+              "cores' float32 and bfloat16 units reach through torch",
 }
 
 
@@ -42,6 +47,7 @@ class Settings:
     device: str = "cpu"
     mem_budget_gb: float = 16.0
     memory: bool = True
+    threads: tuple[int, ...] = ()  # torch thread counts each point runs at (empty: torch's current one)
 
 
 def machine(device: str) -> dict:
@@ -72,10 +78,13 @@ def run(settings: Settings, log: Callable[[str], None] = print,
     unknown = [n for n in settings.cases if n not in catalogue]
     if unknown:
         raise ValueError(f"unknown case {', '.join(unknown)}; valid names: {', '.join(catalogue)}")
-    bandwidth = None
-    if any(catalogue[n].bytes for n in settings.cases):
+    bandwidth, threads = None, settings.threads or (torch.get_num_threads(),)
+    if any(catalogue[n].bytes for n in settings.cases) or settings.device == "cpu":
         log("memory bandwidth: a device-to-device copy")
         bandwidth = timing.copy_bandwidth(settings.device, *_copy_size(settings))
+    if settings.device == "cpu":
+        log("matrix-product rates, fp32 and bf16")
+        info["matmul"] = timing.matmul_rates(threads, settings.quick)
     results = []
     for number, name in enumerate(settings.cases, 1):
         case = catalogue[name]
@@ -86,9 +95,12 @@ def run(settings: Settings, log: Callable[[str], None] = print,
             continue
         points = []
         for index, point in enumerate(case.points):
-            log(f"{case.name} {case.label(point)}")
-            points.append(_run_point(case, index, point, settings, bandwidth))
-            log(f"  {', '.join(_progress(e) for e in points[-1]['impls'])} ({time.perf_counter() - t0:.0f} s)")
+            for n in threads:
+                log(f"{case.name} {case.label(point)}, {n} thread{'s' * (n > 1)}")
+                with timing.threads(n):
+                    points.append(_run_point(case, index, point, settings, bandwidth) | dict(threads=n))
+                log(f"  {', '.join(_progress(e) for e in points[-1]['impls'])} ({time.perf_counter() - t0:.0f} s)")
+            _add_scaling(points[-len(threads):])
         results.append(dict(name=case.name, op=case.op, pattern=case.pattern, axis=case.axis,
                             baseline=case.baseline, points=points))
         checkpoint(_results(info, settings, bandwidth, t0, results))
@@ -130,7 +142,8 @@ def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Setti
             continue
         try:
             if impl.in_child:
-                runner = timing.ChildRunner(plan.Spec(case.name, index, impl.name, settings.quick, settings.device))
+                spec = plan.Spec(case.name, index, impl.name, settings.quick, settings.device)
+                runner = timing.ChildRunner(spec, torch.get_num_threads())
                 entry["setup_s"] = runner.setup_s
             else:
                 fn, entry["setup_s"] = impls.start(impl, args, point.sizes, sync)
@@ -164,13 +177,26 @@ def _run_point(case: cases.Case, index: int, point: cases.Point, settings: Setti
                 impls=list(entries.values()))
 
 
+def _add_scaling(runs: list[dict]) -> None:
+    """Each entry's speed-up over the same implementation at the lowest thread count of its point."""
+    first = {e["name"]: e.get("median_s") for e in runs[0]["impls"]}
+    for run in runs:
+        for e in run["impls"]:
+            one = first.get(e["name"])
+            e["scaling"] = one / e["median_s"] if one and e.get("median_s") else None
+
+
 def _add_memory(results: list[dict], settings: Settings) -> None:
-    where = {}
+    where = {}  # one measurement per (case, point, implementation), whatever the thread count
     for case in results:
-        for index, point in enumerate(case["points"]):
+        index = {}
+        for point in case["points"]:
+            i = index.setdefault(point["x"], len(index))
             for entry in point["impls"]:
                 if entry["status"] == "ok":
-                    where[plan.Spec(case["name"], index, entry["name"], settings.quick, settings.device)] = entry
+                    spec = plan.Spec(case["name"], i, entry["name"], settings.quick, settings.device)
+                    where.setdefault(spec, []).append(entry)
     for spec, value in memory.measure(list(where)).items():
-        where[spec]["peak_mem_bytes"] = value if isinstance(value, int) else None
-        where[spec]["peak_mem_note"] = None if isinstance(value, int) else value
+        for entry in where[spec]:
+            entry["peak_mem_bytes"] = value if isinstance(value, int) else None
+            entry["peak_mem_note"] = None if isinstance(value, int) else value

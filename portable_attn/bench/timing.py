@@ -1,6 +1,7 @@
 """Interleaved timing: each repetition calls every implementation once, round-robin, after warm-up rounds."""
 from __future__ import annotations
 
+import contextlib
 import functools
 import multiprocessing
 import time
@@ -61,6 +62,35 @@ def copy_bandwidth(device: str, nbytes: int, repeat: int) -> dict:
     return dict(bytes=2 * nbytes, median_s=median, gbps=2 * nbytes / median / 1e9, repeat=repeat)
 
 
+@contextlib.contextmanager
+def threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def matmul_rates(counts, quick: bool = False) -> dict:
+    """GFLOP/s of an n x n matrix product per dtype and thread count (median of 5):
+    {"size": n, "gflops": {"fp32": {"1": .., "2": ..}, "bf16": {..}}}."""
+    n = 256 if quick else 2048
+    rates = {}
+    for name, dtype in MATMUL_DTYPES.items():
+        a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
+        for count in counts:
+            with threads(count):
+                a @ b
+                median = float(np.median([timed(functools.partial(torch.mm, a, b), lambda: None) for _ in range(5)]))
+            rates.setdefault(name, {})[str(count)] = 2 * n**3 / median / 1e9
+    return dict(size=n, gflops=rates)
+
+
 def round_robin(runners: dict[str, Callable[[], float]], warmup: int, repeat: int):
     """Seconds per call of each runner (`repeat` of them), the starting runner rotating each round.
     A runner that raises leaves the rotation: (times, {name: exception})."""
@@ -89,10 +119,10 @@ class ChildRunner:
     the round-robin): its memory (a dense [T, T] mask) never lands in this process, and a crash there
     costs only this implementation."""
 
-    def __init__(self, spec: plan.Spec):
+    def __init__(self, spec: plan.Spec, threads: int):
         ctx = multiprocessing.get_context("spawn")
         self.conn, theirs = ctx.Pipe()
-        self.proc = ctx.Process(target=_worker, args=(theirs, spec), daemon=True)
+        self.proc = ctx.Process(target=_worker, args=(theirs, spec, threads), daemon=True)
         self.proc.start()
         theirs.close()
         self.setup_s = self._reply()
@@ -121,7 +151,8 @@ class ChildRunner:
         self.conn.close()
 
 
-def _worker(conn, spec: plan.Spec) -> None:
+def _worker(conn, spec: plan.Spec, threads: int) -> None:
+    torch.set_num_threads(threads)
     _, point, args, impl = plan.materialize(spec)
     sync = synchronizer(spec.device)
     try:

@@ -178,6 +178,18 @@ def test_low_precision_varlen_mask_softcap(dtype):
                        window_size=(40, 7)), dtype)
 
 
+@pytest.mark.parametrize("budget", [300, 5_000, 60_000])  # key chunks merged; head steps; batch steps
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_softcap_steps(monkeypatch, budget, dtype):
+    """The explicit (softcap) path cut into steps of rows and key chunks, merged by lse, rows that see
+    nothing in a chunk included; dense, windowed and GQA calls."""
+    monkeypatch.setattr(tiles, "SCORE_BUDGET", budget)
+    g = gen(13)
+    q, k, v = (rand(150, h, 16, dtype=dtype, gen=g) for h in (6, 2, 2))
+    for kw in ({"causal": True}, {"causal": True, "window_size": (20, 0)}, {"window_size": (5, 9)}):
+        assert_close(*both("attention", q, k, v, softcap=5.0, **kw), dtype)
+
+
 # ---- decode, sparse, out= ------------------------------------------------------------------
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
