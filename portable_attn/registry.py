@@ -21,6 +21,7 @@ BUILTIN = {
     "cpu": "portable_attn.backends.cpu:BACKEND",
     "triton": "portable_attn.backends.triton:BACKEND",
     "pallas": "portable_attn.backends.pallas:BACKEND",
+    "torch": "portable_attn.backends.torch:BACKEND",
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.
