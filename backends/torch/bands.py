@@ -39,7 +39,8 @@ def rect(lq: int, lk: int, causal: bool, window: tuple[int, int]) -> Rect:
     first, last = r0 + off, r1 - 1 + off
     k0, k1 = lo(first), hi(last) + 1
     masked = hi(first) != k1 - 1 or lo(last) != k0
-    return Rect(r0, r1, k0, k1, masked, masked and causal and lo(last) == k0 and first == k0)
+    top_left = masked and lo(last) == k0 == hi(first)  # hi(p) then rises by one per row until lk - 1
+    return Rect(r0, r1, k0, k1, masked, top_left)
 
 
 def bounds(cu, total: int) -> list[tuple[int, int]]:

@@ -19,7 +19,8 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     if cu_seqlens_q is None and block_mask is None:
         _decode(q, k_cache, v_cache, block_table, used, o, lse, window_size[0], softmax_scale, sinks)
     else:
-        for s, (qs, qe) in enumerate(bounds(cu_seqlens_q, q.shape[0])):
+        rows = bounds(cu_seqlens_q, q.shape[0]) if cu_seqlens_q is not None else [(s, s + 1) for s in range(len(used))]
+        for s, (qs, qe) in enumerate(rows):
             k, v = (gather(c, block_table[s:s + 1], used[s])[0] for c in (k_cache, v_cache))
             sequence(q[qs:qe], k, v, o[qs:qe], None if lse is None else lse[:, qs:qe], s=s, causal=causal,
                      window=window_size, scale=softmax_scale, block_mask=block_mask, sinks=sinks)

@@ -46,5 +46,6 @@ def _lengths(a: dict, paged: bool):
     """(query count, key count) of each sequence of the call (host ints: one sync per index tensor)."""
     q = [e - s for s, e in bounds(a["cu_seqlens_q"], a["q"].shape[0])]
     if paged:
+        q = q if a["cu_seqlens_q"] is not None else [1] * a["q"].shape[0]
         return zip(q, a["seqused_k"].tolist())
     return zip(q, [e - s for s, e in bounds(a["cu_seqlens_k"], a["k"].shape[0])])
