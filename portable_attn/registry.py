@@ -22,6 +22,7 @@ BUILTIN = {
     "triton": "portable_attn.backends.triton:BACKEND",
     "pallas": "portable_attn.backends.pallas:BACKEND",
     "torch": "portable_attn.backends.torch:BACKEND",
+    "ipex": "portable_attn.backends.ipex:BACKEND",  # opt-in: in no DEFAULT_PRIORITY
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.
