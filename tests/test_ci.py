@@ -371,3 +371,18 @@ def test_run_rejects_an_unknown_name(capsys):
 
 def test_devices_here_always_has_the_cpu():
     assert "cpu" in matrix.devices_here()
+
+
+def test_run_skip_leaves_an_entry_to_its_own_environment(fake_check, tmp_path, monkeypatch, capsys):
+    """cpu-ipex runs from .ci/run's IPEX venv: the main `run --here --skip cpu-ipex` leaves it out."""
+    check, calls = fake_check
+    monkeypatch.setattr(matrix, "check_command", lambda: check)
+    assert matrix.main(["run", "--here", "--skip", "cpu-ipex", "--name", "cpu-ipex", "--name", "cpu-torch",
+                        "--reports", str(tmp_path)]) == 0
+    assert [c["argv"][1] for c in calls()] == ["torch"]
+    with pytest.raises(SystemExit):
+        matrix.main(["run", "--skip", "cpu-nothing"])
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "ci/matrix.py run --here --jobs 2 --skip cpu-ipex" in script
+    assert ".venv-ipex/bin/python ci/matrix.py run --here --name cpu-ipex" in script
+    assert ENTRIES["cpu-torch"]["status"] == "ready" and ENTRIES["xpu-torch"]["status"] == "planned"
