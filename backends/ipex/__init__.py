@@ -14,7 +14,7 @@ PIN = "2.8"  # the torch release IPEX 2.8 is built against (it refuses any other
 class IpexBackend(Backend):
     name = "ipex"
     module = "portable_attn.backends.ipex.ops"
-    platforms = frozenset({Platform.CPU, Platform.XPU})
+    platforms = frozenset({Platform.CPU})  # IPEX's XPU build (2.8.10+xpu) is a different wheel, not run here yet
     ops = ("attention", "paged_attention", "write_kv_cache", "causal_conv1d_step")
     description = ("IPEX 2.8 (archived upstream; opt-in): varlen_attention, PagedAttention decode and "
                    "reshape_and_cache on its heads-major cache [NB, Hkv, BS, D], MambaMixer.causal_conv1d_update")

@@ -90,8 +90,12 @@ def _decode_inputs(sizes: dict, device: str) -> dict:
     B, ctx, BS = sizes["B"], sizes["ctx"], sizes["BS"]
     gen = torch.Generator().manual_seed(0)
     per_seq = -(-ctx // BS)  # the last block partly used when BS does not divide ctx
-    k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
-                        for _ in range(2))
+    if sizes.get("heads_major"):  # stored [NB, Hkv, BS, D] (vLLM's CPU layout, IPEX's), passed as the SPEC view
+        k_cache, v_cache = (_randn(gen, B * per_seq, sizes["Hkv"], BS, sizes["D"]).to(device, _dtype(sizes))
+                            .transpose(1, 2) for _ in range(2))
+    else:
+        k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
+                            for _ in range(2))
     table = torch.randperm(B * per_seq, generator=gen).view(B, per_seq).to(torch.int32)  # pages out of order
     return dict(q=_randn(gen, B, sizes["Hq"], sizes["D"]).to(device, _dtype(sizes)), k_cache=k_cache, v_cache=v_cache,
                 block_table=table.to(device), seqused_k=torch.full((B,), ctx, dtype=torch.int32, device=device),
@@ -332,7 +336,8 @@ def _route_flops(sizes: dict) -> float:
 def route_catalogue(quick: bool = False) -> dict[str, Case]:
     """One call of each kind a platform's default route must choose for (dense, window, sinks, block mask,
     paged decode), in fp32 and bf16 (the points): `portable-attn bench --case route_dense route_swa
-    route_sinks route_mask route_decode --backend cpu torch` measures the CPU defaults, cpu as baseline."""
+    route_sinks route_mask route_decode --backend cpu torch` measures the CPU defaults, cpu as baseline;
+    route_decode_hm is decode on the cache layout the ipex backend reads."""
     def dtypes(**fixed):
         return tuple(Point(fixed | dict(dtype=d), d) for d in ("fp32", "bf16"))
     if quick:
@@ -352,6 +357,9 @@ def route_catalogue(quick: bool = False) -> dict[str, Case]:
              "dtype", "cpu", (), dtypes(**attn, local=local), _route_inputs, _route_flops),
         Case("route_decode", "paged_attention", "paged decode step, batch 8, GQA 32/8", "dtype", "cpu",
              ("gather-sdpa",), dtypes(**decode), _decode_inputs, _decode_flops, _decode_bytes),
+        Case("route_decode_hm", "paged_attention", "paged decode step, batch 8, GQA 32/8, cache stored heads-major "
+             "[NB, Hkv, BS, D] (the layout IPEX reads)", "dtype", "cpu", (), dtypes(**decode, heads_major=True),
+             _decode_inputs, _decode_flops, _decode_bytes),
     )
     return {c.name: c for c in cases}
 

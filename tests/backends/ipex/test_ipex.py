@@ -34,7 +34,7 @@ def test_a_torch_that_is_not_its_pin_is_named(monkeypatch):
 
 def test_opt_in_only():
     assert all("ipex" not in names for names in registry.DEFAULT_PRIORITY.values())
-    assert ipex_backend.BACKEND.platforms == {Platform.CPU, Platform.XPU}
+    assert ipex_backend.BACKEND.platforms == {Platform.CPU}
 
 
 def close(got, ref, dtype):
