@@ -10,6 +10,8 @@ MAX_MASK = 1 << 26  # mask elements per sequence (heads x rows x keys): SDPA tak
 
 def why_not(call: Call) -> str | None:
     """None when SDPA computes this call as SPEC says, else the reason."""
+    if call.op == "write_kv_cache":
+        return None  # any shape, strides, block size and slot dtype
     a = call.args
     if a["softcap"] > 0:
         return "softcap: SDPA applies no score modifier"
