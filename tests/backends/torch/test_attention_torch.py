@@ -140,3 +140,17 @@ def test_cpu_defaults_route_block_masks_to_torch_and_the_rest_to_cpu(monkeypatch
     assert registry.select(_call(causal=True, block_mask=bm, softcap=5.0)).name == "cpu"  # torch refuses softcap
     for kw in (dict(causal=True), dict(window_size=(3, 0)), dict(sinks=torch.zeros(2))):
         assert registry.select(_call(**kw)).name == "cpu"
+
+
+def test_where_the_cpu_kernel_does_not_share_kv_heads_they_are_repeated(monkeypatch):
+    """torch 2.8's CPU flash kernel misreads GQA kv heads (torch_features.py): both backends on it repeat them."""
+    from portable_attn import torch_features
+    from portable_attn.backends.cpu import tiles
+
+    assert torch_features.cpu_flash_shares_kv_heads() == (torch.__version__.split(".")[:2] != ["2", "8"])
+    monkeypatch.setattr(sdpa, "cpu_flash_shares_kv_heads", lambda: False)
+    monkeypatch.setattr(tiles, "cpu_flash_shares_kv_heads", lambda: False)
+    g = torch.Generator().manual_seed(5)
+    q, k, v = rand(g, 70, 8, 16), rand(g, 70, 2, 16), rand(g, 70, 2, 16)
+    for backend in ("torch", "cpu"):
+        assert_close(*against_reference(backend, "attention", q, k, v, causal=True))
