@@ -93,7 +93,7 @@ def test_an_unavailable_named_backend_fails_before_running():
 def test_a_plain_check_names_the_backends_it_skips_and_logs_progress():
     res = run("check", "--op", "causal_conv1d_step", "--dtype", "float32", env=plain_env())
     assert res.returncode == 0, res.stdout + res.stderr
-    for name in ("triton", "pallas"):
+    for name in ("triton", "pallas", "ipex"):
         reason = registry.get(name).available()
         assert reason and f"skipped {name}: unavailable here: {reason}\n" in res.stdout
     # the torch backend implements the attention family only: its conv cases are unsupported, never passed
@@ -101,7 +101,7 @@ def test_a_plain_check_names_the_backends_it_skips_and_logs_progress():
                             re.M)
     assert unsupported, res.stdout
     assert re.search(rf"^\d+ passed, 0 failed, {unsupported[1]} unsupported; skipped \(unavailable here\): triton, "
-                     r"pallas$", res.stdout, re.M)
+                     r"pallas, ipex$", res.stdout, re.M)
     # not a terminal: one line per backend and op, with counts and the time so far, and no bar
     assert re.search(r"^reference causal_conv1d_step: (\d+) cases, \1 passed, 0 failed, 0 unsupported "
                      r"\(\1/\d+ done, \d+ s\)$", res.stdout, re.M)
@@ -200,7 +200,7 @@ def test_tables_in_a_pipe_are_as_wide_as_their_content(tmp_path):
               env=plain_env())
     refused = {r["detail"] for r in json.loads((tmp_path / "r.json").read_text())["results"]
                if r["status"] == "unsupported"}
-    assert refused and all(any(f"│ {why} │" in line for line in res.stdout.splitlines()) for why in refused)
+    assert refused and all(re.search(rf"│ {re.escape(why)} +│", res.stdout) for why in refused)  # padded to its column
     assert "…" not in info.stdout + res.stdout
 
 
