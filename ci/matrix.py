@@ -4,7 +4,7 @@
     python ci/matrix.py validate                 schema, images, extras; exit 1 on any error
     python ci/matrix.py list                     every entry, planned ones included
     python ci/matrix.py gha [--devices cpu,...]  the GitHub Actions matrix of the ready entries
-    python ci/matrix.py run [--here] [--name N]  `portable-attn check --strict` for each ready entry
+    python ci/matrix.py run [--here] [--name N] [--skip N]  `portable-attn check --strict` for each ready entry
 
 Every command validates first. Needs Python >= 3.11 (tomllib) and PyYAML; `run` needs the package.
 """
@@ -28,7 +28,7 @@ MATRIX = ROOT / "matrix.yaml"
 DEVICES = ("cpu", "cuda", "rocm", "xpu", "tpu")
 CHOICES = {
     "device": DEVICES,
-    "backend": ("reference", "cpu", "triton", "pallas", "ipex", "onnxruntime"),
+    "backend": ("reference", "cpu", "triton", "pallas", "torch", "ipex", "onnxruntime"),
     "tier": ("smoke", "full"),
     "status": ("ready", "planned"),
 }
@@ -236,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run = sub.add_parser("run", help="run `portable-attn check` for ready entries")
     p_run.add_argument("--here", action="store_true", help="only entries whose device this machine has")
     p_run.add_argument("--name", action="append", help="this entry only (repeatable)")
+    p_run.add_argument("--skip", action="append", default=[],
+                       help="not this entry (repeatable): one run from another environment (cpu-ipex)")
     p_run.add_argument("--reports", type=Path, default=Path("reports"), help="JUnit/JSON folder")
     p_run.add_argument("--jobs", type=int, default=1, help="entries run at a time (default 1)")
     args = parser.parse_args(argv)
@@ -270,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
             if unknown := set(args.name) - {e["name"] for e in entries}:
                 parser.error(f"unknown entry {', '.join(sorted(unknown))}; see `ci/matrix.py list`")
             entries = [e for e in entries if e["name"] in args.name]
+        if unknown := set(args.skip) - {e["name"] for e in entries}:
+            parser.error(f"--skip: unknown entry {', '.join(sorted(unknown))}; see `ci/matrix.py list`")
+        entries = [e for e in entries if e["name"] not in args.skip]
         return run(entries, here=args.here, reports=args.reports, jobs=args.jobs)
     return 0
 

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from . import __version__, envs, registry
 from .optable import NAMES as OPS
-from .platforms import Platform, machine_platforms
+from .platforms import Platform, machine_platforms, xpu_summary
 
 DEVICE_OF = {Platform.CUDA: "cuda", Platform.ROCM: "cuda", Platform.XPU: "xpu"}
 LOG_WIDTH = 10_000  # without a terminal, lines and tables are as wide as their content: never cut or wrapped
@@ -87,6 +87,8 @@ def cmd_info(args, console: Console) -> int:
     console.print(f"[bold]portable-attn {__version__}[/]")
     plats = machine_platforms()
     console.print(f"platforms on this machine: {', '.join(p.value for p in plats)}")
+    if Platform.XPU in plats and (xpu := xpu_summary()):
+        console.print(f"xpu: {escape(xpu)}")
     env = Table(title="environment variables")
     for col in ("variable", "value", "what"):
         env.add_column(col)

@@ -76,3 +76,24 @@ def machine_platforms() -> list[Platform]:
         found.append(Platform.TPU)
     found.append(Platform.CPU)
     return found
+
+
+def xpu_summary() -> str | None:
+    """The Intel GPUs torch sees, for `portable-attn info`: device name, driver, 2D block IO, and whether
+    Triton's XPU backend is importable (PyTorch's XPU wheels bring it); None when there is none. Creates
+    the XPU device context (info only)."""
+    import torch
+
+    xpu = getattr(torch, "xpu", None)
+    if xpu is None or not xpu.is_available():
+        return None
+    props = xpu.get_device_properties(0)
+    block_io = getattr(props, "has_subgroup_2d_block_io", None)
+    return (f"{xpu.device_count()} x {props.name}, driver {getattr(props, 'driver_version', 'unknown')}; "
+            f"2D block IO: {'unknown' if block_io is None else 'yes' if block_io else 'no'}; Triton XPU backend: "
+            f"{'importable' if triton_xpu() else 'missing (install torch from the XPU index, ci/install.sh xpu)'}")
+
+
+def triton_xpu() -> bool:
+    """Whether Triton's Intel GPU backend is installed (imports triton's package, no kernel)."""
+    return _has_module("triton.backends.intel")

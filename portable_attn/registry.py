@@ -22,16 +22,33 @@ BUILTIN = {
     "triton": "portable_attn.backends.triton:BACKEND",
     "pallas": "portable_attn.backends.pallas:BACKEND",
     "onnxruntime": "portable_attn.backends.onnxruntime:BACKEND",
+    "torch": "portable_attn.backends.torch:BACKEND",
+    "ipex": "portable_attn.backends.ipex:BACKEND",  # opt-in: in no DEFAULT_PRIORITY
 }
 
 # Default priority per platform; names not registered (not built here) are passed over.
 DEFAULT_PRIORITY = {
-    Platform.CPU: ("cpu", "reference"),
+    Platform.CPU: ("cpu", "torch", "reference"),
     Platform.CUDA: ("triton", "reference"),
     Platform.ROCM: ("triton", "reference"),
     Platform.XPU: ("triton", "reference"),
     Platform.TPU: ("pallas",),
 }
+
+
+# Per-call routes among a platform's defaults, each from a measured ratio (BENCHMARKS.md, "Routes"): a call
+# the rule accepts tries that backend first. CPU: SDPA with the block mask as a dense mask ran 2-3x faster
+# than the cpu backend's tiles at T=4096 (route_mask); dense, windows, sinks and decode stay with cpu.
+FASTER_FOR = {
+    (Platform.CPU, "torch"): lambda call: call.args.get("block_mask") is not None,
+}
+
+
+def default_names(call: Call) -> list[str]:
+    """The platform's default priority for `call`: its measured per-call routes first, then the rest in order."""
+    names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
+    first = [n for n in names if (rule := FASTER_FOR.get((call.platform, n))) is not None and rule(call)]
+    return first + [n for n in names if n not in first]
 
 
 def _load(target: str) -> Backend:
@@ -107,7 +124,7 @@ def select(call: Call, backend=None) -> Backend:
     elif envs.PORTABLE_ATTN_BACKEND:
         names = _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
     else:
-        names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
+        names = default_names(call)
     if len(names) == 1:
         chosen = get(names[0])
         _raise_if_unusable(chosen, call)

@@ -116,8 +116,9 @@ def test_inference_mode_detach_and_grad_mode_off_run():
 def test_the_default_priority_names_every_backend_it_tried():
     a = inputs("linear_attention")
     a["v"].requires_grad_(True)
-    with pytest.raises(NotSupported, match=r"backend 'cpu/reference' does not support linear_attention: cpu: "
-                                           r"inference only.*; reference: inference only"):
+    with pytest.raises(NotSupported, match=r"backend 'cpu/torch/reference' does not support linear_attention: cpu: "
+                                           r"inference only.*; torch: linear_attention is not implemented; "
+                                           r"reference: inference only"):
         pa.linear_attention(**a)
 
 

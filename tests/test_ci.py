@@ -239,7 +239,7 @@ def _ready_entry() -> dict:
 
 
 def _planned_entry() -> dict:
-    return copy.deepcopy(ENTRIES["cpu-ipex"])
+    return copy.deepcopy(next(e for e in ENTRIES.values() if e["status"] == "planned"))
 
 
 def _drop(entry: dict, key: str) -> dict:
@@ -322,8 +322,9 @@ def test_run_here_reports_planned_entries_and_runs_only_what_is_here(fake_check,
     reports = tmp_path / "reports"
     assert matrix.run(_tiny_matrix(), here=True, reports=reports, check=check) == 0
     out = capsys.readouterr().out
-    planned_line = next(line for line in out.splitlines() if line.startswith("cpu-ipex "))
-    assert "planned (unfiled)" in planned_line and "passed" not in planned_line
+    planned = _planned_entry()["name"]
+    planned_line = next(line for line in out.splitlines() if line.startswith(f"{planned} "))
+    assert f"planned (#{_planned_entry()['issue']})" in planned_line and "passed" not in planned_line
     assert re.search(r"^cpu-reference\s+passed$", out, re.M)
     assert re.search(r"^cuda-reference\s+skipped: no cuda device here$", out, re.M)
     assert calls() == [{
@@ -358,8 +359,9 @@ def test_run_with_jobs_runs_entries_side_by_side_and_shows_each_log(fake_check, 
 def test_run_a_planned_entry_by_name_runs_nothing(fake_check, tmp_path, monkeypatch, capsys):
     check, calls = fake_check
     monkeypatch.setattr(matrix, "check_command", lambda: check)
-    assert matrix.main(["run", "--here", "--name", "cpu-ipex", "--reports", str(tmp_path)]) == 0
-    assert "planned (unfiled): not built yet" in capsys.readouterr().out
+    planned = _planned_entry()
+    assert matrix.main(["run", "--here", "--name", planned["name"], "--reports", str(tmp_path)]) == 0
+    assert f"planned (#{planned['issue']}): not built yet" in capsys.readouterr().out
     assert calls() == []
 
 
@@ -371,3 +373,18 @@ def test_run_rejects_an_unknown_name(capsys):
 
 def test_devices_here_always_has_the_cpu():
     assert "cpu" in matrix.devices_here()
+
+
+def test_run_skip_leaves_an_entry_to_its_own_environment(fake_check, tmp_path, monkeypatch, capsys):
+    """cpu-ipex runs from .ci/run's IPEX venv: the main `run --here --skip cpu-ipex` leaves it out."""
+    check, calls = fake_check
+    monkeypatch.setattr(matrix, "check_command", lambda: check)
+    assert matrix.main(["run", "--here", "--skip", "cpu-ipex", "--name", "cpu-ipex", "--name", "cpu-torch",
+                        "--reports", str(tmp_path)]) == 0
+    assert [c["argv"][1] for c in calls()] == ["torch"]
+    with pytest.raises(SystemExit):
+        matrix.main(["run", "--skip", "cpu-nothing"])
+    script = (ROOT / ".ci" / "run").read_text()
+    assert "ci/matrix.py run --here --jobs 2 --skip cpu-ipex" in script
+    assert ".venv-ipex/bin/python ci/matrix.py run --here --name cpu-ipex" in script
+    assert ENTRIES["cpu-torch"]["status"] == "ready" and ENTRIES["xpu-torch"]["status"] == "planned"

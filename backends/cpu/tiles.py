@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from portable_attn.masks import EMPTY
+from portable_attn.torch_features import cpu_flash_shares_kv_heads
 
 NEG = -math.inf
 SCORE_BUDGET = 1 << 20  # score elements per step of the explicit (softcap) path: 4 MiB of float32
@@ -41,6 +42,8 @@ def attend(q, k, v, vis, scale: float, softcap: float, causal: bool = False):
     if causal and scale == 0:  # the kernel's own causal mask turns into NaN at scale 0
         vis, causal = torch.ones(lq, nk, dtype=torch.bool).tril()[None, None], False
     g = hq // hkv
+    if g > 1 and causal and not cpu_flash_shares_kv_heads():  # older torch (2.8) misreads shared kv heads
+        k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
     if g > 1 and not causal:  # the g query heads of a kv head as one block of rows: each kv head read once
         q = q.reshape(b, hkv, g * lq, d)
         if vis is not None:

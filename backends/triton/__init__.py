@@ -6,7 +6,7 @@ import os
 import torch
 
 from portable_attn.backend import Backend
-from portable_attn.platforms import Platform
+from portable_attn.platforms import Platform, triton_xpu
 from portable_attn import envs
 
 
@@ -27,9 +27,12 @@ class TritonBackend(Backend):
             return "triton not installed (pip install 'portable-attn[cuda]')"
         if envs.PORTABLE_ATTN_INTERPRET:
             return None
-        xpu = getattr(torch, "xpu", None)
-        if torch.cuda.is_available() or (xpu is not None and xpu.is_available()):
+        if torch.cuda.is_available():
             return None
+        xpu = getattr(torch, "xpu", None)
+        if xpu is not None and xpu.is_available():
+            return None if triton_xpu() else ("an Intel GPU, but Triton has no XPU backend here: install torch from "
+                                              "PyTorch's XPU index, which brings it (ci/install.sh xpu)")
         return "no GPU here, and interpret mode is off (PORTABLE_ATTN_INTERPRET=1 runs the kernels on the CPU)"
 
     def impl(self):

@@ -42,7 +42,10 @@ TABLES = {
     # AMD CDNA (wave64): fewer warps per tile of the same size, software pipelining off, two waves/SIMD.
     Platform.ROCM: Entry(block_m=128, block_n=64, num_warps=4, num_stages=1, big_head_block_n=32,
                          options=(("waves_per_eu", 2),)),
-    # Intel Xe (PVC): 16 warps on the large register file.
+    # Intel Xe (PVC): 16 warps (sub-groups) on the large register file (`grf_mode`: Intel's compiler
+    # otherwise starts at the default file and rebuilds with the large one only after a spill). Its 2D
+    # block loads (`portable-attn info` shows whether the device has them) are emitted for block pointers
+    # and tensor descriptors; these kernels load through pointer arithmetic and do not get them yet.
     Platform.XPU: Entry(block_m=128, block_n=64, num_warps=16, num_stages=2, big_head_block_n=32,
                         options=(("grf_mode", "large"),)),
 }

@@ -112,8 +112,12 @@ def _decode_inputs(sizes: dict, device: str) -> dict:
     B, ctx, BS = sizes["B"], sizes["ctx"], sizes["BS"]
     gen = torch.Generator().manual_seed(0)
     per_seq = -(-ctx // BS)  # the last block partly used when BS does not divide ctx
-    k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
-                        for _ in range(2))
+    if sizes.get("heads_major"):  # stored [NB, Hkv, BS, D] (vLLM's CPU layout, IPEX's), passed as the SPEC view
+        k_cache, v_cache = (_randn(gen, B * per_seq, sizes["Hkv"], BS, sizes["D"]).to(device, _dtype(sizes))
+                            .transpose(1, 2) for _ in range(2))
+    else:
+        k_cache, v_cache = (_randn(gen, B * per_seq, BS, sizes["Hkv"], sizes["D"]).to(device, _dtype(sizes))
+                            for _ in range(2))
     table = torch.randperm(B * per_seq, generator=gen).view(B, per_seq).to(torch.int32)  # pages out of order
     return dict(q=_randn(gen, B, sizes["Hq"], sizes["D"]).to(device, _dtype(sizes)), k_cache=k_cache, v_cache=v_cache,
                 block_table=table.to(device), seqused_k=torch.full((B,), ctx, dtype=torch.int32, device=device),
@@ -355,6 +359,61 @@ def catalogue(quick: bool = False) -> dict[str, Case]:
     return {c.name: c for c in cases}
 
 
+def _route_inputs(sizes: dict, device: str) -> dict:
+    """Causal attention with the case's feature: a window W, sinks, or a local + global block mask."""
+    args = _attention_inputs(sizes, device)
+    if sizes.get("sinks"):
+        args["sinks"] = _randn(torch.Generator().manual_seed(1), sizes["H"]).to(device)
+    if "local" in sizes:
+        args["block_mask"] = _route_mask(sizes).to(device)
+    return args
+
+
+def _route_mask(sizes: dict):
+    from portable_attn.masks import BlockMask
+
+    return BlockMask.local_global(sizes["T"], sizes["local"], range(0, sizes["T"], sizes["T"] // 16))
+
+
+def _route_flops(sizes: dict) -> float:
+    if "local" not in sizes:
+        return _attention_flops(sizes)
+    pos = torch.arange(sizes["T"])
+    pairs = int((_route_mask(sizes).visible(0, pos, pos)[0] & (pos[None, :] <= pos[:, None])).sum())
+    return 4.0 * sizes["H"] * sizes["D"] * pairs
+
+
+def route_catalogue(quick: bool = False) -> dict[str, Case]:
+    """One call of each kind a platform's default route must choose for (dense, window, sinks, block mask,
+    paged decode), in fp32 and bf16 (the points): `portable-attn bench --case route_dense route_swa
+    route_sinks route_mask route_decode --backend cpu torch` measures the CPU defaults, cpu as baseline;
+    route_decode_hm is decode on the cache layout the ipex backend reads."""
+    def dtypes(**fixed):
+        return tuple(Point(fixed | dict(dtype=d), d) for d in ("fp32", "bf16"))
+    if quick:
+        attn, decode = dict(T=128, H=4, Hkv=2, D=16), dict(B=2, ctx=64, Hq=4, Hkv=2, D=16, BS=16)
+        w, local = 32, 16
+    else:
+        attn, decode = dict(T=4096, H=8, Hkv=2, D=64), dict(B=8, ctx=4096, Hq=32, Hkv=8, D=128, BS=16)
+        w, local = 1024, 256
+    cases = (
+        Case("route_dense", "attention", "dense causal, GQA 8/2", "dtype", "cpu", ("sdpa-causal",), dtypes(**attn),
+             _route_inputs, _route_flops),
+        Case("route_swa", "attention", f"causal, window_size=({w - 1}, 0), GQA 8/2", "dtype", "cpu", (),
+             dtypes(**attn, W=w), _route_inputs, _route_flops),
+        Case("route_sinks", "attention", "dense causal with a sink logit per head, GQA 8/2", "dtype", "cpu", (),
+             dtypes(**attn, sinks=True), _route_inputs, _route_flops),
+        Case("route_mask", "attention", f"causal, local_global block mask (|p - j| <= {local}, 16 global tokens)",
+             "dtype", "cpu", (), dtypes(**attn, local=local), _route_inputs, _route_flops),
+        Case("route_decode", "paged_attention", "paged decode step, batch 8, GQA 32/8", "dtype", "cpu",
+             ("gather-sdpa",), dtypes(**decode), _decode_inputs, _decode_flops, _decode_bytes),
+        Case("route_decode_hm", "paged_attention", "paged decode step, batch 8, GQA 32/8, cache stored heads-major "
+             "[NB, Hkv, BS, D] (the layout IPEX reads)", "dtype", "cpu", (), dtypes(**decode, heads_major=True),
+             _decode_inputs, _decode_flops, _decode_bytes),
+    )
+    return {c.name: c for c in cases}
+
+
 # The host case's calls: the op of each point, its inputs and FLOPs.
 HOST_CALLS = {
     "attention": (_decode_query_inputs, _decode_query_flops),
@@ -385,5 +444,5 @@ def host_case(quick: bool = False) -> Case:
 
 
 def named(quick: bool = False) -> dict[str, Case]:
-    """Every case that --case may name: the default ones, the GPU ones and `host`."""
-    return catalogue(quick) | gpu_catalogue() | {"host": host_case(quick)}
+    """Every case that --case may name: the default ones, the GPU ones, the route ones and `host`."""
+    return catalogue(quick) | gpu_catalogue() | route_catalogue(quick) | {"host": host_case(quick)}

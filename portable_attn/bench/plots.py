@@ -13,8 +13,9 @@ def write(results: dict, out_dir: pathlib.Path) -> list[pathlib.Path]:
 
     paths = []
     for case in results["cases"]:
-        if len({p["x"] for p in case["points"]}) < 2:
-            continue
+        if len({p["x"] for p in case["points"]}) < 2 or not all(isinstance(p["x"], (int, float))
+                                                                for p in case["points"]):
+            continue  # a series of sizes only (the route cases' points are dtypes)
         series, missing = {}, {}
         multi = len({p.get("threads") for p in case["points"]}) > 1
         for point in case["points"]:
