@@ -6,7 +6,7 @@ Arrays are in mesh order: rank r's tokens (layout.rows(r)) padded to the longest
 ranks one after the other: [world * Tm, heads, dim] (`to_mesh` / `from_mesh`). Per shard: the keys are
 all-gathered over the sequence axis (XLA collectives have static shapes, so the exchange is the whole
 sequence, unlike the torch path's per-window all-to-all); each chunk attends to its own keys (causal) and,
-in a second call, to the keys before it that the window lets it see, gathered through host-planned index
+in a second call, to the keys before it that the window lets it see, gathered (in a first program) through host-planned index
 tables picked by the shard's index; `merge_attention_states` joins the two and adds the sinks once.
 Causal attention only (windows, softcap, sinks, GQA); block masks are not taken here.
 """
@@ -87,20 +87,32 @@ def context_attention(q, k, v, layout: ContextLayout, mesh, *, seq_axis="seq", h
     scale = 1.0 / math.sqrt(q.shape[2]) if softmax_scale is None else float(softmax_scale)
     tables = _tables(layout, left)
     heads = P(seq_axis, head_axis, None)
+    # two programs: the key exchange (XLA collectives only), then the kernels (no collectives), as programs
+    # mixing both deadlocked intermittently in Pallas' interpret mode on a fake CPU mesh
+    kv = jax.jit(jax.shard_map(functools.partial(_gather, bidx=tables[2], seq_axis=seq_axis), mesh=mesh,
+                               in_specs=(heads,) * 2, out_specs=(heads,) * 2))(k, v)
     fn = functools.partial(_shard, tables=tables, seq_axis=seq_axis, left=left, softcap=softcap, scale=scale)
     out_specs = (heads, P(head_axis, seq_axis))
-    # one jitted program: run op by op, the collectives and the interpreter's callbacks can wait on each other
-    if sinks is None:
-        o, lse = jax.jit(jax.shard_map(lambda q, k, v: fn(q, k, v, None), mesh=mesh, in_specs=(heads,) * 3,
-                                       out_specs=out_specs, check_vma=False))(q, k, v)
-    else:  # check_vma=False: the pallas kernels' outputs carry no varying-axes annotation
-        o, lse = jax.jit(jax.shard_map(fn, mesh=mesh, in_specs=(heads,) * 3 + (P(head_axis),), out_specs=out_specs,
-                                       check_vma=False))(q, k, v, sinks)
+    args = (q, k, v) + kv + (() if sinks is None else (sinks,))
+    # check_vma=False: the pallas kernels' outputs carry no varying-axes annotation
+    o, lse = jax.jit(jax.shard_map(lambda *a: fn(*a[:5], a[5] if len(a) > 5 else None), mesh=mesh,
+                                   in_specs=(heads,) * 5 + (() if sinks is None else (P(head_axis),)),
+                                   out_specs=out_specs, check_vma=False))(*args)
     return (o, lse) if return_lse else o
 
 
-def _shard(q, k, v, sinks, *, tables, seq_axis, left, softcap, scale):
-    """One shard: q [Tm, hq, D], k/v [Tm, hkv, *] of this rank."""
+def _zero_row(x):
+    return jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])
+
+
+def _gather(k, v, *, bidx, seq_axis):
+    """One shard's key buffers [Bmax, hkv, *]: the keys before each of its chunks, from every shard's keys."""
+    r = jax.lax.axis_index(seq_axis)
+    return tuple(_zero_row(jax.lax.all_gather(x, seq_axis, tiled=True))[bidx[r]] for x in (k, v))
+
+
+def _shard(q, k, v, kb, vb, sinks, *, tables, seq_axis, left, softcap, scale):
+    """One shard: q [Tm, hq, D], k/v [Tm, hkv, *] of this rank, kb/vb its key buffers."""
     cu_loc, qidx, bidx, bcu, e = tables
     r = jax.lax.axis_index(seq_axis)
     tm = q.shape[0]
@@ -110,13 +122,10 @@ def _shard(q, k, v, sinks, *, tables, seq_axis, left, softcap, scale):
     o_rem = jnp.zeros_like(o_diag)
     lse_rem = jnp.full(lse_diag.shape, -jnp.inf, jnp.float32)
     if e and bidx.shape[1]:
-        zero = lambda x: jnp.concatenate([x, jnp.zeros((1,) + x.shape[1:], x.dtype)])  # noqa: E731
-        kb = zero(jax.lax.all_gather(k, seq_axis, tiled=True))[bidx[r]]
-        vb = zero(jax.lax.all_gather(v, seq_axis, tiled=True))[bidx[r]]
         n = qidx.shape[1] // e
         cu_q = jnp.append(jnp.arange(n + 1, dtype=jnp.int32) * e, n * e)   # the keys' padding: no queries
-        o_p, lse_p = pj.attention(zero(q)[qidx[r]], kb, vb, cu_seqlens_q=cu_q, cu_seqlens_k=bcu[r],
+        o_p, lse_p = pj.attention(_zero_row(q)[qidx[r]], kb, vb, cu_seqlens_q=cu_q, cu_seqlens_k=bcu[r],
                                   window_size=(left - e if left >= 0 else -1, -1), **opts)
-        o_rem = zero(o_rem).at[qidx[r]].set(o_p)[:tm]
+        o_rem = _zero_row(o_rem).at[qidx[r]].set(o_p)[:tm]
         lse_rem = jnp.concatenate([lse_rem, lse_rem[:, :1]], 1).at[:, qidx[r]].set(lse_p)[:, :tm]
     return pj.merge_attention_states(o_diag, lse_diag, o_rem, lse_rem, sinks=sinks, return_lse=True)
