@@ -18,6 +18,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 
+PEER_GRACE_S = 5.0  # a rank that lost a peer waits this long before failing, so that the peer's error wins
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -31,6 +34,10 @@ def _rank_main(rank: int, world: int, port: int, fn, args: tuple) -> None:
     try:
         fn(rank, world, *args)
         dist.barrier()
+    except RuntimeError as exc:
+        if "Connection" in str(exc):  # a peer failed and closed its connections: let its error be reported
+            time.sleep(PEER_GRACE_S)
+        raise
     finally:
         dist.destroy_process_group()
 
