@@ -3,7 +3,7 @@ from .errors import BackendUnavailable, NotSupported
 from .masks import BlockMask
 from .ops import (
     attention, causal_conv1d, causal_conv1d_step, gated_delta_rule, gated_delta_rule_step, linear_attention,
-    linear_attention_step, paged_attention, sparse_attention, ssd, ssd_step, write_kv_cache,
+    linear_attention_step, merge_attention_states, paged_attention, sparse_attention, ssd, ssd_step, write_kv_cache,
 )
 from .platforms import Platform
 
@@ -12,5 +12,5 @@ __version__ = "0.1.0"
 __all__ = [
     "BackendUnavailable", "BlockMask", "NotSupported", "Platform", "attention", "causal_conv1d",
     "causal_conv1d_step", "gated_delta_rule", "gated_delta_rule_step", "linear_attention", "linear_attention_step",
-    "paged_attention", "sparse_attention", "ssd", "ssd_step", "write_kv_cache",
+    "merge_attention_states", "paged_attention", "sparse_attention", "ssd", "ssd_step", "write_kv_cache",
 ]

@@ -468,6 +468,28 @@ def check_sparse_attention(a: dict) -> dict:
     return a
 
 
+def check_merge_attention_states(a: dict) -> dict:
+    """o_a, o_b [T, H, Dv] of one dtype, lse_a, lse_b float32 [H, T] (float64 beside float64 outputs)."""
+    oa = tensor("o_a", a["o_a"], "T H Dv")
+    dev = oa.device
+    ob = tensor("o_b", a["o_b"], "T H Dv", device=dev)
+    activations("o_a", oa, o_b=ob)
+    if ob.shape != oa.shape:
+        raise ValueError(f"o_b: expected the shape of o_a {_shape(oa)}, got {_shape(ob)}")
+    lse_dtypes = (torch.float32, torch.float64) if oa.dtype == torch.float64 else (torch.float32,)
+    for name in ("lse_a", "lse_b"):
+        lse = tensor(name, a[name], "H T", dtypes=lse_dtypes, device=dev)
+        if (lse.shape[0], lse.shape[1]) != (oa.shape[1], oa.shape[0]):
+            raise ValueError(f"{name}: expected shape ({oa.shape[1]}, {oa.shape[0]}) = [H, T] of o_a, got "
+                             f"{_shape(lse)}")
+    if a["sinks"] is not None:
+        tensor("sinks", a["sinks"], "H", dtypes=param_dtypes(oa.dtype), device=dev)
+        dim("sinks", a["sinks"], 0, oa.shape[1], "the head count H of o_a")
+    flag("return_lse", a["return_lse"])
+    out_tensor(a, tuple(oa.shape), oa.dtype, dev, "T H Dv")
+    return a
+
+
 # ---- recurrent family -------------------------------------------------------------------------
 
 def recurrent_qkv(a: dict, lead: str, v_heads: str) -> tuple:

@@ -154,6 +154,11 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
     return _run("sparse_attention", locals())
 
 
+def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks=None, return_lse=False):
+    """Two attention results over disjoint key sets merged by their lse; `o [T, H, Dv]` (and `lse [H, T]`)."""
+    return _run("merge_attention_states", locals())
+
+
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None):
     """(Gated) linear attention; `(out, final_state)` (the updated cache with `state_indices`)."""

@@ -118,8 +118,8 @@ def _register(decl: Op) -> tuple:
 
     def fake(*args):
         a = dict(zip(names, args))
-        if decl.family == "attention":
-            q = a["q"]
+        if decl.family == "attention":  # lse [H, T] of the primary [T, H, ...]
+            q = a[decl.primary]
             return q.new_empty((q.shape[1], q.shape[0]), dtype=torch.float32)
         if decl.family == "cache" or decl.is_step:
             return None
@@ -138,8 +138,8 @@ def _out(decl: Op, a: dict):
     if a["out"] is not None:
         return a["out"]
     if decl.family == "attention":
-        q = a["q"]
-        dv = a["v_cache"].shape[3] if "v_cache" in a else a["v"].shape[2]
+        q = a[decl.primary]
+        dv = a["v_cache"].shape[3] if "v_cache" in a else a["v"].shape[2] if "v" in a else q.shape[2]
         return q.new_empty((q.shape[0], q.shape[1], dv))
     like = a["v"] if "v" in a else a["x"]
     return like.new_empty(like.shape)

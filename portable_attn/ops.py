@@ -201,6 +201,42 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
 
 
 @_documented
+def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks=None, return_lse=False, out=None, backend=None):
+    """Merge two attention results over disjoint key sets of the same queries by their lse (vLLM's
+    merge_attn_states): context-parallel attention, prefix + suffix of chunked prefill, cascade attention.
+
+    `o = (exp(lse_a) o_a + exp(lse_b) o_b) / Z` with `Z = exp(lse_a) + exp(lse_b) + exp(sinks)`,
+    `lse = log Z`. A part with lse = -inf (it saw no key) adds nothing and its o row is not read; where
+    both are -inf and there is no sink, o = 0 and lse = -inf. Sinks count once: compute the parts
+    without them and pass them here (or let one part carry them and pass none). Merging is associative.
+
+    Args:
+        o_a [T, H, Dv], o_b [T, H, Dv]: the two partial outputs, one dtype (float32, float16 or bfloat16;
+            float64 on the reference), e.g. `attention(..., return_lse=True)[0]` of each key set.
+        lse_a [H, T], lse_b [H, T]: their float32 log-sum-exps (-inf for a part that saw nothing).
+        sinks: float32 or activation-dtype [H] (default None): one logit per head joining only the
+            denominator (gpt-oss), added here once; -inf = no sink for that head.
+        return_lse: bool (default False): also return the merged float32 lse.
+        out: [T, H, Dv] tensor of o_a's dtype to write into (default None: a new one); must not overlap an
+            input.
+        {backend}
+
+    Returns:
+        `o [T, H, Dv]` in o_a's dtype, or `(o, lse)` with `lse [H, T]` (float32) when return_lse.
+
+    Example:
+        >>> import torch, portable_attn as pa
+        >>> q, k, v = torch.randn(5, 4, 16), torch.randn(12, 2, 16), torch.randn(12, 2, 16)
+        >>> o_a, lse_a = pa.attention(q, k[:7], v[:7], return_lse=True)   # keys 0..6
+        >>> o_b, lse_b = pa.attention(q, k[7:], v[7:], return_lse=True)   # keys 7..11
+        >>> o = pa.merge_attention_states(o_a, lse_a, o_b, lse_b)
+        >>> torch.allclose(o, pa.attention(q, k, v), atol=1e-5)
+        True
+    """
+    return _dispatch("merge_attention_states", locals())
+
+
+@_documented
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None, out=None, backend=None):
     """(Gated) linear attention: linear attention, RetNet / lightning (constant g), simple GLA, GLA.

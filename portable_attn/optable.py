@@ -37,7 +37,8 @@ class Arg:
 @dataclasses.dataclass(frozen=True)
 class Op:
     name: str
-    family: str                          # "attention" (o or (o, lse)), "cache" (None) or "recurrent"
+    family: str                          # "attention" (o or (o, lse): the attention ops and their merge),
+                                         # "cache" (None) or "recurrent"
     primary: str                         # the tensor whose dtype and device are the call's
     args: tuple                          # the public op's arguments in order, `backend` excluded
     check: Callable[[dict], dict]        # checks.py: validates and normalises the arguments by name
@@ -130,6 +131,8 @@ _DECLARATIONS = (
        _tensors("q", "k", "v", "indices") + _optional("cu_seqlens_q", "cu_seqlens_k")
        + (Arg("softcap", "float", 0.0), Arg("sinks", "Tensor?"), Arg("softmax_scale", "float?")) + _RETURN_LSE,
        checks.check_sparse_attention),
+    Op("merge_attention_states", "attention", "o_a", _tensors("o_a", "lse_a", "o_b", "lse_b")
+       + (Arg("sinks", "Tensor?"),) + _RETURN_LSE, checks.check_merge_attention_states),
     *_recurrent("linear_attention", "q", _tensors("q", "k", "v"), (Arg("g", "Tensor?"), Arg("scale", "float?")),
                 checks.check_linear_attention, _step_check(checks.check_linear_attention), _linear_tail),
     *_recurrent("gated_delta_rule", "q", _tensors("q", "k", "v", "g", "beta"), (Arg("scale", "float?"),),

@@ -22,6 +22,9 @@ def inputs(op: str) -> dict:
         if op == "sparse_attention":
             a["indices"] = torch.tensor([[[0, 2, -1]] * h] * t, dtype=I32)
         return a
+    if op == "merge_attention_states":
+        return dict(o_a=torch.randn(t, h, d), lse_a=torch.randn(h, t), o_b=torch.randn(t, h, d), lse_b=torch.randn(h, t),
+                    sinks=torch.randn(h))
     if op == "paged_attention":
         return dict(q=torch.randn(2, 4, d), k_cache=torch.randn(4, 3, h, d), v_cache=torch.randn(4, 3, h, d),
                     block_table=torch.tensor([[2, 0], [1, 3]], dtype=I32), seqused_k=torch.tensor([5, 2], dtype=I32))
@@ -48,8 +51,8 @@ def inputs(op: str) -> dict:
 
 
 def first_input(a: dict) -> str:
-    """The activation the test marks as requiring grad (q, k or x)."""
-    return next(n for n in ("q", "k", "x") if n in a)
+    """The activation the test marks as requiring grad (q, k, x or o_a)."""
+    return next(n for n in ("q", "k", "x", "o_a") if n in a)
 
 
 def run(op: str, a: dict, backend: str):

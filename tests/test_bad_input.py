@@ -29,6 +29,10 @@ def paged(bs=4, nb=6, s=2, hkv=2, d=16):
     return q, kc, vc, torch.tensor([[0, 1], [2, 3]], dtype=I32), torch.tensor([5, 8], dtype=I32)
 
 
+def merge_parts(t=8, h=2, dv=16):
+    return torch.randn(t, h, dv), torch.randn(h, t)
+
+
 def la(t=6, h=2, k=8, v=8):
     return torch.randn(t, h, k), torch.randn(t, h, k), torch.randn(t, h, v)
 
@@ -92,6 +96,12 @@ BAD = {
     "zero block size": (lambda: pa.paged_attention(paged()[0], torch.randn(6, 0, 2, 16), torch.randn(6, 0, 2, 16), *paged()[3:]), ValueError, r"k_cache: the block size BS \(axis 1\) must be at least 1"),
     "write zero heads": (lambda: pa.write_kv_cache(torch.randn(3, 0, 16), torch.randn(3, 0, 16), *paged()[1:3], torch.arange(3, dtype=I32)), ValueError, r"k: the kv head count Hkv \(axis 1\)"),
     "sparse zero head dim": (lambda: pa.sparse_attention(*qkv(d=0), torch.zeros(8, 2, 1, dtype=I32)), ValueError, r"q: the head dim D \(axis 2\)"),
+    "merge lse shape": (lambda: pa.merge_attention_states(*merge_parts(), torch.randn(8, 2, 16), torch.randn(8, 2)), ValueError, r"lse_b: expected shape \(2, 8\) = \[H, T\] of o_a, got \(8, 2\)"),
+    "merge lse dtype": (lambda: pa.merge_attention_states(*merge_parts(), torch.randn(8, 2, 16), torch.randn(2, 8).half()), TypeError, "lse_b: expected dtype float32, got float16"),
+    "merge o_b shape": (lambda: pa.merge_attention_states(*merge_parts(), torch.randn(8, 2, 15), torch.randn(2, 8)), ValueError, r"o_b: expected the shape of o_a \(8, 2, 16\), got \(8, 2, 15\)"),
+    "merge dtype mix": (lambda: pa.merge_attention_states(*merge_parts(), torch.randn(8, 2, 16).half(), torch.randn(2, 8)), TypeError, r"o_b: expected dtype float32 \(the dtype of o_a\), got float16"),
+    "merge sinks shape": (lambda: pa.merge_attention_states(*merge_parts(), *merge_parts(), sinks=torch.zeros(3)), ValueError, "sinks: axis 0 must be the head count H of o_a = 2"),
+    "merge zero heads": (lambda: pa.merge_attention_states(torch.randn(8, 0, 16), torch.randn(0, 8), torch.randn(8, 0, 16), torch.randn(0, 8)), ValueError, r"o_a: the head count H \(axis 1\)"),
     "linear zero key dim": (lambda: pa.linear_attention(*la(k=0)), ValueError, r"q: the key dim K \(axis 2\) must be at least 1"),
     "linear step zero heads": (lambda: pa.linear_attention_step(*la(t=2, h=0), state=torch.zeros(2, 0, 8, 8)), ValueError, r"q: the head count H \(axis 1\)"),
     "delta zero value dim": (lambda: pa.gated_delta_rule(*la(v=0), torch.zeros(6, 2), torch.ones(6, 2)), ValueError, r"v: the value dim V \(axis 2\) must be at least 1"),
@@ -291,6 +301,15 @@ def attention_empties(be):
         nothing_visible(none))
     yield ("sparse T=0", lambda: pa.sparse_attention(q[:0], k, v, torch.zeros(0, 2, 3, dtype=I32), backend=be),
            lambda r: r.shape == (0, 4, 8))
+    o_nan = torch.full((3, 4, 8), NAN)                     # empty parts' rows are not read
+    yield ("merge T=0", lambda: pa.merge_attention_states(o_nan[:0], none[:, :0], o_nan[:0], none[:, :0], return_lse=True,
+                                                          out=poisoned(0, 4, 8), backend=be),
+           lambda r: r[0].shape == (0, 4, 8) and r[1].shape == (4, 0))
+    yield ("merge both parts empty", lambda: pa.merge_attention_states(o_nan, none, o_nan, none, out=poisoned(3, 4, 8),
+                                                                       return_lse=True, backend=be), nothing_visible(none))
+    yield ("merge both empty sinks", lambda: pa.merge_attention_states(o_nan, none, o_nan, none, sinks=sinks,
+                                                                       return_lse=True, backend=be),
+           nothing_visible(sinks[:, None].expand(4, 3)))
 
 
 def recurrent_args(op, t):

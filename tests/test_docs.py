@@ -20,6 +20,8 @@ SHAPES = {
     "paged_attention": dict(ATTN, **CACHE, block_table="[S, max_blocks]", seqused_k="[S]"),
     "write_kv_cache": dict(k="[T, Hkv, D]", v="[T, Hkv, Dv]", **CACHE, slot_mapping="[T]"),
     "sparse_attention": dict(ATTN, **KV, indices="[Tq, Hkv, topk]"),
+    "merge_attention_states": dict(o_a="[T, H, Dv]", lse_a="[H, T]", o_b="[T, H, Dv]", lse_b="[H, T]", sinks="[H]",
+                                   o="[T, H, Dv]", lse="[H, T]", out="[T, H, Dv]"),
     "linear_attention": dict(q="[T, H, K]", k="[T, H, K]", v="[T, H, V]", g="[T, H, K]", initial_state="[S, H, K, V]",
                              state_indices="[S]", has_initial_state="[S]", cu_seqlens="[S+1]", out="[T, H, V]"),
     "linear_attention_step": dict(q="[bsz, H, K]", k="[bsz, H, K]", v="[bsz, H, V]", g="[bsz, H]",

@@ -25,6 +25,7 @@ class PallasBackend(Backend):
         "sparse_attention": "keys gathered in XLA, then the kernel",
         "write_kv_cache": "jitted JAX scatter",
         "causal_conv1d": "jitted JAX",
+        "merge_attention_states": "jitted JAX",
         **{op: "jitted JAX" for op in ("linear_attention_step", "gated_delta_rule_step", "ssd_step",
                                         "causal_conv1d_step")},
     }

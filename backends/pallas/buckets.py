@@ -154,6 +154,14 @@ def _write(a: dict) -> Cut:
     return Cut(t, 0)
 
 
+def _merge(a: dict) -> Cut:
+    t = a["o_a"].shape[0]
+    n = size(t, MIN_TOKENS)                                # padded rows: empty parts (lse -inf), cut off
+    a.update(o_a=pad(a["o_a"], n), o_b=pad(a["o_b"], n), lse_a=pad(a["lse_a"], n, axis=1, value=-np.inf),
+             lse_b=pad(a["lse_b"], n, axis=1, value=-np.inf))
+    return Cut(t, 0)
+
+
 def bucket(op: str, args: dict) -> tuple[dict, Cut]:
     """The op's arguments padded to buckets (a new dict), and how to cut its outputs back."""
     a = dict(args)
@@ -163,6 +171,8 @@ def bucket(op: str, args: dict) -> tuple[dict, Cut]:
         return a, _paged(a)
     if op == "write_kv_cache":
         return a, _write(a)
+    if op == "merge_attention_states":
+        return a, _merge(a)
     if op.endswith("_step"):
         return a, _step(a)
     assert op in SEQUENCE_FORMS, op

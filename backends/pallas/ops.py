@@ -3,12 +3,15 @@ buckets (buckets.py, in torch: nothing compiles) and cross to jax (bridge.py), t
 backend run, and results (padding cut off) and cache rows come back."""
 from __future__ import annotations
 
+from portable_attn.optable import OPS
+
 from . import attention as _attention
 from . import bridge, buckets
 from . import cache as _cache
 from . import conv as _conv
 from . import delta as _delta
 from . import linear as _linear
+from . import merge as _merge
 from . import paged as _paged
 from . import sparse as _sparse
 from . import ssd as _ssd
@@ -22,7 +25,7 @@ def _run(op: str, fn, args: dict):
 
 def _attention_family(op: str, fn, args: dict):
     o, cut = _run(op, fn, args)
-    dev = args["q"].device
+    dev = args[OPS[op].primary].device
     if args["return_lse"]:
         return (bridge.result(cut.tokens(bridge.to_torch(o[0], dev)), args["out"]),
                 cut.lse(bridge.to_torch(o[1], dev)))
@@ -39,6 +42,10 @@ def paged_attention(**args):
 
 def sparse_attention(**args):
     return _attention_family("sparse_attention", _sparse.sparse_attention, args)
+
+
+def merge_attention_states(**args):
+    return _attention_family("merge_attention_states", _merge.merge_attention_states, args)
 
 
 def write_kv_cache(**args):

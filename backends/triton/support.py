@@ -21,7 +21,7 @@ def why_not(call: Call) -> str | None:
     if call.op in ("linear_attention_step", "gated_delta_rule_step", "ssd_step", "causal_conv1d",
                    "causal_conv1d_step"):
         return _step_conv_reason(call)
-    return None  # write_kv_cache: any shape, block size, strides and slot dtype (int32/int64)
+    return None  # write_kv_cache, merge_attention_states: any shape, strides (and slot dtype, int32/int64)
 
 
 def _flash_reason(call: Call) -> str | None:

@@ -271,6 +271,69 @@ def sparse_case(name, lq, lk=None, *, topk=8, hq=4, hkv=2, d=32, causal_indices=
     return Case("sparse_attention", name, make, tiers, deterministic=deterministic)
 
 
+# ---- merge_attention_states -------------------------------------------------------------------
+
+def _softmax_part(q, k, v, vis):
+    """Attention of q [T, H, D] over k, v [L, H, *] where vis [T, L] allows, float64: (o [T, H, Dv], lse [H, T]);
+    o = 0 and lse = -inf where a query sees nothing."""
+    s = np.where(vis[None], np.einsum("thd,lhd->htl", q, k) / np.sqrt(q.shape[2]), -np.inf)   # [H, T, L]
+    seen = vis.any(1)[None]                                                                    # [1, T]
+    m = np.where(seen, s.max(-1, initial=-np.inf), 0.0)
+    w = np.exp(s - m[..., None])
+    z = w.sum(-1)
+    o = np.einsum("htl,lhv->thv", w / np.where(seen, z, 1.0)[..., None], v)
+    return o, np.where(seen, np.log(np.where(seen, z, 1.0)) + m, -np.inf)
+
+
+def merge_case(name, t, *, h=4, dv=32, empty=0.0, sinks=False, spread=3.0, split=None, tiers=TIERS,
+               variant=None, invariant="", deterministic=False):
+    """Two parts of `t` queries: random outputs and lse (`spread` their scale), a fraction `empty` of the
+    (head, token) entries of each part -inf (both parts empty on some); or, with `split`, the causal attention
+    of `t` queries over keys [0, split) and [split, t) (the queries before `split` see nothing of part b)."""
+    def make(rng):
+        if split is not None:
+            q, k, v = _normal(rng, t, h, 16), _normal(rng, t, h, 16), _normal(rng, t, h, dv)
+            vis = np.tril(np.ones((t, t), dtype=bool))
+            (o_a, lse_a), (o_b, lse_b) = (_softmax_part(q, k[sl], v[sl], vis[:, sl])
+                                          for sl in (slice(0, split), slice(split, t)))
+        else:
+            o_a, o_b = _normal(rng, t, h, dv), _normal(rng, t, h, dv)
+            lse_a, lse_b = _normal(rng, h, t, scale=spread), _normal(rng, h, t, scale=spread)
+            lse_a[rng.random((h, t)) < empty] = -np.inf
+            lse_b[rng.random((h, t)) < empty] = -np.inf
+            if empty and t:
+                lse_a[:, -1] = lse_b[:, -1] = -np.inf                 # a token no part saw
+        inp = {"o_a": o_a, "lse_a": lse_a, "o_b": o_b, "lse_b": lse_b, "return_lse": True}
+        if sinks:
+            inp["sinks"] = _normal(rng, h)
+            inp["sinks"][0] = -np.inf                                 # a head without a sink
+        return inp
+
+    return Case("merge_attention_states", name, make, tiers, variant, invariant, deterministic)
+
+
+def attention_split_merged(run, inp):
+    """Attention over each sequence's first and last keys apart (no sinks), merged with the sinks == over all
+    (non-causal: a key keeps its visibility when the split moves its position)."""
+    ck = inp["cu_seqlens_k"].tolist()
+    cut = [a + (b - a) // 2 for a, b in zip(ck[:-1], ck[1:])]
+    parts = []
+    for spans in ([(a, c) for a, c in zip(ck[:-1], cut)], [(c, b) for c, b in zip(cut, ck[1:])]):
+        rows = torch.cat([torch.arange(a, b) for a, b in spans])
+        lens = torch.tensor([0] + [b - a for a, b in spans]).cumsum(0).to(inp["q"].device, torch.int32)
+        got = run("attention", **(inp | {"k": inp["k"][rows], "v": inp["v"][rows], "cu_seqlens_k": lens,
+                                         "sinks": None, "out": None, "max_seqlen_k": None}))
+        parts += [got["out"], got["lse"]]
+    return run("merge_attention_states", o_a=parts[0], lse_a=parts[1], o_b=parts[2], lse_b=parts[3],
+               sinks=inp.get("sinks"), return_lse=True)
+
+
+def merge_swapped(run, inp):
+    """Merging (b, a) == merging (a, b)."""
+    return run("merge_attention_states", **(inp | {"o_a": inp["o_b"], "lse_a": inp["lse_b"], "o_b": inp["o_a"],
+                                                   "lse_b": inp["lse_a"]}))
+
+
 # ---- recurrent family -------------------------------------------------------------------------
 
 TOKEN_ARGS = ("q", "k", "v", "g", "beta", "x", "dt", "B", "C", "z")
@@ -526,6 +589,16 @@ def _catalogue() -> list[Case]:
         sparse_case("topk_decode", [1, 1], [30, 9], topk=5, causal_indices=True),
         sparse_case("topk_sinks_softcap_empty_rows", 30, sinks=True, softcap=8.0, empty_rows=3),
         sparse_case("topk_long", 1024, topk=64, hq=8, hkv=1, d=128, causal_indices=True, tiers=(FULL,)),
+        # merging partial results
+        attention_case("split_merged", [30, 0, 17, 9], [41, 5, 0, 22], causal=False, sinks=True,
+                       variant=attention_split_merged, invariant="attention over key halves, merged == over all"),
+        merge_case("plain", 40, deterministic=True),
+        merge_case("causal_split", 37, h=3, dv=24, split=15, variant=merge_swapped, invariant="merge(b, a) == merge(a, b)"),
+        merge_case("empty_parts_sinks", 33, h=5, dv=40, empty=0.3, sinks=True),
+        merge_case("far_apart", 20, h=2, dv=8, spread=60.0),
+        merge_case("no_tokens", 0),
+        merge_case("value_dim_1", 9, h=2, dv=1, empty=0.2),
+        merge_case("wide", 300, h=8, dv=300, empty=0.1, sinks=True, tiers=(FULL,)),
     ]
     H, K, V = 2, 16, 24
     cases += [
@@ -625,6 +698,7 @@ def _memory_and_decay_cases() -> list[Case]:
                        state_in_act_dtype=True),
         step_case("causal_conv1d_step", "cache", 5, conv_tokens(24, 4), (24, 3), state_in_act_dtype=True),
     ]
+    attention_family.append(merge_case("empty_parts", 26, h=3, dv=24, empty=0.3, sinks=True))
     both = attention_family + caches
     write = write_kv_case("write_kv_cache", 17)
     empty_key_block = attention_case("empty_key_block", [40, 33],

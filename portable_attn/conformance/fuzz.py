@@ -183,6 +183,15 @@ def _step(draw, op):
                   skip=draw(st.booleans()), state_in_act_dtype=_state_dtype(draw, op))
 
 
+@st.composite
+def _merge(draw):
+    split = draw(st.one_of(st.none(), st.integers(0, 12)))
+    t = draw(st.integers(0, 30)) if split is None else split + draw(st.integers(0, 20))
+    return _build(cases.merge_case, "fuzz", t, h=draw(st.integers(1, 6)), dv=draw(HEAD_DIM),
+                  empty=draw(st.sampled_from([0.0, 0.3, 1.0])), sinks=draw(st.booleans()),
+                  spread=draw(st.sampled_from([1.0, 3.0, 40.0])), split=split)
+
+
 def case_strategy(op: str) -> st.SearchStrategy[cases.Case]:
     """Valid cases of `op`, each with a drawn layout, poison, out= and value seed."""
     if OPS[op].is_step:
@@ -191,7 +200,7 @@ def case_strategy(op: str) -> st.SearchStrategy[cases.Case]:
         base = _recurrent(op)
     else:
         base = {"attention": _attention(), "paged_attention": _paged(), "write_kv_cache": _write_kv(),
-                "sparse_attention": _sparse()}[op]
+                "sparse_attention": _sparse(), "merge_attention_states": _merge()}[op]
     return st.builds(_flag, base, st.sampled_from((None,) + LAYOUTS), st.booleans(), st.booleans(),
                      st.integers(0, 9999))
 
@@ -205,7 +214,7 @@ def _flag(case: cases.Case, layout, poison: bool, use_out: bool, n: int) -> case
 
 _FLAGS = re.compile(r"(?:\+(gaps|transposed))?(\+poison)?(-out)?#(\d+)$")
 _CASE_BUILDERS = (cases.attention_case, cases.paged_case, cases.write_kv_case, cases.sparse_case,
-                  cases.recurrent_case, cases.step_case)
+                  cases.merge_case, cases.recurrent_case, cases.step_case)
 _PART_BUILDERS = (cases.linear_tokens, cases.delta_tokens, cases.ssd_tokens, cases.conv_tokens, cases._random_layout)
 
 

@@ -1,5 +1,6 @@
 """Memory a call may not let into any output (docs/spec.md, "What a query cannot see"): keys no query of
-the call sees, cache slots and blocks no sequence uses, state-cache rows the call does not read. The
+the call sees, cache slots and blocks no sequence uses, state-cache rows the call does not read, the output
+rows of an empty part (lse -inf) of a merge. The
 runner fills it with NaN for the backend while the oracle reads the finite values."""
 from __future__ import annotations
 
@@ -22,6 +23,8 @@ def invisible(op: str, inp: dict) -> dict[str, torch.Tensor]:
     if op == "sparse_attention":
         seen = _seen_sparse(inp)
         return {n: ~seen[..., None].expand_as(inp[n]) for n in ("k", "v")}
+    if op == "merge_attention_states":  # the rows of a part that saw nothing (lse -inf)
+        return {f"o_{p}": (inp[f"lse_{p}"] == float("-inf")).T[..., None].expand_as(inp[f"o_{p}"]) for p in "ab"}
     name = OPS[op].mutates[0]
     if inp.get("state_indices") is None or inp.get(name) is None:
         return {}

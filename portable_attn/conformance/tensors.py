@@ -9,8 +9,8 @@ import torch
 from ..masks import BlockMask
 
 # Argument roles decide the dtype a value takes in a call.
-ACTIVATIONS = {"q", "k", "v", "x", "z", "B", "C", "k_cache", "v_cache", "weight", "bias"}
-PARAMS = {"g", "beta", "dt", "A", "D", "dt_bias", "sinks"}   # float32 whatever the activations
+ACTIVATIONS = {"q", "k", "v", "x", "z", "B", "C", "k_cache", "v_cache", "weight", "bias", "o_a", "o_b"}
+PARAMS = {"g", "beta", "dt", "A", "D", "dt_bias", "sinks", "lse_a", "lse_b"}   # float32 whatever the activations
 STATES = {"initial_state", "state"}                          # float32 unless the case says otherwise
 INDICES = {"cu_seqlens", "cu_seqlens_q", "cu_seqlens_k", "block_table", "seqused_k", "indices",
            "state_indices", "slot_mapping"}

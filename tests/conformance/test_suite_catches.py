@@ -122,7 +122,8 @@ def test_reference_itself_passes(with_backend):
     (Mutant("unwritten", after=_unwritten), None, "NaN"),
     (Mutant("rows", after=_touch_other_rows), ["linear_attention_step", "ssd"], "rows not listed"),
     (Mutant("window", before=_drop_window), ["attention"], ""),
-    (Mutant("sinks", before=_drop_sinks), ["attention", "paged_attention", "sparse_attention"], ""),
+    (Mutant("sinks", before=_drop_sinks), ["attention", "paged_attention", "sparse_attention",
+                                                     "merge_attention_states"], ""),
     (Mutant("gqa", before=_wrong_gqa), ["attention"], ""),
 ])
 def test_planted_bug_is_caught(with_backend, mutant, ops, expect):
@@ -170,9 +171,9 @@ def _write_before_view(op, args, result):
 
 
 def _multiply_all_memory(op, args, result):
-    """Multiplies every key, value and cache row by zero into the output: 0 * NaN is NaN."""
+    """Multiplies every key, value, cache row and merged part by zero into the output: 0 * NaN is NaN."""
     o = _first(result)
-    mem = [args[n] for n in ("k", "v", "k_cache", "v_cache", "state", "initial_state")
+    mem = [args[n] for n in ("k", "v", "k_cache", "v_cache", "state", "initial_state", "o_a", "o_b")
            if isinstance(args.get(n), torch.Tensor) and args[n].numel()]
     if o is not None and o.numel() and mem:
         o.add_(0 * sum(m.double().sum() for m in mem).to(o.dtype))
@@ -195,7 +196,7 @@ def test_strided_and_poison_cases_catch_every_op(with_backend, mutant, suffix, e
     caught = {c.op for c in cases if expect in (r := run_case(name, c, "float32")).detail and r.status == "fail"}
     assert ops - caught == set(), f"the {name} mutant passed on {ops - caught}"
     if suffix == "+gaps":
-        assert len(ops) == 12
+        assert len(ops) == 13
 
 
 def test_poison_cases_poison_something():
