@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import time
 
 import torch
 import torch.distributed as dist
@@ -78,8 +79,10 @@ def scan_ranks(summary: tuple, compose, group=None, stats: dict | None = None) -
 
     `compose(earlier, later)` combines two summaries (tuples of tensors of one shape on every rank).
     A shift then a Hillis-Steele scan: ceil(log2(world)) + 1 rounds, each rank sending at most one
-    summary per round. `stats`, when given, gets `bytes_sent` and `rounds` added.
+    summary per round. `stats`, when given, gets `bytes_sent`, `rounds`, `summary_bytes` and `exchange_s`
+    (seconds in this function, waiting for slower ranks included) added.
     """
+    t0 = time.perf_counter()
     rank, world = _group_rank(group)
     nbytes = sum(t.numel() * t.element_size() for t in summary)
     sent = 0
@@ -100,6 +103,8 @@ def scan_ranks(summary: tuple, compose, group=None, stats: dict | None = None) -
     if stats is not None:
         stats["bytes_sent"] = stats.get("bytes_sent", 0) + sent
         stats["rounds"] = stats.get("rounds", 0) + rounds
+        stats["summary_bytes"] = stats.get("summary_bytes", 0) + nbytes
+        stats["exchange_s"] = stats.get("exchange_s", 0.0) + time.perf_counter() - t0
     return agg
 
 
