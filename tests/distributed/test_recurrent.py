@@ -4,6 +4,9 @@ one-token ones), initial states, strong and -inf decays, grouped heads; float32 
 
 Judged by the conformance rule: the error against the float64 reference may be 3x the single-device
 op's own error plus the dtype's floor."""
+import pathlib
+import re
+
 import pytest
 import torch
 import torch.distributed as dist
@@ -87,6 +90,21 @@ def _check(rank, world, backend):
         if rank < world - 1 and stats["bytes_sent"] > 4 * 3 * state.numel() * state.element_size():
             failures.append(f"{name}: rank {rank} sent {stats['bytes_sent']} bytes, not O(state)")
     assert not failures, "\n".join(failures)
+    _readme_example(rank, world)
+
+
+README = (pathlib.Path(__file__).resolve().parents[2] / "README.md").read_text()
+
+
+def _readme_example(rank, world):
+    """The README's sequence-parallel example, run on this rank, equals the single-device op."""
+    ns = {}
+    exec(compile(re.search(r"```python torchrun\n(.*?)```", README, re.S).group(1), "README.md", "exec"), ns)
+    one, fin = pa.gated_delta_rule(*(ns[n] for n in ("q", "k", "v", "g", "beta")), cu_seqlens=ns["cu_seqlens"],
+                                   initial_state=ns["h0"], use_qk_l2norm=True, output_final_state=True)
+    torch.testing.assert_close(ns["o"], one[ns["mine"]], rtol=1e-4, atol=1e-4)
+    if rank == world - 1:
+        torch.testing.assert_close(ns["state"], fin, rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("world", [2, 4])
