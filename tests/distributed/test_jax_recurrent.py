@@ -1,12 +1,15 @@
-"""Sequence-parallel recurrent prefill through `jax.shard_map` on fake CPU meshes of 4 and 8 devices (and
-heads x sequence, 2 x 4) equals the single-device op of the JAX front (the pallas backend in Pallas'
+"""Sequence-parallel recurrent prefill through `jax.shard_map` on fake CPU meshes of 8 devices (8 sequence
+shards) and 4 devices (2 heads x 2 sequence shards) equals the single-device op of the JAX front (the pallas backend in Pallas'
 TPU interpret mode): outputs and final states, ragged batches with sequences across many devices,
 initial states, strong and -inf decays. Judged by the conformance rule against the float64 reference.
 
-The mesh needs `XLA_FLAGS=--xla_force_host_platform_device_count=8` before jax is imported, so this file
+The meshes need `XLA_FLAGS=--xla_force_host_platform_device_count=16` before jax is imported, so this file
 runs in a pytest invocation of its own (.ci/run):
-    PORTABLE_ATTN_INTERPRET=1 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8 \\
+    PORTABLE_ATTN_INTERPRET=1 JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=16 \\
         python -m pytest tests/distributed/test_jax_recurrent.py
+Twice the devices the largest mesh uses: XLA's CPU client sizes its thread pool by the device count, and
+with as many devices as the mesh, Pallas' interpret-mode callbacks and the mesh's collectives wait on
+each other (a collective-permute rendezvous that only some device threads reach: a deadlock).
 """
 import os
 
@@ -15,8 +18,8 @@ import pytest
 import torch
 
 jax = pytest.importorskip("jax", reason="needs jax: pip install -e '.[pallas-interpret]'")
-if "xla_force_host_platform_device_count=8" not in os.environ.get("XLA_FLAGS", "") or len(jax.devices()) < 8:
-    pytest.skip("needs 8 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=8 set before jax is "
+if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "") or len(jax.devices()) < 16:
+    pytest.skip("needs 16 CPU devices: XLA_FLAGS=--xla_force_host_platform_device_count=16 set before jax is "
                 "imported (a pytest invocation of its own, as .ci/run runs it)", allow_module_level=True)
 
 import jax.numpy as jnp  # noqa: E402
@@ -86,7 +89,7 @@ def single():
 
 @pytest.mark.parametrize("seq, heads", [(8, None), (2, 2)])
 def test_sequence_parallel_on_a_mesh_equals_one_device(single, seq, heads):
-    """8 devices on the sequence (three scan rounds), and 2 heads x 2 sequence shards (4 devices)."""
+    """8 devices on the sequence (a shift and three scan rounds), and 2 heads x 2 sequence shards."""
     mesh = _mesh(seq, heads)
     failures = []
     for name, (op, j, (one, one_fin), (ref, ref_fin)) in single.items():

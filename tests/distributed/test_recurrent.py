@@ -110,3 +110,14 @@ def _readme_example(rank, world):
 @pytest.mark.parametrize("world", [2, 4])
 def test_sequence_parallel_recurrent_equals_one_device(world):
     run_ranks(_check, world, "cpu", timeout=240)
+
+
+def test_bench_counts_state_sized_messages():
+    """The bench's 2-rank run: each rank sends one summary (M and B), whatever the number of tokens."""
+    from portable_attn.bench import distributed_recurrent as bench
+
+    rows = bench.run(worlds=(2,), tokens=64, dtypes=("float32",), reps=1)
+    sent = {r["op"]: r["bytes_sent"] for r in rows}
+    H, K, V, P, N = bench.H, bench.K, bench.V, bench.P, bench.N
+    assert sent == {"gla": 4 * H * K * (1 + V), "gated_delta_rule": 4 * H * K * (K + V), "ssd": 4 * H * (1 + P * N)}
+    assert "bytes sent/rank" in bench.table(rows)
