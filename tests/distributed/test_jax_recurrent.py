@@ -95,7 +95,7 @@ def test_sequence_parallel_on_a_mesh_equals_one_device(single, seq, heads):
     for name, (op, j, (one, one_fin), (ref, ref_fin)) in single.items():
         out, fin = getattr(jax_recurrent, op)(mesh, **j, cu_seqlens=CU, head_axis="heads" if heads else None)
         for what, got, oracle, emulated in (("out", out, ref, one), ("final state", fin, ref_fin, one_fin)):
-            v = compare(torch.from_numpy(np.asarray(got)), oracle, torch.from_numpy(np.asarray(emulated)),
+            v = compare(torch.from_numpy(np.array(got)), oracle, torch.from_numpy(np.array(emulated)),
                         torch.float32)
             if not v.ok:
                 failures.append(f"{name} on {seq} x {heads or 1} devices, {what}: err {v.err:.3g} > tol {v.tol:.3g} "
