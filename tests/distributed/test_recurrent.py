@@ -9,7 +9,6 @@ import re
 
 import pytest
 import torch
-import torch.distributed as dist
 
 import portable_attn as pa
 from portable_attn.conformance.tolerance import compare
