@@ -1,7 +1,8 @@
 """Sequence-parallel recurrent prefill through `jax.shard_map` on fake CPU meshes of 8 devices
 (8 sequence shards) and 4 devices (2 heads x 2 sequence shards) equals the single-device op of the JAX
 front (the pallas backend in Pallas' TPU interpret mode): outputs and final states, ragged batches with
-sequences across many devices, initial states, strong and -inf decays. Judged by the conformance rule against the float64 reference.
+sequences across many devices, initial states, strong and -inf decays. Judged by the conformance rule
+against the float64 reference.
 
 The meshes need `XLA_FLAGS=--xla_force_host_platform_device_count=16` before jax is imported, so this file
 runs in a pytest invocation of its own (.ci/run):
