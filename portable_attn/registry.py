@@ -36,21 +36,6 @@ DEFAULT_PRIORITY = {
 }
 
 
-# Per-call routes among a platform's defaults, each from a measured ratio (BENCHMARKS.md, "Routes"): a call
-# the rule accepts tries that backend first. CPU: SDPA with the block mask as a dense mask ran 2-3x faster
-# than the cpu backend's tiles at T=4096 (route_mask); dense, windows, sinks and decode stay with cpu.
-FASTER_FOR = {
-    (Platform.CPU, "torch"): lambda call: call.args.get("block_mask") is not None,
-}
-
-
-def default_names(call: Call) -> list[str]:
-    """The platform's default priority for `call`: its measured per-call routes first, then the rest in order."""
-    names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
-    first = [n for n in names if (rule := FASTER_FOR.get((call.platform, n))) is not None and rule(call)]
-    return first + [n for n in names if n not in first]
-
-
 def _load(target: str) -> Backend:
     module, _, attr = target.partition(":")
     return getattr(importlib.import_module(module), attr)
@@ -124,7 +109,7 @@ def select(call: Call, backend=None) -> Backend:
     elif envs.PORTABLE_ATTN_BACKEND:
         names = _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
     else:
-        names = default_names(call)
+        names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
     if len(names) == 1:
         chosen = get(names[0])
         _raise_if_unusable(chosen, call)

@@ -25,6 +25,7 @@ class OnnxRuntimeBackend(Backend):
         "paged_attention": "Gather + ONNX Attention",
         "sparse_attention": "Gather + masked ONNX Attention",
         "write_kv_cache": "ONNX ScatterND",
+        "merge_attention_states": "ONNX elementwise graph",
         **{op: "com.microsoft GatedDeltaNet" for op in ("linear_attention", "linear_attention_step",
                                                         "gated_delta_rule", "gated_delta_rule_step")},
         **{op: "GatedDeltaNet (gated) + D skip and z gate" for op in ("ssd", "ssd_step")},

@@ -201,6 +201,32 @@ def sparse_attention(sig: dict) -> onnx.ModelProto:
     return g.model()
 
 
+def merge_attention_states(sig: dict) -> onnx.ModelProto:
+    """o_a, o_b [T, H, Dv] weighted by exp(lse_part - lse) with lse = log(exp(lse_a) + exp(lse_b) (+ exp(sinks)))
+    [H, T]; a part with lse -inf weighs 0 and its o is not read (Where, not a product: it may hold NaN)."""
+    g = Graph()
+    o_a, o_b = (g.input(n, F32, ["T", "H", "Dv"]) for n in ("o_a", "o_b"))
+    lse_a, lse_b = (g.input(n, F32, ["H", "T"]) for n in ("lse_a", "lse_b"))
+    parts = [lse_a, lse_b] + ([g.op("Unsqueeze", g.input("sinks", F32, ["H"]), _axes(g, 1))] if sig["sinks"] else [])
+
+    def seen(x):  # lse > -inf
+        return g.op("Not", g.op("IsInf", x, detect_positive=0))
+
+    top = g.op("Max", *parts)
+    top = g.op("Where", seen(top), top, g.const(0.0))  # all -inf: Z = 0, lse = log(0) = -inf
+    lse = g.op("Add", g.op("Log", g.op("Sum", *(g.op("Exp", g.op("Sub", x, top)) for x in parts))), top)
+    total = g.op("Where", seen(lse), lse, g.const(0.0))
+
+    def weighted(o, part):
+        w = g.op("Where", seen(part), g.op("Exp", g.op("Sub", part, total)), g.const(0.0))
+        w = g.op("Unsqueeze", g.op("Transpose", w, perm=[1, 0]), _axes(g, 2))  # [T, H, 1]
+        return g.op("Where", g.op("Greater", w, g.const(0.0)), g.op("Mul", w, o), g.const(0.0))
+
+    g.output("out", g.op("Add", weighted(o_a, lse_a), weighted(o_b, lse_b)), F32, ["T", "H", "Dv"])
+    g.output("lse", lse, F32, ["H", "T"])
+    return g.model()
+
+
 def write_kv_cache(sig: dict) -> onnx.ModelProto:
     """cache [NB * BS, Hkv, d] with rows `slots` [n, 1] replaced by `rows` [n, Hkv, d]."""
     g = Graph()

@@ -20,6 +20,7 @@ NEEDS = {
     "paged_attention": ("", "Attention", OPSET),
     "sparse_attention": ("", "Attention", OPSET),
     "write_kv_cache": ("", "ScatterND", OPSET),
+    "merge_attention_states": ("", "IsInf", OPSET),  # elementwise ops only; IsInf is the newest of them
     **{op: (MICROSOFT, "GatedDeltaNet", 1) for op in ("linear_attention", "linear_attention_step", "gated_delta_rule",
                                                       "gated_delta_rule_step", "ssd", "ssd_step")},
     **{op: (MICROSOFT, "VarlenCausalConvWithState", 1) for op in ("causal_conv1d", "causal_conv1d_step")},

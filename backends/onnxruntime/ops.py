@@ -38,6 +38,21 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q, cu_seqlens_k, softcap, s
     return _attention.run("sparse_attention", a, q, v.shape[2], feeds, k.shape[0] and indices.shape[2])
 
 
+def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks, return_lse, out):
+    t, h, dv = o_a.shape
+    direct = out is not None and out.dtype == torch.float32 and out.is_contiguous()
+    o = out if direct else torch.empty(t, h, dv)
+    lse = torch.empty(h, t)
+    if t:
+        inputs = {"o_a": o_a.float(), "lse_a": lse_a.float(), "o_b": o_b.float(), "lse_b": lse_b.float()}
+        if sinks is not None:
+            inputs["sinks"] = sinks.float()
+        sessions.run("merge_attention_states", {"sinks": sinks is not None}, inputs, {"out": o, "lse": lse})
+    if not direct:
+        o = o.to(o_a.dtype) if out is None else out.copy_(o)
+    return (o, lse) if return_lse else o
+
+
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping):
     keep = (slot_mapping >= 0).nonzero().squeeze(1)
     slots = slot_mapping.index_select(0, keep).long()
