@@ -51,8 +51,11 @@ def _first_last(lq, lk, bq):
 
 
 def query_bound(tq: int, nseq: int, bq: int) -> int:
-    """At most ceil(Lq / bq) + 1 tiles per sequence."""
-    return -(-tq // bq) + nseq
+    """The most query tiles `nseq` sequences of `tq` queries in all can need. Lq >= 1 queries at any offset touch
+    at most floor((Lq - 1) / bq) + 2 tiles, and every tile holds a query: summed over the m = min(nseq, tq)
+    sequences that can hold one, at most min(tq, floor((tq - m) / bq) + 2m)."""
+    m = min(nseq, tq)
+    return min(tq, (tq - m) // bq + 2 * m)
 
 
 @jax.tree_util.register_dataclass
