@@ -259,10 +259,27 @@ def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, state_dty
         if state.shape[0] < bsz:
             raise ValueError(f"state: without state_indices the cache needs at least bsz = {bsz} rows, "
                              f"got {state.shape[0]}")
-        a["state_indices"] = torch.arange(bsz, dtype=torch.int32, device=device)
+        a["state_indices"] = default_rows(bsz, device)
         return False
     slot_indices("state_indices", a["state_indices"], bsz, device)
     return True
+
+
+_ROWS: dict = {}  # bsz -> the CPU's default state_indices, shared: backends only read them
+ROWS_KEPT = 1024  # bsz values kept
+
+
+def default_rows(bsz: int, device) -> torch.Tensor:
+    """The default state_indices of a step form, rows 0..bsz-1 (int32); one kept tensor per bsz on the CPU."""
+    if device.type != "cpu":
+        return torch.arange(bsz, dtype=torch.int32, device=device)
+    rows = _ROWS.get(bsz)
+    if rows is None:
+        if len(_ROWS) >= ROWS_KEPT:
+            _ROWS.clear()
+        with torch.inference_mode(False):  # a normal tensor, whatever mode the first call ran in
+            rows = _ROWS[bsz] = torch.arange(bsz, dtype=torch.int32)
+    return rows
 
 
 def sequences(a: dict, device) -> int:
@@ -397,26 +414,33 @@ def check_paged_attention(a: dict) -> dict:
         cu_seqlens("cu_seqlens_q", cu, dev)
         dim("cu_seqlens_q", cu, 0, nseq + 1, "S + 1 (S from block_table)")
     a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
-    bs = kc.shape[1]
-    lk_max = hcu = None
-    if index_checks_enabled(q):
-        hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
-        hcu = hcu[0] if hcu else None
-        if hcu is not None:
-            cu_values("cu_seqlens_q", hcu, q.shape[0])
-        if nseq:
-            lk_max = index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
-                                 f"{bt.shape[1]} blocks of {bs})")[1]
-            if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
-                raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
-                                 f"({lk_max})")
-            if hbt.size and not (0 <= hbt.min() and hbt.max() < kc.shape[0]):  # else only the entries in use
-                used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
-                index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
-    a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
+    lk_max = paged_values(a) if index_checks_enabled(q) else None
+    a["max_seqlen_q"] = positive_int("max_seqlen_q", a["max_seqlen_q"])
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], vc.shape[3]), q.dtype, dev, "Tq Hq Dv")
     return a
+
+
+def paged_values(a: dict) -> int | None:
+    """The index values of a paged_attention call whose shapes passed; the longest key count (None: no
+    sequences)."""
+    q, kc, bt, su, cu = a["q"], a["k_cache"], a["block_table"], a["seqused_k"], a["cu_seqlens_q"]
+    bs, lk_max = kc.shape[1], None
+    hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
+    hcu = hcu[0] if hcu else None
+    if hcu is not None:
+        cu_values("cu_seqlens_q", hcu, q.shape[0])
+    if bt.shape[0]:
+        lk_max = index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
+                             f"{bt.shape[1]} blocks of {bs})")[1]
+        if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
+            raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
+                             f"({lk_max})")
+        if hbt.size and not (0 <= hbt.min() and hbt.max() < kc.shape[0]):  # else only the entries in use
+            used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
+            index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
+    max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
+    return lk_max
 
 
 def check_write_kv_cache(a: dict) -> dict:

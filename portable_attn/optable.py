@@ -45,6 +45,8 @@ class Op:
     step: str | None = None              # a sequence form's step form
     sequence: str | None = None          # a step form's sequence form
     state_tail: Callable | None = None   # args -> the shape of one sequence's state
+    values: Callable | None = None       # checks.py: the index-value checks alone, of a call whose shapes
+                                         # passed (checkmemo.py runs them where it replays `check`)
 
     @functools.cached_property  # read on every call
     def names(self) -> tuple:
@@ -123,7 +125,7 @@ _DECLARATIONS = (
        _tensors("q", "k_cache", "v_cache", "block_table", "seqused_k") + _optional("cu_seqlens_q")
        + (Arg("max_seqlen_q", "int?"), Arg("max_seqlen_k", "int?"), Arg("causal", "bool", True))
        + _ATTENTION_OPTIONS[1:] + _RETURN_LSE,
-       checks.check_paged_attention),
+       checks.check_paged_attention, values=checks.paged_values),
     Op("write_kv_cache", "cache", "k", _tensors("k", "v", "k_cache", "v_cache", "slot_mapping"),
        checks.check_write_kv_cache, mutates=("k_cache", "v_cache")),
     Op("sparse_attention", "attention", "q",
