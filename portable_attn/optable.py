@@ -105,10 +105,10 @@ def _recurrent(name, primary, positional, options, check, step_check, tail, *, t
     """A sequence form and its step form (`state=` instead of the state arguments, no cu_seqlens)."""
     out = (Arg("out", "Tensor?"),)
     seq = Op(name, "recurrent", primary, positional + options + _STATES + trailing + out, check,
-             mutates=("initial_state",), step=f"{name}_step", state_tail=tail)
+             mutates=("initial_state",), step=f"{name}_step", state_tail=tail, values=checks.recurrent_values)
     step = Op(f"{name}_step", "recurrent", primary, positional + _STEP_STATE + options
               + (Arg("state_indices", "Tensor?"),) + trailing + out, step_check, mutates=("state",),
-              sequence=name, state_tail=tail)
+              sequence=name, state_tail=tail, values=checks.recurrent_values)
     return seq, step
 
 
@@ -120,7 +120,7 @@ _DECLARATIONS = (
     Op("attention", "attention", "q",
        _tensors("q", "k", "v") + _optional("cu_seqlens_q", "cu_seqlens_k")
        + (Arg("max_seqlen_q", "int?"), Arg("max_seqlen_k", "int?")) + _ATTENTION_OPTIONS + _RETURN_LSE,
-       checks.check_attention),
+       checks.check_attention, values=checks.attention_values),
     Op("paged_attention", "attention", "q",
        _tensors("q", "k_cache", "v_cache", "block_table", "seqused_k") + _optional("cu_seqlens_q")
        + (Arg("max_seqlen_q", "int?"), Arg("max_seqlen_k", "int?"), Arg("causal", "bool", True))
