@@ -34,15 +34,16 @@ def attn_args(**extra):
 
 # (op, arguments): valid calls, one per kind of normalisation or index argument the memo replays
 VALID = {
-    "attention": ("attention", lambda: attn_args(causal=True, window_size=[2, 0], softcap=1, out=torch.empty(6, 4, 16))),
+    "attention": ("attention", lambda: attn_args(causal=True, window_size=[2, 0], softcap=1,
+                                                 out=torch.empty(6, 4, 16))),
     "attention varlen": ("attention", lambda: attn_args(cu_seqlens_q=torch.tensor([0, 2, 6], dtype=I32),
                                                         cu_seqlens_k=torch.tensor([0, 2, 6], dtype=I32))),
     "paged": ("paged_attention", paged_args),
     "step default rows": ("gated_delta_rule_step", lambda: step_args(scale=0.5)),
     "step rows": ("gated_delta_rule_step", lambda: step_args(state_indices=torch.tensor([4, -1, 0], dtype=I32))),
     "ssd step": ("ssd_step", lambda: dict(x=torch.randn(2, 4, 8), dt=torch.randn(2, 4), A=-torch.rand(4),
-                                          B=torch.randn(2, 1, 16), C=torch.randn(2, 1, 16), state=torch.randn(2, 4, 8, 16),
-                                          dt_limit=[0, 10.0], dt_softplus=True)),
+                                          B=torch.randn(2, 1, 16), C=torch.randn(2, 1, 16),
+                                          state=torch.randn(2, 4, 8, 16), dt_limit=[0, 10.0], dt_softplus=True)),
 }
 
 
