@@ -28,6 +28,7 @@ from .backend import Backend
 INDEX_ARGS = frozenset({"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_table", "seqused_k", "slot_mapping",
                         "indices", "state_indices"})
 TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (fake, functional) is not remembered
+PLAIN = (bool, int, str)  # keyed as (type, value) without a call to `_value`
 SELECTION_VARS = ("PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_INTERPRET")
 LIMIT = 512  # signatures kept; a process that meets more starts over
 NO_SELECTION = object()  # the `backend` of a signature for the checks alone (dispatch.make_call)
@@ -64,12 +65,15 @@ def signature(decl, a: dict, backend=NO_SELECTION):
     key, index = [decl.name, _value(backend), grad, envs.texts(SELECTION_VARS)], False
     for name in decl.names:
         v = a[name]
+        kind = type(v)
         if v is None:
             key.append(None)
-        elif type(v) in TENSOR_TYPES:
-            key.append((type(v), v.shape, v.dtype, v.device, v.requires_grad) if grad else
-                       (type(v), v.shape, v.dtype, v.device))
+        elif kind in TENSOR_TYPES:
+            key.append((kind, v.shape, v.dtype, v.device, v.requires_grad) if grad
+                       else (kind, v.shape, v.dtype, v.device))
             index = index or name in INDEX_ARGS
+        elif kind in PLAIN:
+            key.append((kind, v))
         elif isinstance(v, (torch.Tensor, checks.BlockMask)):
             return None
         else:
