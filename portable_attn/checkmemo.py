@@ -30,7 +30,7 @@ INDEX_ARGS = frozenset({"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_tab
 TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (fake, functional) is not remembered
 PLAIN = (bool, int, str)  # keyed as (type, value) without a call to `_value`
 SELECTION_VARS = ("PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_INTERPRET")
-LIMIT = 512  # signatures kept; a process that meets more starts over
+LIMIT = 4096  # signatures kept (an engine meets about ops x batch sizes); past it the oldest goes
 NO_SELECTION = object()  # the `backend` of a signature for the checks alone (dispatch.make_call)
 VALUES = "index values checked"  # the last item of a signature whose index values are checked per call
 
@@ -41,7 +41,7 @@ class Passed(NamedTuple):
     backend: Backend | None  # the backend chosen for this signature, where that is kept
 
 
-_PASSED: dict = {}  # signature -> Passed
+_PASSED: dict = {}  # signature -> Passed, oldest first
 
 
 def forget() -> None:
@@ -142,5 +142,5 @@ def _remember(key, given: dict, checked: dict) -> None:
         else:
             normalised[name] = v
     if len(_PASSED) >= LIMIT:
-        _PASSED.clear()
+        del _PASSED[next(iter(_PASSED))]
     _PASSED[key] = Passed(normalised, rows, None)

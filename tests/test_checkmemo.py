@@ -186,3 +186,10 @@ def test_rediscovering_backends_forgets_signatures():
     make_call("attention", attn_args())
     registry.rediscover()
     assert not checkmemo._PASSED
+
+
+def test_the_memo_keeps_its_newest_signatures(monkeypatch):
+    monkeypatch.setattr(checkmemo, "LIMIT", 2)
+    for t in (4, 5, 6):
+        make_call("attention", attn_args() | dict(q=torch.randn(t, 4, 16)))
+    assert [key[4][1][0] for key in checkmemo._PASSED] == [5, 6]  # q's shape, the first argument's
