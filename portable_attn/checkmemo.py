@@ -4,10 +4,10 @@ checks.py's rules read, of each tensor, its type, shape, dtype and device, and o
 its type and value; beyond those only index *values* and, for `out`, the memory it spans. So a call
 whose signature (those fields of every argument) matches one that passed its checks passes them too,
 with the same normalised arguments: a hit replays them (scales, windows, the default `state_indices`)
-and runs only what a signature cannot hold, the `out` overlap check. Calls whose index values would
-be checked (an index tensor given and `checks.index_checks_enabled()`) replay them too where the op
-declares its value checks alone (`Op.values`: they then run on every call), else take the full checks,
-as do calls with a BlockMask and calls whose signature is not hashable.
+and runs only what a signature cannot hold, the `out` overlap check. A call whose index values are
+checked (an index tensor given and `checks.index_checks_enabled()`) is replayed too where its op
+declares those checks on their own (`Op.values`), which then run on every call; otherwise it takes the
+full checks, as do calls with a BlockMask and calls whose signature is not hashable.
 
 The backend chosen for a signature is kept too where the choice is a function of it: the signature
 then also holds `backend=`, the environment variables selection reads, grad mode and each tensor's
@@ -38,7 +38,7 @@ VALUES = "index values checked"  # the last item of a signature whose index valu
 class Passed(NamedTuple):
     normalised: dict         # the non-tensor arguments the checks normalised, by name
     rows: int | None         # bsz of the default state_indices the checks filled in, else None
-    backend: Backend | None  # the backend chosen for this signature, where that is kept
+    impl: object | None      # the module of the backend chosen for this signature (Backend.impl), where kept
 
 
 _PASSED: dict = {}  # signature -> Passed, oldest first
@@ -120,14 +120,14 @@ def keeps_choice(backend: Backend) -> bool:
     """Whether this backend's refusals are all functions of a signature (Backend's own rules only)."""
     cls, own = type(backend), backend.__dict__.keys()
     return (not backend.support and cls.available is Backend.available and cls.serves is Backend.serves
-            and cls.supports is Backend.supports and cls.run is Backend.run
+            and cls.supports is Backend.supports and cls.run is Backend.run and cls.impl is Backend.impl
             and not own & {"available", "serves", "supports", "run", "impl"})
 
 
 def remember_backend(key, backend: Backend) -> None:
     passed = _PASSED.get(key)
     if passed is not None:
-        _PASSED[key] = passed._replace(backend=backend)
+        _PASSED[key] = passed._replace(impl=backend.impl())
 
 
 def _remember(key, given: dict, checked: dict) -> None:

@@ -38,8 +38,8 @@ def run(op: str, args: dict, backend=None):
     key = checkmemo.signature(decl, a, backend)
     passed = checkmemo.lookup(key)
     a = checkmemo.check(decl, a, key, passed)
-    if passed is not None and passed.backend is not None:
-        return getattr(passed.backend.impl(), op)(**a)
+    if passed is not None and passed.impl is not None:  # Backend.run, on the backend chosen before
+        return getattr(passed.impl, op)(**a)
     call = Call(op, a, platform_of(a[decl.primary]))
     chosen = registry.select(call, backend)
     if key is not None and checkmemo.keeps_choice(chosen) and registry.first_choice(call, backend) == chosen.name:
