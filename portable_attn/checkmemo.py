@@ -62,7 +62,8 @@ def signature(decl, a: dict, backend=NO_SELECTION):
     """`a`'s signature for op `decl` (and for choosing a backend by `backend=`), or None when its checks
     must run in full."""
     grad = backend is not NO_SELECTION and torch.is_grad_enabled()
-    key, index = [decl.name, _value(backend), grad, envs.texts(SELECTION_VARS)], False
+    key, index = [decl.name, (str, backend) if type(backend) is str else _value(backend), grad,
+                  envs.texts(SELECTION_VARS)], False
     for name in decl.names:
         v = a[name]
         kind = type(v)
