@@ -491,10 +491,16 @@ def check_write_kv_cache(a: dict) -> dict:
     sm = tensor("slot_mapping", a["slot_mapping"], "T", dtypes=(torch.int32, torch.int64), device=dev)
     dim("slot_mapping", sm, 0, k.shape[0], "the token count T of k")
     if index_checks_enabled(k):
-        (hsm,) = host(sm)
-        index_range("slot_mapping", hsm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
-        no_duplicates("slot_mapping", hsm, "cache slots")
+        write_kv_values(a)
     return a
+
+
+def write_kv_values(a: dict) -> None:
+    """The slots of a write_kv_cache call whose shapes passed: in range (or -1), none twice."""
+    (hsm,) = host(a["slot_mapping"])
+    kc = a["k_cache"]
+    index_range("slot_mapping", hsm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
+    no_duplicates("slot_mapping", hsm, "cache slots")
 
 
 def check_sparse_attention(a: dict) -> dict:
@@ -503,23 +509,32 @@ def check_sparse_attention(a: dict) -> dict:
     idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
     dim("indices", idx, 0, q.shape[0], "the query count Tq")
     dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
-    check = index_checks_enabled(q)
-    hq, hk = cu_pair(a, q, k, check)
-    if check and idx.numel():
-        (hidx,) = host(idx)
-        if hq is None:
-            lk = np.full((q.shape[0],), k.shape[0])
-        else:
-            lk = np.repeat(hk[1:] - hk[:-1], hq[1:] - hq[:-1])
-        bad = (hidx < -1) | (hidx >= lk[:, None, None])
-        if bad.any():
-            t, h, s = np.argwhere(bad)[0].tolist()
-            raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
-                             f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
-        no_duplicates("indices", hidx, "one query's key positions")
+    cu_pair(a, q, k, False)
+    if index_checks_enabled(q):
+        sparse_values(a)
     _attn_common(a, q, None, 1)
     out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
     return a
+
+
+def sparse_values(a: dict) -> None:
+    """The index values of a sparse_attention call whose shapes passed: the cu_seqlens pair, then each
+    query's key positions in [-1, Lk) of its sequence, none twice."""
+    q, k, idx = a["q"], a["k"], a["indices"]
+    hq, hk = cu_pair_values(a) if a["cu_seqlens_q"] is not None else (None, None)
+    if not idx.numel():
+        return
+    (hidx,) = host(idx)
+    if hq is None:
+        lk = np.full((q.shape[0],), k.shape[0])
+    else:
+        lk = np.repeat(hk[1:] - hk[:-1], hq[1:] - hq[:-1])
+    bad = (hidx < -1) | (hidx >= lk[:, None, None])
+    if bad.any():
+        t, h, s = np.argwhere(bad)[0].tolist()
+        raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
+                         f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
+    no_duplicates("indices", hidx, "one query's key positions")
 
 
 # ---- recurrent family -------------------------------------------------------------------------

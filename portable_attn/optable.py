@@ -127,11 +127,11 @@ _DECLARATIONS = (
        + _ATTENTION_OPTIONS[1:] + _RETURN_LSE,
        checks.check_paged_attention, values=checks.paged_values),
     Op("write_kv_cache", "cache", "k", _tensors("k", "v", "k_cache", "v_cache", "slot_mapping"),
-       checks.check_write_kv_cache, mutates=("k_cache", "v_cache")),
+       checks.check_write_kv_cache, mutates=("k_cache", "v_cache"), values=checks.write_kv_values),
     Op("sparse_attention", "attention", "q",
        _tensors("q", "k", "v", "indices") + _optional("cu_seqlens_q", "cu_seqlens_k")
        + (Arg("softcap", "float", 0.0), Arg("sinks", "Tensor?"), Arg("softmax_scale", "float?")) + _RETURN_LSE,
-       checks.check_sparse_attention),
+       checks.check_sparse_attention, values=checks.sparse_values),
     *_recurrent("linear_attention", "q", _tensors("q", "k", "v"), (Arg("g", "Tensor?"), Arg("scale", "float?")),
                 checks.check_linear_attention, _step_check(checks.check_linear_attention), _linear_tail),
     *_recurrent("gated_delta_rule", "q", _tensors("q", "k", "v", "g", "beta"), (Arg("scale", "float?"),),

@@ -32,8 +32,21 @@ def attn_args(**extra):
                 v=torch.randn(6, 2, 16, generator=g), **extra)
 
 
+def write_args():
+    g = torch.Generator().manual_seed(4)
+    return dict(k=torch.randn(3, 2, 16, generator=g), v=torch.randn(3, 2, 16, generator=g),
+                k_cache=torch.zeros(4, 4, 2, 16), v_cache=torch.zeros(4, 4, 2, 16),
+                slot_mapping=torch.tensor([5, -1, 9], dtype=torch.int64))
+
+
+def sparse_args():
+    return attn_args(indices=torch.tensor([[[0, 1], [2, -1]]] * 6, dtype=I32))
+
+
 # (op, arguments): valid calls, one per kind of normalisation or index argument the memo replays
 VALID = {
+    "write": ("write_kv_cache", write_args),
+    "sparse": ("sparse_attention", sparse_args),
     "attention": ("attention", lambda: attn_args(causal=True, window_size=[2, 0], softcap=1,
                                                  out=torch.empty(6, 4, 16))),
     "attention varlen": ("attention", lambda: attn_args(cu_seqlens_q=torch.tensor([0, 2, 6], dtype=I32),
@@ -114,8 +127,25 @@ def bad_cu(a):
     a["cu_seqlens_q"] = torch.tensor([0, 3, 5], dtype=I32)
 
 
+def slot_twice(a):
+    a["slot_mapping"] = torch.tensor([5, 9, 9], dtype=torch.int64)
+
+
+def key_out_of_range(a):
+    a["indices"] = a["indices"].clone()
+    a["indices"][3, 1, 0] = 6
+
+
+def key_twice(a):
+    a["indices"] = a["indices"].clone()
+    a["indices"][2, 0, 1] = 0
+
+
 # (valid call, how it goes bad without changing its signature's shapes)
 BAD = {
+    "slot twice": ("write", slot_twice),
+    "key range": ("sparse", key_out_of_range),
+    "key twice": ("sparse", key_twice),
     "block id": ("paged", bad_block_id),
     "key count": ("paged", long_sequence),
     "max_seqlen_k": ("paged", short_max),
