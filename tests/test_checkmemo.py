@@ -90,9 +90,15 @@ def error(fn):
     return type(info.value), str(info.value)
 
 
-def bad_block_id(a):
-    a["block_table"] = a["block_table"].clone()
-    a["block_table"][1, 2] = 8
+def entry(name, where, value):
+    """A spoiler that sets one entry of the index tensor `name` (on a copy)."""
+    def spoil(a):
+        a[name] = a[name].clone()
+        a[name][where] = value
+    return spoil
+
+
+bad_block_id = entry("block_table", (1, 2), 8)
 
 
 def long_sequence(a):
@@ -131,21 +137,11 @@ def slot_twice(a):
     a["slot_mapping"] = torch.tensor([5, 9, 9], dtype=torch.int64)
 
 
-def key_out_of_range(a):
-    a["indices"] = a["indices"].clone()
-    a["indices"][3, 1, 0] = 6
-
-
-def key_twice(a):
-    a["indices"] = a["indices"].clone()
-    a["indices"][2, 0, 1] = 0
-
-
 # (valid call, how it goes bad without changing its signature's shapes)
 BAD = {
     "slot twice": ("write", slot_twice),
-    "key range": ("sparse", key_out_of_range),
-    "key twice": ("sparse", key_twice),
+    "key range": ("sparse", entry("indices", (3, 1, 0), 6)),
+    "key twice": ("sparse", entry("indices", (2, 0, 1), 0)),
     "block id": ("paged", bad_block_id),
     "key count": ("paged", long_sequence),
     "max_seqlen_k": ("paged", short_max),
