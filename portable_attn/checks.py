@@ -503,20 +503,6 @@ def write_kv_values(a: dict) -> None:
     no_duplicates("slot_mapping", hsm, "cache slots")
 
 
-def check_sparse_attention(a: dict) -> dict:
-    q, k, v = attention_qkv(a)
-    dev = q.device
-    idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
-    dim("indices", idx, 0, q.shape[0], "the query count Tq")
-    dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
-    cu_pair(a, q, k, False)
-    if index_checks_enabled(q):
-        sparse_values(a)
-    _attn_common(a, q, None, 1)
-    out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
-    return a
-
-
 def sparse_values(a: dict) -> None:
     """The index values of a sparse_attention call whose shapes passed: the cu_seqlens pair, then each
     query's key positions in [-1, Lk) of its sequence, none twice."""
@@ -535,6 +521,20 @@ def sparse_values(a: dict) -> None:
         raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
                          f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
     no_duplicates("indices", hidx, "one query's key positions")
+
+
+def check_sparse_attention(a: dict) -> dict:
+    q, k, v = attention_qkv(a)
+    dev = q.device
+    idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
+    dim("indices", idx, 0, q.shape[0], "the query count Tq")
+    dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
+    cu_pair(a, q, k, False)
+    if index_checks_enabled(q):
+        sparse_values(a)
+    _attn_common(a, q, None, 1)
+    out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
+    return a
 
 
 # ---- recurrent family -------------------------------------------------------------------------
