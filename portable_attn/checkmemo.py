@@ -29,6 +29,9 @@ INDEX_ARGS = frozenset({"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_tab
                         "indices", "state_indices"})
 TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (fake, functional) is not remembered
 PLAIN = (bool, int, str)  # keyed as (type, value) without a call to `_value`
+# Host ints the checks read only as >= 0 and against index values (checked per call): keyed by their sign,
+# so that a decode step's growing max_seqlen_k keeps its signature.
+HINTS = frozenset({"max_seqlen_q", "max_seqlen_k"})
 SELECTION_VARS = ("PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_INTERPRET")
 LIMIT = 4096  # signatures kept (an engine meets about ops x batch sizes); past it the oldest goes
 NO_SELECTION = object()  # the `backend` of a signature for the checks alone (dispatch.make_call)
@@ -74,7 +77,7 @@ def signature(decl, a: dict, backend=NO_SELECTION):
                        else (kind, v.shape, v.dtype, v.device))
             index = index or name in INDEX_ARGS
         elif kind in PLAIN:
-            key.append((kind, v))
+            key.append((kind, v >= 0) if kind is int and name in HINTS else (kind, v))
         elif isinstance(v, (torch.Tensor, checks.BlockMask)):
             return None
         else:
@@ -134,7 +137,7 @@ def remember_backend(key, backend: Backend) -> None:
 def _remember(key, given: dict, checked: dict) -> None:
     normalised, rows = {}, None
     for name, v in checked.items():
-        if v is given[name]:
+        if v is given[name]:  # a HINTS int included: checks.positive_int returns an int itself
             continue
         if isinstance(v, torch.Tensor):
             if name != "state_indices" or given[name] is not None:

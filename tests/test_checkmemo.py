@@ -219,3 +219,18 @@ def test_the_memo_keeps_its_newest_signatures(monkeypatch):
     for t in (4, 5, 6):
         make_call("attention", attn_args() | dict(q=torch.randn(t, 4, 16)))
     assert [key[4][1][0] for key in checkmemo._PASSED] == [5, 6]  # q's shape, the first argument's
+
+
+@pytest.mark.parametrize("checked", ["1", "0"])
+def test_a_growing_max_seqlen_keeps_the_signature_and_its_value(checked, monkeypatch):
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", checked)
+    for longest in (12, 13, 14):
+        args = paged_args() | dict(max_seqlen_k=longest)
+        assert make_call("paged_attention", args).args["max_seqlen_k"] == longest
+    assert len(checkmemo._PASSED) == 1
+    short = paged_args() | dict(max_seqlen_k=11)
+    if checked == "1":
+        with pytest.raises(ValueError, match=r"max_seqlen_k: 11 is shorter than the longest sequence \(12\)"):
+            make_call("paged_attention", short)
+    with pytest.raises(ValueError, match="max_seqlen_k: expected a non-negative int or None, got -1"):
+        make_call("paged_attention", paged_args() | dict(max_seqlen_k=-1))
