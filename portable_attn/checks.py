@@ -192,11 +192,22 @@ def max_seqlen(name: str, value, cu: np.ndarray | None) -> int | None:
     return value
 
 
+SMALL = 4096  # index arrays up to this size are reduced as Python lists (a NumPy reduction costs ~1.5 us)
+
+
+def extent(idx: np.ndarray) -> tuple[int, int]:
+    """(min, max) of a non-empty index array, as Python ints."""
+    if idx.size > SMALL:
+        return int(idx.min()), int(idx.max())
+    values = idx.ravel().tolist()
+    return min(values), max(values)
+
+
 def index_range(name: str, idx: np.ndarray, low: int, high: int, what: str) -> tuple[int, int] | None:
     """Every value in [low, high); returns (min, max), None when `idx` is empty."""
     if idx.size == 0:
         return None
-    lo, hi = int(idx.min()), int(idx.max())
+    lo, hi = extent(idx)
     if lo < low or hi >= high:
         bad = lo if lo < low else hi
         raise ValueError(f"{name}: {what} must lie in [{low}, {high}), got {bad}")
@@ -207,6 +218,10 @@ def no_duplicates(name: str, idx: np.ndarray, what: str) -> None:
     """No value other than -1 occurs twice along the last axis."""
     if idx.size == 0:
         return
+    if idx.ndim == 1 and idx.size <= SMALL:  # the common case (a row list) without NumPy's fixed costs
+        listed = [i for i in idx.tolist() if i >= 0]
+        if len(set(listed)) == len(listed):
+            return
     srt = np.sort(idx, axis=-1)
     dup = (srt[..., 1:] == srt[..., :-1]) & (srt[..., 1:] >= 0)
     if dup.any():
@@ -259,10 +274,27 @@ def step_state(a: dict, tail: tuple, tail_dims: str, bsz: int, device, state_dty
         if state.shape[0] < bsz:
             raise ValueError(f"state: without state_indices the cache needs at least bsz = {bsz} rows, "
                              f"got {state.shape[0]}")
-        a["state_indices"] = torch.arange(bsz, dtype=torch.int32, device=device)
+        a["state_indices"] = default_rows(bsz, device)
         return False
     slot_indices("state_indices", a["state_indices"], bsz, device)
     return True
+
+
+_ROWS: dict = {}  # bsz -> the CPU's default state_indices, shared: backends only read them
+ROWS_KEPT = 1024  # bsz values kept
+
+
+def default_rows(bsz: int, device) -> torch.Tensor:
+    """The default state_indices of a step form, rows 0..bsz-1 (int32); one kept tensor per bsz on the CPU."""
+    if device.type != "cpu":
+        return torch.arange(bsz, dtype=torch.int32, device=device)
+    rows = _ROWS.get(bsz)
+    if rows is None:
+        if len(_ROWS) >= ROWS_KEPT:
+            _ROWS.clear()
+        with torch.inference_mode(False):  # a normal tensor, whatever mode the first call ran in
+            rows = _ROWS[bsz] = torch.arange(bsz, dtype=torch.int32)
+    return rows
 
 
 def sequences(a: dict, device) -> int:
@@ -345,26 +377,38 @@ def cu_pair(a: dict, q, k, check: bool) -> tuple:
     cu_seqlens("cu_seqlens_k", ck, q.device)
     if cq.shape[0] != ck.shape[0]:
         raise ValueError(f"cu_seqlens_k: expected {cq.shape[0]} entries like cu_seqlens_q, got {ck.shape[0]}")
-    if not check:
-        return None, None
-    hq, hk = host(cq, ck)
-    cu_values("cu_seqlens_q", hq, q.shape[0])
-    cu_values("cu_seqlens_k", hk, k.shape[0])
+    return cu_pair_values(a) if check else (None, None)
+
+
+def cu_pair_values(a: dict) -> tuple:
+    """The host values of cu_seqlens_q and cu_seqlens_k (both given, shapes checked), checked."""
+    hq, hk = host(a["cu_seqlens_q"], a["cu_seqlens_k"])
+    cu_values("cu_seqlens_q", hq, a["q"].shape[0])
+    cu_values("cu_seqlens_k", hk, a["k"].shape[0])
     return hq, hk
+
+
+def attention_values(a: dict):
+    """The index values of an attention call with cu_seqlens whose shapes passed (the max_seqlen hints
+    against them); cu_seqlens_k's host values."""
+    hq, hk = cu_pair_values(a)
+    max_seqlen("max_seqlen_q", a["max_seqlen_q"], hq)
+    max_seqlen("max_seqlen_k", a["max_seqlen_k"], hk)
+    return hk
 
 
 def check_attention(a: dict) -> dict:
     q, k, v = attention_qkv(a)
     dev = q.device
-    hq, hk = cu_pair(a, q, k, index_checks_enabled(q))
-    if a["cu_seqlens_q"] is not None:
-        a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hq)
-        a["max_seqlen_k"] = max_seqlen("max_seqlen_k", a["max_seqlen_k"], hk)
+    cu_pair(a, q, k, False)
+    varlen = a["cu_seqlens_q"] is not None
+    hk = attention_values(a) if varlen and index_checks_enabled(q) else None
+    a["max_seqlen_q"] = positive_int("max_seqlen_q", a["max_seqlen_q"])
+    a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
+    if varlen:
         nseq = a["cu_seqlens_q"].shape[0] - 1
         lk_max = int((hk[1:] - hk[:-1]).max()) if hk is not None and nseq else None
     else:
-        a["max_seqlen_q"] = positive_int("max_seqlen_q", a["max_seqlen_q"])
-        a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
         nseq, lk_max = 1, k.shape[0]
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
@@ -397,26 +441,36 @@ def check_paged_attention(a: dict) -> dict:
         cu_seqlens("cu_seqlens_q", cu, dev)
         dim("cu_seqlens_q", cu, 0, nseq + 1, "S + 1 (S from block_table)")
     a["max_seqlen_k"] = positive_int("max_seqlen_k", a["max_seqlen_k"])
-    bs = kc.shape[1]
-    lk_max = hcu = None
-    if index_checks_enabled(q):
-        hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
-        hcu = hcu[0] if hcu else None
-        if hcu is not None:
-            cu_values("cu_seqlens_q", hcu, q.shape[0])
-        if nseq:
-            lk_max = index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
-                                 f"{bt.shape[1]} blocks of {bs})")[1]
-            if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
-                raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
-                                 f"({lk_max})")
-            if hbt.size and not (0 <= hbt.min() and hbt.max() < kc.shape[0]):  # else only the entries in use
-                used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
-                index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
-    a["max_seqlen_q"] = max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
+    lk_max = paged_values(a) if index_checks_enabled(q) else None
+    a["max_seqlen_q"] = positive_int("max_seqlen_q", a["max_seqlen_q"])
     _attn_common(a, q, lk_max, nseq)
     out_tensor(a, (q.shape[0], q.shape[1], vc.shape[3]), q.dtype, dev, "Tq Hq Dv")
     return a
+
+
+def paged_values(a: dict) -> int | None:
+    """The index values of a paged_attention call whose shapes passed; the longest key count (None: no
+    sequences)."""
+    q, kc, bt, su, cu = a["q"], a["k_cache"], a["block_table"], a["seqused_k"], a["cu_seqlens_q"]
+    bs, lk_max = kc.shape[1], None
+    hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
+    hcu = hcu[0] if hcu else None
+    if hcu is not None:
+        cu_values("cu_seqlens_q", hcu, q.shape[0])
+    if bt.shape[0]:
+        least, lk_max = extent(hsu)
+        if least < 0 or lk_max > bt.shape[1] * bs:
+            index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
+                        f"{bt.shape[1]} blocks of {bs})")
+        if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
+            raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
+                             f"({lk_max})")
+        low, high = extent(hbt) if hbt.size else (0, -1)
+        if low < 0 or high >= kc.shape[0]:  # some id out of range: check only the entries in use
+            used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
+            index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
+    max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
+    return lk_max
 
 
 def check_write_kv_cache(a: dict) -> dict:
@@ -437,10 +491,36 @@ def check_write_kv_cache(a: dict) -> dict:
     sm = tensor("slot_mapping", a["slot_mapping"], "T", dtypes=(torch.int32, torch.int64), device=dev)
     dim("slot_mapping", sm, 0, k.shape[0], "the token count T of k")
     if index_checks_enabled(k):
-        (hsm,) = host(sm)
-        index_range("slot_mapping", hsm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
-        no_duplicates("slot_mapping", hsm, "cache slots")
+        write_kv_values(a)
     return a
+
+
+def write_kv_values(a: dict) -> None:
+    """The slots of a write_kv_cache call whose shapes passed: in range (or -1), none twice."""
+    (hsm,) = host(a["slot_mapping"])
+    kc = a["k_cache"]
+    index_range("slot_mapping", hsm, -1, kc.shape[0] * kc.shape[1], "cache slots (or -1)")
+    no_duplicates("slot_mapping", hsm, "cache slots")
+
+
+def sparse_values(a: dict) -> None:
+    """The index values of a sparse_attention call whose shapes passed: the cu_seqlens pair, then each
+    query's key positions in [-1, Lk) of its sequence, none twice."""
+    q, k, idx = a["q"], a["k"], a["indices"]
+    hq, hk = cu_pair_values(a) if a["cu_seqlens_q"] is not None else (None, None)
+    if not idx.numel():
+        return
+    (hidx,) = host(idx)
+    if hq is None:
+        lk = np.full((q.shape[0],), k.shape[0])
+    else:
+        lk = np.repeat(hk[1:] - hk[:-1], hq[1:] - hq[:-1])
+    bad = (hidx < -1) | (hidx >= lk[:, None, None])
+    if bad.any():
+        t, h, s = np.argwhere(bad)[0].tolist()
+        raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
+                         f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
+    no_duplicates("indices", hidx, "one query's key positions")
 
 
 def check_sparse_attention(a: dict) -> dict:
@@ -449,20 +529,9 @@ def check_sparse_attention(a: dict) -> dict:
     idx = tensor("indices", a["indices"], "Tq Hkv topk", dtypes=INDEX_DTYPES, device=dev)
     dim("indices", idx, 0, q.shape[0], "the query count Tq")
     dim("indices", idx, 1, k.shape[1], "the kv head count Hkv")
-    check = index_checks_enabled(q)
-    hq, hk = cu_pair(a, q, k, check)
-    if check and idx.numel():
-        (hidx,) = host(idx)
-        if hq is None:
-            lk = np.full((q.shape[0],), k.shape[0])
-        else:
-            lk = np.repeat(hk[1:] - hk[:-1], hq[1:] - hq[:-1])
-        bad = (hidx < -1) | (hidx >= lk[:, None, None])
-        if bad.any():
-            t, h, s = np.argwhere(bad)[0].tolist()
-            raise ValueError(f"indices: key positions must lie in [-1, Lk) of the query's sequence; query {t}, "
-                             f"kv head {h} lists {int(hidx[t, h, s])} with Lk = {int(lk[t])}")
-        no_duplicates("indices", hidx, "one query's key positions")
+    cu_pair(a, q, k, False)
+    if index_checks_enabled(q):
+        sparse_values(a)
     _attn_common(a, q, None, 1)
     out_tensor(a, (q.shape[0], q.shape[1], v.shape[2]), q.dtype, dev, "Tq Hq Dv")
     return a
@@ -516,11 +585,24 @@ def state_args(a: dict, x: torch.Tensor, tail: tuple, tail_dims: str, step: bool
         cache, cu, idx = a["initial_state"], a["cu_seqlens"], a["state_indices"]
     if (cu is None and idx is None) or not index_checks_enabled(x):
         return
+    state_values(cu, idx, cache, x.shape[0])
+
+
+def state_values(cu, idx, cache: torch.Tensor, n_tok: int) -> None:
+    """cu_seqlens and the state_indices given (either may be None), their shapes checked, against the token
+    count and the cache's rows."""
     values = host(*(t for t in (cu, idx) if t is not None))
     if cu is not None:
-        cu_values("cu_seqlens", values[0], x.shape[0])
+        cu_values("cu_seqlens", values[0], n_tok)
     if idx is not None:
         slot_values("state_indices", values[-1], cache.shape[0])
+
+
+def recurrent_values(a: dict) -> None:
+    """The index values of a recurrent call (sequence or step form) whose shapes passed."""
+    step = "state" in a
+    state_values(None if step else a["cu_seqlens"], a["state_indices"], a["state" if step else "initial_state"],
+                 a["x" if "x" in a else "q"].shape[0])
 
 
 def check_linear_attention(a: dict, step: bool = False) -> dict:

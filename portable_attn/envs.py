@@ -76,6 +76,23 @@ _PARSED: dict = {}  # (name, raw value) -> parsed value: every call reads severa
 _DATA = os.environ._data if os.name == "posix" else None
 
 
+def texts(names: tuple) -> tuple:
+    """The unparsed values (None where unset) of the variables `names`: a cheap key of what they say."""
+    if _DATA is None:
+        return tuple(os.environ.get(n) for n in names)
+    return tuple(map(_DATA.get, _keys(names)))
+
+
+_KEYS: dict = {}  # names -> their os.environ._data keys
+
+
+def _keys(names: tuple) -> tuple:
+    keys = _KEYS.get(names)
+    if keys is None:
+        keys = _KEYS[names] = tuple(os.fsencode(n) for n in names)
+    return keys
+
+
 def _reader(var: Var) -> property:
     key = os.fsencode(var.name)
 

@@ -46,6 +46,8 @@ class Op:
     step: str | None = None              # a sequence form's step form
     sequence: str | None = None          # a step form's sequence form
     state_tail: Callable | None = None   # args -> the shape of one sequence's state
+    values: Callable | None = None       # checks.py: the index-value checks alone, of a call whose shapes
+                                         # passed (checkmemo.py runs them where it replays `check`)
 
     @functools.cached_property  # read on every call
     def names(self) -> tuple:
@@ -104,10 +106,10 @@ def _recurrent(name, primary, positional, options, check, step_check, tail, *, t
     """A sequence form and its step form (`state=` instead of the state arguments, no cu_seqlens)."""
     out = (Arg("out", "Tensor?"),)
     seq = Op(name, "recurrent", primary, positional + options + _STATES + trailing + out, check,
-             mutates=("initial_state",), step=f"{name}_step", state_tail=tail)
+             mutates=("initial_state",), step=f"{name}_step", state_tail=tail, values=checks.recurrent_values)
     step = Op(f"{name}_step", "recurrent", primary, positional + _STEP_STATE + options
               + (Arg("state_indices", "Tensor?"),) + trailing + out, step_check, mutates=("state",),
-              sequence=name, state_tail=tail)
+              sequence=name, state_tail=tail, values=checks.recurrent_values)
     return seq, step
 
 
@@ -119,18 +121,18 @@ _DECLARATIONS = (
     Op("attention", "attention", "q",
        _tensors("q", "k", "v") + _optional("cu_seqlens_q", "cu_seqlens_k")
        + (Arg("max_seqlen_q", "int?"), Arg("max_seqlen_k", "int?")) + _ATTENTION_OPTIONS + _RETURN_LSE,
-       checks.check_attention),
+       checks.check_attention, values=checks.attention_values),
     Op("paged_attention", "attention", "q",
        _tensors("q", "k_cache", "v_cache", "block_table", "seqused_k") + _optional("cu_seqlens_q")
        + (Arg("max_seqlen_q", "int?"), Arg("max_seqlen_k", "int?"), Arg("causal", "bool", True))
        + _ATTENTION_OPTIONS[1:] + _RETURN_LSE,
-       checks.check_paged_attention),
+       checks.check_paged_attention, values=checks.paged_values),
     Op("write_kv_cache", "cache", "k", _tensors("k", "v", "k_cache", "v_cache", "slot_mapping"),
-       checks.check_write_kv_cache, mutates=("k_cache", "v_cache")),
+       checks.check_write_kv_cache, mutates=("k_cache", "v_cache"), values=checks.write_kv_values),
     Op("sparse_attention", "attention", "q",
        _tensors("q", "k", "v", "indices") + _optional("cu_seqlens_q", "cu_seqlens_k")
        + (Arg("softcap", "float", 0.0), Arg("sinks", "Tensor?"), Arg("softmax_scale", "float?")) + _RETURN_LSE,
-       checks.check_sparse_attention),
+       checks.check_sparse_attention, values=checks.sparse_values),
     Op("merge_attention_states", "attention", "o_a", _tensors("o_a", "lse_a", "o_b", "lse_b")
        + (Arg("sinks", "Tensor?"),) + _RETURN_LSE, checks.check_merge_attention_states),
     *_recurrent("linear_attention", "q", _tensors("q", "k", "v"), (Arg("g", "Tensor?"), Arg("scale", "float?")),

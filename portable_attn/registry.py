@@ -6,7 +6,7 @@ import importlib
 import logging
 from importlib.metadata import entry_points
 
-from . import envs
+from . import checkmemo, envs
 from .backend import Backend, Call
 from .errors import BackendUnavailable, NotSupported
 from .platforms import Platform
@@ -61,6 +61,7 @@ def rediscover() -> None:
     (after installing a plugin in a running process, or in tests that fake entry points)."""
     backends.cache_clear()
     _parse_names.cache_clear()
+    checkmemo.forget()
 
 
 def get(name: str) -> Backend:
@@ -102,14 +103,25 @@ def _log_once(op: str, backend: str, reason: str) -> None:
     log.warning("portable_attn: %s skips backend %s: %s", op, backend, reason)
 
 
+def _candidates(call: Call, backend) -> list:
+    """The backend names `call` may run on, in priority order: `backend=` beats PORTABLE_ATTN_BACKEND beats
+    the platform default."""
+    if backend is not None:
+        return _parse(backend, "backend=")
+    if envs.PORTABLE_ATTN_BACKEND:
+        return _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
+    return [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
+
+
+def first_choice(call: Call, backend=None) -> str | None:
+    """The name of the backend `call` would try first (None if there is none)."""
+    names = _candidates(call, backend)
+    return names[0] if names else None
+
+
 def select(call: Call, backend=None) -> Backend:
     """The backend that runs `call`: `backend=` beats PORTABLE_ATTN_BACKEND beats the platform default."""
-    if backend is not None:
-        names = _parse(backend, "backend=")
-    elif envs.PORTABLE_ATTN_BACKEND:
-        names = _parse(envs.PORTABLE_ATTN_BACKEND, "PORTABLE_ATTN_BACKEND")
-    else:
-        names = [n for n in DEFAULT_PRIORITY[call.platform] if n in backends()]
+    names = _candidates(call, backend)
     if len(names) == 1:
         chosen = get(names[0])
         _raise_if_unusable(chosen, call)

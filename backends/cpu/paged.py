@@ -49,20 +49,21 @@ def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
     if not nseq or opts.block_mask is not None or opts.softcap != 0 or d != dv:
         return None
     used = seqused_k.numpy()
-    least, most = int(used.min()), int(used.max())
+    lens = used.tolist()  # min / max of a short list: cheaper than NumPy's reductions
+    least, most = min(lens), max(lens)
     if least == 0 or 0 <= opts.window[0] < most - 1:
         return None
     nk = -(-most // bs) * bs  # keys per sequence, block-padded
     if nseq * nk * hkv * (d + dv) * k_cache.element_size() > GATHER_BUDGET or not _flat(k_cache, v_cache):
         return None
-    pos = np.minimum(np.arange(nk), used[:, None] - 1)  # [S, nk] key positions, the padding at the last key
-    table = block_table.numpy()
-    ids = torch.from_numpy((table[np.arange(nseq)[:, None], pos // bs].astype(np.int64) * bs + pos % bs).ravel())
+    cols = np.arange(nk)
+    block, slot = np.divmod(np.minimum(cols, used[:, None] - 1), bs)  # [S, nk] key positions (padding: the last)
+    ids = torch.from_numpy((np.take_along_axis(block_table.numpy(), block, 1).astype(np.int64) * bs + slot).ravel())
     kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], hkv, d),
               c.dtype)).view(nseq, nk, hkv, d).transpose(1, 2) for n, c in (("k", k_cache), ("v", v_cache)))
     bias = None
     if least != nk:  # padding to mask: [S, 1, 1, nk], broadcast over heads and query rows
-        pad = np.where(np.arange(nk) < used[:, None], 0.0, -np.inf).astype(np.float32)[:, None, None]
+        pad = np.where(cols < used[:, None], np.float32(0), np.float32(-np.inf))[:, None, None]
         bias = torch.from_numpy(pad).to(q.dtype)
     qg = unit(q).reshape(nseq, hkv, q.shape[1] // hkv, d)  # [S, Hkv, g, D]: a kv head's g query heads as rows
     ot, lt = flash(qg, kt, vt, 0.0, False, attn_mask=bias, scale=opts.scale)

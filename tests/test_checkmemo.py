@@ -1,0 +1,236 @@
+"""The check memo (portable_attn/checkmemo.py) changes nothing but the cost: a call whose signature passed
+before gets the arguments and the errors the full checks give it."""
+import pytest
+import torch
+
+import portable_attn as pa
+from portable_attn import checkmemo, registry
+from portable_attn.errors import NotSupported
+from portable_attn.ops import make_call
+
+I32 = torch.int32
+
+
+def paged_args():
+    g = torch.Generator().manual_seed(1)
+    kc, vc = torch.randn(8, 4, 2, 16, generator=g), torch.randn(8, 4, 2, 16, generator=g)
+    return dict(q=torch.randn(3, 4, 16, generator=g), k_cache=kc, v_cache=vc,
+                block_table=torch.tensor([[0, 1, 2], [3, 4, 5], [6, 7, 0]], dtype=I32),
+                seqused_k=torch.tensor([9, 12, 5], dtype=I32), max_seqlen_k=12)
+
+
+def step_args(**extra):
+    g = torch.Generator().manual_seed(2)
+    return dict(q=torch.randn(3, 2, 8, generator=g), k=torch.randn(3, 2, 8, generator=g),
+                v=torch.randn(3, 4, 8, generator=g), g=-torch.rand(3, 4, generator=g),
+                beta=torch.rand(3, 4, generator=g), state=torch.randn(5, 4, 8, 8, generator=g), **extra)
+
+
+def attn_args(**extra):
+    g = torch.Generator().manual_seed(3)
+    return dict(q=torch.randn(6, 4, 16, generator=g), k=torch.randn(6, 2, 16, generator=g),
+                v=torch.randn(6, 2, 16, generator=g), **extra)
+
+
+def write_args():
+    g = torch.Generator().manual_seed(4)
+    return dict(k=torch.randn(3, 2, 16, generator=g), v=torch.randn(3, 2, 16, generator=g),
+                k_cache=torch.zeros(4, 4, 2, 16), v_cache=torch.zeros(4, 4, 2, 16),
+                slot_mapping=torch.tensor([5, -1, 9], dtype=torch.int64))
+
+
+def sparse_args():
+    return attn_args(indices=torch.tensor([[[0, 1], [2, -1]]] * 6, dtype=I32))
+
+
+# (op, arguments): valid calls, one per kind of normalisation or index argument the memo replays
+VALID = {
+    "write": ("write_kv_cache", write_args),
+    "sparse": ("sparse_attention", sparse_args),
+    "attention": ("attention", lambda: attn_args(causal=True, window_size=[2, 0], softcap=1,
+                                                 out=torch.empty(6, 4, 16))),
+    "attention varlen": ("attention", lambda: attn_args(cu_seqlens_q=torch.tensor([0, 2, 6], dtype=I32),
+                                                        cu_seqlens_k=torch.tensor([0, 2, 6], dtype=I32))),
+    "paged": ("paged_attention", paged_args),
+    "step default rows": ("gated_delta_rule_step", lambda: step_args(scale=0.5)),
+    "step rows": ("gated_delta_rule_step", lambda: step_args(state_indices=torch.tensor([4, -1, 0], dtype=I32))),
+    "ssd step": ("ssd_step", lambda: dict(x=torch.randn(2, 4, 8), dt=torch.randn(2, 4), A=-torch.rand(4),
+                                          B=torch.randn(2, 1, 16), C=torch.randn(2, 1, 16),
+                                          state=torch.randn(2, 4, 8, 16), dt_limit=[0, 10.0], dt_softplus=True)),
+}
+
+
+@pytest.fixture(autouse=True)
+def cold():
+    checkmemo.forget()
+    yield
+    checkmemo.forget()
+
+
+@pytest.mark.parametrize("name", list(VALID))
+@pytest.mark.parametrize("checked", ["1", "0"])
+def test_a_remembered_signature_gives_the_same_arguments(name, checked, monkeypatch):
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", checked)
+    op, make = VALID[name]
+    args = make()
+    first = make_call(op, args).args
+    assert checkmemo._PASSED, "the signature was not remembered"
+    again = make_call(op, args).args
+    assert again.keys() == first.keys()
+    for n, v in first.items():
+        if isinstance(v, torch.Tensor):
+            assert again[n] is v or (args.get(n) is None and torch.equal(again[n], v)), n
+        else:
+            assert type(again[n]) is type(v) and again[n] == v, n
+
+
+def error(fn):
+    with pytest.raises(Exception) as info:
+        fn()
+    return type(info.value), str(info.value)
+
+
+def entry(name, where, value):
+    """A spoiler that sets one entry of the index tensor `name` (on a copy)."""
+    def spoil(a):
+        a[name] = a[name].clone()
+        a[name][where] = value
+    return spoil
+
+
+bad_block_id = entry("block_table", (1, 2), 8)
+
+
+def long_sequence(a):
+    a["seqused_k"] = torch.tensor([9, 13, 5], dtype=I32)
+
+
+def short_max(a):
+    a["max_seqlen_k"] = 11
+
+
+def out_overlaps(a):
+    a["out"] = a["q"]
+
+
+def int_for_bool(a):
+    a["causal"] = 1
+
+
+def float_window(a):
+    a["window_size"] = [2.0, 0]
+
+
+def twice_a_row(a):
+    a["state_indices"] = torch.tensor([4, 4, 0], dtype=I32)
+
+
+def row_out_of_range(a):
+    a["state_indices"] = torch.tensor([4, 5, 0], dtype=I32)
+
+
+def bad_cu(a):
+    a["cu_seqlens_q"] = torch.tensor([0, 3, 5], dtype=I32)
+
+
+def slot_twice(a):
+    a["slot_mapping"] = torch.tensor([5, 9, 9], dtype=torch.int64)
+
+
+# (valid call, how it goes bad without changing its signature's shapes)
+BAD = {
+    "slot twice": ("write", slot_twice),
+    "key range": ("sparse", entry("indices", (3, 1, 0), 6)),
+    "key twice": ("sparse", entry("indices", (2, 0, 1), 0)),
+    "block id": ("paged", bad_block_id),
+    "key count": ("paged", long_sequence),
+    "max_seqlen_k": ("paged", short_max),
+    "out overlaps": ("attention", out_overlaps),
+    "int for bool": ("attention", int_for_bool),
+    "float window": ("attention", float_window),
+    "row twice": ("step rows", twice_a_row),
+    "row range": ("step rows", row_out_of_range),
+    "cu values": ("attention varlen", bad_cu),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD))
+@pytest.mark.parametrize("via", ["make_call", "public"])
+def test_a_warm_memo_gives_the_same_errors(name, via):
+    valid, spoil = BAD[name]
+    op, make = VALID[valid]
+
+    def call(a):
+        return make_call(op, a) if via == "make_call" else getattr(pa, op)(**a, backend="cpu")
+
+    bad = make()
+    spoil(bad)
+    cold = error(lambda: call(bad))
+    call(make())  # the valid call of the same shapes, remembered
+    assert checkmemo._PASSED
+    assert error(lambda: call(bad)) == cold
+
+
+def test_turning_value_checks_back_on_checks_values(monkeypatch):
+    bad = paged_args()
+    bad_block_id(bad)
+    cold = error(lambda: pa.paged_attention(**bad))
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", "0")
+    pa.paged_attention(**paged_args())
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", "1")
+    assert error(lambda: pa.paged_attention(**bad)) == cold
+
+
+def test_the_sign_of_a_zero_scale_is_kept():
+    make_call("attention", attn_args(softmax_scale=0.0))
+    scale = make_call("attention", attn_args(softmax_scale=-0.0)).args["softmax_scale"]
+    assert str(scale) == "-0.0"
+
+
+def test_a_remembered_choice_still_refuses_grad():
+    args = step_args()
+    with torch.no_grad():
+        pa.gated_delta_rule_step(**args, backend="cpu")
+    args["q"].requires_grad_(True)
+    with pytest.raises(NotSupported, match="inference only"):
+        pa.gated_delta_rule_step(**args, backend="cpu")
+
+
+def test_a_remembered_choice_follows_the_environment(monkeypatch):
+    """PORTABLE_ATTN_BACKEND set after a call with the default choice is obeyed by the next call."""
+    args = step_args()
+    pa.gated_delta_rule_step(**args)
+    monkeypatch.setenv("PORTABLE_ATTN_BACKEND", "reference")
+    seen = []
+    reference = registry.get("reference").impl()
+    monkeypatch.setattr(reference, "gated_delta_rule_step", lambda **a: seen.append(a) or a["v"])
+    pa.gated_delta_rule_step(**args)
+    assert len(seen) == 1
+
+
+def test_rediscovering_backends_forgets_signatures():
+    make_call("attention", attn_args())
+    registry.rediscover()
+    assert not checkmemo._PASSED
+
+
+def test_the_memo_keeps_its_newest_signatures(monkeypatch):
+    monkeypatch.setattr(checkmemo, "LIMIT", 2)
+    for t in (4, 5, 6):
+        make_call("attention", attn_args() | dict(q=torch.randn(t, 4, 16)))
+    assert [key[4][1][0] for key in checkmemo._PASSED] == [5, 6]  # q's shape, the first argument's
+
+
+@pytest.mark.parametrize("checked", ["1", "0"])
+def test_a_growing_max_seqlen_keeps_the_signature_and_its_value(checked, monkeypatch):
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", checked)
+    for longest in (12, 13, 14):
+        args = paged_args() | dict(max_seqlen_k=longest)
+        assert make_call("paged_attention", args).args["max_seqlen_k"] == longest
+    assert len(checkmemo._PASSED) == 1
+    short = paged_args() | dict(max_seqlen_k=11)
+    if checked == "1":
+        with pytest.raises(ValueError, match=r"max_seqlen_k: 11 is shorter than the longest sequence \(12\)"):
+            make_call("paged_attention", short)
+    with pytest.raises(ValueError, match="max_seqlen_k: expected a non-negative int or None, got -1"):
+        make_call("paged_attention", paged_args() | dict(max_seqlen_k=-1))
