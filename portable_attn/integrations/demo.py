@@ -50,41 +50,60 @@ def prompts(batch: int, length: int, vocab: int, seed: int = 0):
 
 @dataclasses.dataclass
 class Timing:
-    prefill_s: float       # median time of a prefill (forward over the prompts, cache filled)
-    decode_tok_s: float    # generated tokens per second after the prefill (batch included)
+    prefill_s: float       # median time to the first new token (the forward over the prompts, cache filled)
+    decode_tok_s: float    # generated tokens per second after the first (batch included), from the median step
     tokens: torch.Tensor   # the greedy generation
 
 
-def _generate(model, ids, mask, new_tokens: int):
+class _TokenClock:
+    """A generate() streamer that notes when each token arrives: the prompt first, then one per step."""
+
+    def __init__(self):
+        self.times = []
+
+    def put(self, value):
+        self.times.append(time.perf_counter())
+
+    def end(self):
+        pass
+
+
+def _generate(model, ids, mask, new_tokens: int, streamer=None):
     with torch.inference_mode():
-        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False)
+        return model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new_tokens, do_sample=False,
+                              streamer=streamer)
 
 
-def measure(model, ids, mask, new_tokens: int, repeats: int = 3) -> Timing:
-    """Median prefill time (a one-token generate) and decode rate (the rest of a `new_tokens` generate)."""
-    prefills, totals = [], []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        _generate(model, ids, mask, 1)
-        t1 = time.perf_counter()
-        tokens = _generate(model, ids, mask, new_tokens)
-        totals.append(time.perf_counter() - t1)
-        prefills.append(t1 - t0)
-    prefill, total = statistics.median(prefills), statistics.median(totals)
-    return Timing(prefill, ids.shape[0] * (new_tokens - 1) / max(total - prefill, 1e-9), tokens)
+def _timed(model, ids, mask, new_tokens: int) -> tuple[float, float, torch.Tensor]:
+    """(seconds to the first new token, seconds per later step, the tokens) of one generate()."""
+    clock = _TokenClock()
+    start = time.perf_counter()
+    tokens = _generate(model, ids, mask, new_tokens, clock)
+    first, last = clock.times[1], clock.times[-1]
+    return first - start, (last - first) / (new_tokens - 1), tokens
+
+
+def _summary(runs: list, batch: int) -> Timing:
+    return Timing(statistics.median(r[0] for r in runs), batch / statistics.median(r[1] for r in runs), runs[-1][2])
 
 
 def compare(dtype: torch.dtype, backend=None, batch: int = 2, prompt: int = 128, new_tokens: int = 16,
             repeats: int = 3, **model_kwargs):
-    """(transformers' Timing, portable_attn's Timing, {op: backend}) for the demo model."""
+    """(transformers' Timing, portable_attn's Timing, {op: backend}) for the demo model: each repeat runs one
+    generate() per path, interleaved, and times every token as it arrives."""
+    if new_tokens < 2:
+        raise ValueError(f"new_tokens: a decode rate needs at least 2 new tokens, got {new_tokens}")
     model = build_model(dtype, **model_kwargs)
     ids, mask = prompts(batch, prompt, model.config.vocab_size)
-    _generate(model, ids, mask, 2)  # warm both paths once (lazy imports, allocator)
-    base = measure(model, ids, mask, new_tokens, repeats)
-    with pat.patch(model, backend=backend):
-        _generate(model, ids, mask, 2)
-        ours = measure(model, ids, mask, new_tokens, repeats)
-    return base, ours, pat.backends_used()
+    base, ours = [], []
+    for i in range(repeats + 1):  # the first round warms both paths (lazy imports, allocator)
+        run = _timed(model, ids, mask, new_tokens)
+        with pat.patch(model, backend=backend):
+            mine = _timed(model, ids, mask, new_tokens)
+        if i:
+            base.append(run)
+            ours.append(mine)
+    return _summary(base, batch), _summary(ours, batch), pat.backends_used()
 
 
 def main(argv=None) -> int:
