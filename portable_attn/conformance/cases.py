@@ -33,6 +33,7 @@ class Case:
     layout: str | None = None             # every tensor as a strided view inside garbage (tensors.LAYOUTS)
     poison: bool = False                  # NaN in the memory no output may depend on (invisible.py)
     use_out: bool = True                  # pass a NaN-filled out= (else the op allocates its output)
+    heads_major: bool = False             # paged caches stored [NB, Hkv, BS, D], passed as transposed views
 
 
 def strided(case: Case, layout: str = "gaps", tiers=TIERS) -> Case:
@@ -45,6 +46,14 @@ def poisoned(case: Case, tiers=TIERS) -> Case:
     """The same case with NaN in every key, cache slot and state row no output may depend on."""
     return dataclasses.replace(case, name=f"{case.name}+poison", poison=True, tiers=tiers, variant=None,
                                invariant="", deterministic=False)
+
+
+def without_lse(case: Case, tiers=TIERS) -> Case:
+    """The same call without `return_lse`: the routes whose kernels return no log-sum-exp (SDPA on a GPU,
+    IPEX) are proven by these (no invariant: the variants read lse)."""
+    make = case.make
+    return dataclasses.replace(case, name=f"{case.name}+no_lse", make=lambda rng: make(rng) | {"return_lse": False},
+                               tiers=tiers, variant=None, invariant="")
 
 
 def catalogue(tier: str = SMOKE, ops=None) -> list[Case]:
@@ -229,14 +238,14 @@ def write_then_paged(run, inp):
                seqused_k=torch.tensor(lens, dtype=torch.int32, device=dev), cu_seqlens_q=cq, **args)
 
 
-def write_kv_case(name, t, *, nb=6, bs=5, hkv=2, d=16, skip=2):
+def write_kv_case(name, t, *, nb=6, bs=5, hkv=2, d=16, dv=24, skip=2, heads_major=False):
     def make(rng):
         slots = rng.permutation(nb * bs)[:t].astype(np.int32)
         slots[rng.permutation(t)[:skip]] = -1
-        return {"k": _normal(rng, t, hkv, d), "v": _normal(rng, t, hkv, d + 8),
-                "k_cache": _normal(rng, nb, bs, hkv, d), "v_cache": _normal(rng, nb, bs, hkv, d + 8),
+        return {"k": _normal(rng, t, hkv, d), "v": _normal(rng, t, hkv, dv),
+                "k_cache": _normal(rng, nb, bs, hkv, d), "v_cache": _normal(rng, nb, bs, hkv, dv),
                 "slot_mapping": slots}
-    return Case("write_kv_cache", name, make, deterministic=True)
+    return Case("write_kv_cache", name, make, deterministic=True, heads_major=heads_major)
 
 
 def sparse_case(name, lq, lk=None, *, topk=8, hq=4, hkv=2, d=32, causal_indices=False, sinks=False, softcap=0.0,
@@ -668,7 +677,7 @@ def _catalogue() -> list[Case]:
         step_case("causal_conv1d_step", "width_2_no_bias", 3, conv_tokens(8, 2, bias=False, act=None), (8, 1),
                   state_in_act_dtype=True),
     ]
-    return cases + _memory_and_decay_cases()
+    return cases + _memory_and_decay_cases() + _route_cases(cases)
 
 
 def _memory_and_decay_cases() -> list[Case]:
@@ -732,5 +741,19 @@ def _memory_and_decay_cases() -> list[Case]:
             + [strided(c, "transposed", tiers=(FULL,)) for c in both + strided_only + [write]]
             + edge)
 
+
+def _route_cases(cases: list[Case]) -> list[Case]:
+    """Calls of the catalogue without lse, paged ones on heads-major caches: what SDPA on a GPU and IPEX
+    compute (smoke: the shapes IPEX takes; full: the GPU routes' windows, masks, prefill, long calls)."""
+    by_name = {(c.op, c.name): c for c in cases}
+    a, p = "attention", "paged_attention"
+    smoke = [(a, "noncausal"), (a, "causal_gqa4_d64"), (a, "varlen_mqa"), (a, "more_queries_noncausal"),
+             (a, "decode_alignment")]
+    full = [(a, "window_left"), (a, "head_dim_128"), (a, "long_causal_gqa"), (a, "empty_sequences"),
+            (a, "mask_local_global"), (p, "decode_odd_block"), (p, "chunked_prefill"), (p, "long_decode")]
+    picked = [(by_name[key], TIERS) for key in smoke] + [(by_name[key], (FULL,)) for key in full]
+    routes = [without_lse(dataclasses.replace(c, heads_major=c.op == p), tiers) for c, tiers in picked]
+    decode = without_lse(dataclasses.replace(by_name[(p, "decode")], heads_major=True))
+    return routes + [poisoned(decode), write_kv_case("write_kv_cache_heads_major", 17, dv=16, heads_major=True)]
 
 _CASES = _catalogue()

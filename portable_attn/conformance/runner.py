@@ -109,7 +109,7 @@ def _run(backend: str, case: Case, dtype: torch.dtype, device: str, res: Result)
     if not problem and case.variant is not None:
         problem = _invariant(backend, case, inputs, got, oracle, emulated, dtype)
     if not problem and case.deterministic:
-        again = call(case.op, tensors.clone(inputs), backend)
+        again = call(case.op, _copy(case, inputs), backend)
         if any(not torch.equal(again[n], got[n]) for n in got):
             problem = "not deterministic: the same inputs twice gave different bits"
     res.status, res.detail = ("fail", problem) if problem else ("pass", "")
@@ -120,7 +120,7 @@ def run_backend(backend: str, case: Case, inputs: dict, out_like: torch.Tensor |
     return its outputs, made comparable with the oracle's, and what it did wrong beyond their values."""
     masks = invisible.invisible(case.op, inputs) if case.poison else {}
     before = invisible.poison(inputs, masks)
-    mine = tensors.clone(before)
+    mine = _copy(case, before)
     if out_like is not None and case.use_out and case.op != "write_kv_cache":
         mine["out"] = tensors.poisoned_like(out_like)
     mine, gaps = tensors.strided(mine, case.layout) if case.layout else (mine, {})
@@ -134,9 +134,15 @@ def run_backend(backend: str, case: Case, inputs: dict, out_like: torch.Tensor |
     return got, problem
 
 
+def _copy(case: Case, inputs: dict) -> dict:
+    """The inputs for one backend call, paged caches in the case's layout."""
+    copy = tensors.clone(inputs)
+    return tensors.heads_major(copy) if case.heads_major else copy
+
+
 def _invariant(backend, case, inputs, got, oracle, emulated, dtype) -> str:
     """The variant formulation must agree with the direct call within the same tolerance."""
-    variant = case.variant(lambda op, **kw: call(op, kw, backend), tensors.clone(inputs))
+    variant = case.variant(lambda op, **kw: call(op, kw, backend), _copy(case, inputs))
     verdicts = {}
     for name, value in variant.items():
         # the budget of the direct call, centred on it instead of on the oracle

@@ -61,6 +61,12 @@ def poisoned_like(x: torch.Tensor) -> torch.Tensor:
     return torch.full_like(x, float("nan"))
 
 
+def heads_major(inputs: dict) -> dict:
+    """Paged caches [NB, BS, Hkv, D] as views of [NB, Hkv, BS, D] storage (the layout IPEX keeps)."""
+    return inputs | {n: inputs[n].transpose(1, 2).contiguous().transpose(1, 2)
+                     for n in ("k_cache", "v_cache") if n in inputs}
+
+
 # ---- strided views: every tensor argument inside a larger buffer of garbage ---------------------
 
 LAYOUTS = ("gaps", "transposed")

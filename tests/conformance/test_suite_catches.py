@@ -209,3 +209,29 @@ def test_poison_cases_poison_something():
         inputs = tensors.to_torch(case.make(np.random.default_rng(seed_of(case))), torch.float32, "cpu")
         masks = invisible.invisible(case.op, inputs)
         assert masks and any(bool(m.any()) for m in masks.values()), case.name
+
+
+def _heads_major_misread(op, args):
+    """Reads paged caches as if stored [NB, BS, Hkv, D] whatever their strides (a kernel assuming SPEC's layout)."""
+    return _ignore_strides(op, args) if "k_cache" in args else args
+
+
+def _scale_bug_without_lse(op, args):
+    """Halves the softmax scale on the path without lse (as a second kernel with its own bug)."""
+    if op in ("attention", "paged_attention") and not args["return_lse"]:
+        args["softmax_scale"] = 0.5 * (args["softmax_scale"] or args["q"].shape[-1] ** -0.5)
+    return args
+
+
+@pytest.mark.parametrize("mutant,keep,ops", [
+    (Mutant("heads_major", before=_heads_major_misread), lambda c: c.heads_major,
+     {"paged_attention", "write_kv_cache"}),
+    (Mutant("no_lse_route", before=_scale_bug_without_lse), lambda c: "+no_lse" in c.name,
+     {"attention", "paged_attention"}),
+])
+def test_route_cases_catch_their_layout_and_path(with_backend, mutant, keep, ops):
+    """The cases for kernels without lse (SDPA on a GPU, IPEX) and for heads-major caches (IPEX) run those paths."""
+    name = with_backend(mutant)
+    cases = [c for c in catalogue(SMOKE) if keep(c)]
+    caught = {c.op for c in cases if run_case(name, c, "float32").status == "fail"}
+    assert caught == ops
