@@ -37,7 +37,10 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     if cu_seqlens_q is None and cu_seqlens_k is None:  # one sequence: no slicing (decode-sized calls count us)
         sequence(opts, 0, q, k, v, 0, k.shape[0], o, lse)
         return (o, lse) if return_lse else o
-    seqs = zip(bounds(cu_seqlens_q, q.shape[0]), bounds(cu_seqlens_k, k.shape[0]))
+    seqs = list(zip(bounds(cu_seqlens_q, q.shape[0]), bounds(cu_seqlens_k, k.shape[0])))
+    if _batched(opts, seqs):
+        _uniform(opts, q, k, v, len(seqs), o, lse)
+        return (o, lse) if return_lse else o
     for s, ((qs, qe), (ks, ke)) in enumerate(seqs):
         sequence(opts, s, q[qs:qe], k[ks:ke], v[ks:ke], 0, ke - ks, o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
@@ -86,6 +89,28 @@ def _whole(opts, q, k, v, off, o, lse):
     store(o, lse, r0, ot, lt, opts.sinks)
     if r0:
         store(o, lse, 0, *attend(qh[:, :, :r0], kh[:, :, :0], vh[:, :, :0], None, opts.scale, 0.0), opts.sinks)
+
+
+def _batched(opts: Options, seqs) -> bool:
+    """Sequences of one query count and one key count (a padded batch, packed) that one kernel call over
+    [S, H, L, D] views computes: no window, mask or softcap, and a causal band the kernel or a bias draws."""
+    (qs, qe), (ks, ke) = seqs[0]
+    lq, lk = qe - qs, ke - ks
+    if len(seqs) < 2 or lk == 0 or any(e - s != lq or f - t != lk for (s, e), (t, f) in seqs):
+        return False
+    return (binding_window(opts, lq, lk) == (-1, -1) and opts.block_mask is None and opts.softcap == 0
+            and (not opts.causal or lq == lk or lq <= min(FEW_QUERIES, lk)))
+
+
+def _uniform(opts, q, k, v, n, o, lse):
+    """n sequences alike (`_batched`): one kernel call, the causal band the kernel's own when queries and
+    keys align, else (a few queries) a bias."""
+    lq, lk = q.shape[0] // n, k.shape[0] // n
+    qh, kh, vh = (heads_first(x, n) for x in (q, k, v))  # [n, H, L, D] views
+    causal = opts.causal and lq == lk and lq > 1
+    vis = band_vis(torch.arange(lk - lq, lk), torch.arange(lk), True, (-1, -1)) if opts.causal and not causal else None
+    store(o, lse, 0, *attend(qh, kh, vh, None if vis is None else vis[None], opts.scale, 0.0, causal=causal),
+          opts.sinks)
 
 
 def _whole_keys(opts: Options, lk: int) -> bool:

@@ -1,5 +1,6 @@
-"""Causal depthwise conv1d (SPEC `causal_conv1d`): one `F.conv1d` pass over every sequence at once,
-each sequence preceded by its W-1 state columns."""
+"""Causal depthwise conv1d (SPEC `causal_conv1d`): every sequence at once in one token-major buffer, each
+sequence preceded by its W-1 state rows, convolved as W shifted multiply-adds over whole rows (the
+layout of the caller's tokens: no transposes, which cost more than the products here)."""
 from __future__ import annotations
 
 import torch
@@ -22,19 +23,27 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     cu = torch.tensor([0, n_tok], device=x.device) if cu_seqlens is None else cu_seqlens.long()
     nseq = cu.shape[0] - 1
     states = initial_states(initial_state, state_indices, has_initial_state, nseq, (ch, w), x.device)
-    # columns of the joint row: sequence i is its W-1 state columns then its tokens, so it starts at cu[i] + i w
+    # rows of the buffer: sequence i is its W-1 state rows then its tokens, so it starts at cu[i] + i w
     seq = torch.arange(nseq, device=x.device)
-    first = cu[:-1] + seq * w                                                # [S] where each sequence's state starts
-    tok = torch.arange(n_tok, device=x.device) + torch.repeat_interleave(seq + 1, cu[1:] - cu[:-1]) * w
-    win = first[:, None] + torch.arange(w, device=x.device)                  # [S, W-1]
-    row = x.new_empty((ch, n_tok + nseq * w), dtype=torch.float32)
-    row[:, tok] = x.float().T
-    row[:, win.flatten()] = states.transpose(0, 1).reshape(ch, -1)
-    # output column j is the window ending at row column j + w (no tokens: nothing to convolve)
-    full = F.conv1d(row[None], weight.float()[:, None], groups=ch)[0] if n_tok else row
-    y = emit(_act(full[:, tok - w].T, bias, activation), out, x.dtype)
-    # the final state: the last W-1 columns of each sequence's part of the row
-    finals = row[:, win + (cu[1:] - cu[:-1])[:, None]].permute(1, 0, 2)      # [S, C, W-1]
+    lens = cu[1:] - cu[:-1]
+    tok = torch.arange(n_tok, device=x.device) + torch.repeat_interleave(seq + 1, lens, output_size=n_tok) * w
+    win = (cu[:-1] + seq * w)[:, None] + torch.arange(w, device=x.device)   # [S, W-1] each sequence's state rows
+    rows = x.new_empty((n_tok + nseq * w, ch), dtype=torch.float32)
+    rows.index_copy_(0, tok, x.float())
+    rows.index_copy_(0, win.flatten(), states.transpose(1, 2).reshape(-1, ch))
+    # y[r] is the window ending at buffer row r + w: tap j of the filter reads row r + j; every step in
+    # place (fresh buffers of this size cost more in page faults than the arithmetic)
+    taps = weight.float().T.contiguous()                                     # [W, C]
+    y = rows[w:] * taps[w]
+    for j in range(w):
+        y.addcmul_(rows[j:j + y.shape[0]], taps[j])
+    if bias is not None:
+        y.add_(bias.float())
+    if activation == "silu":
+        F.silu(y, inplace=True)
+    y = emit(y if nseq == 1 else y.index_select(0, tok - w), out, x.dtype)  # one sequence: its rows are y's
+    # the final state: the last W-1 rows of each sequence's part of the buffer
+    finals = rows.index_select(0, (win + lens[:, None]).flatten()).view(nseq, w, ch).transpose(1, 2)  # [S, C, W-1]
     return y, finish(finals, initial_state, state_indices, output_final_state, x.dtype)
 
 

@@ -54,10 +54,10 @@ def attend(q, k, v, vis, scale: float, softcap: float, causal: bool = False):
     return o.reshape(b, hq, lq, dv), lse.reshape(b, hq, lq)
 
 
-def heads_first(x):
-    """The view [1, H, L, D] of a token-major x [L, H, D] (one op: these views are made per call)."""
+def heads_first(x, batch: int = 1):
+    """The view [batch, H, L, D] of a token-major x [batch * L, H, D] (one op: these views are made per call)."""
     (n, h, d), (s0, s1, s2) = x.shape, x.stride()
-    return x.as_strided((1, h, n, d), (x.numel(), s1, s0, s2), x.storage_offset())
+    return x.as_strided((batch, h, n // batch, d), (n // batch * s0, s1, s0, s2), x.storage_offset())
 
 
 def unit(x):

@@ -539,6 +539,11 @@ def _catalogue() -> list[Case]:
         dataclasses.replace(attention_case("decode_wide_window", 1, 40, dv=24, window=(60, 0), causal=False),
                             use_out=False),
         attention_case("chunked_prefill", [16, 7], [80, 7], hq=6, hkv=3),
+        # a padded batch, packed: sequences of one length (a backend may run them as one batch)
+        attention_case("uniform_decode", [1] * 4, [37] * 4, hq=8, hkv=2, sinks=True),
+        attention_case("uniform_chunks", [5, 5], [30, 30]),
+        attention_case("uniform_prefill", [24] * 3, variant=attention_one_by_one,
+                       invariant="packed varlen == one by one"),
         attention_case("more_queries_than_keys", [20, 3], [8, 3]),
         attention_case("more_queries_noncausal", [12], [5], causal=False),
         attention_case("window_left", 100, window=(15, 0)),

@@ -19,7 +19,9 @@ import inspect
 import logging
 import math
 import sys
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -46,10 +48,6 @@ def backends_used() -> dict[str, str]:
     """{op: backend} for the ops the integration has run in this process (the latest call's backend spec,
     resolved on its first call)."""
     return dict(_LAST)
-
-
-def _int32_cu(lengths: torch.Tensor) -> torch.Tensor:
-    return F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)
 
 
 def _uniform_cu(batch: int, length: int, device) -> torch.Tensor:
@@ -81,9 +79,70 @@ def _window(sliding_window, causal: bool) -> tuple[int, int]:
     return (w, 0 if causal else w)
 
 
+class _Rows(NamedTuple):
+    """The rows of [B, L, ...] that a [B, L] mask keeps: each batch row's kept run (b, start, end) where every
+    batch row keeps one run (padding), else (batch, position) index tensors."""
+    runs: list | None
+    index: tuple
+
+    @classmethod
+    def of(cls, keep: np.ndarray, device) -> "_Rows":
+        count, first = keep.sum(1), keep.argmax(1)
+        pos = np.arange(keep.shape[1])
+        if ((pos >= first[:, None]) & (pos < (first + count)[:, None]) == keep).all():
+            return cls([(b, f, f + c) for b, (f, c) in enumerate(zip(first.tolist(), count.tolist()))], ())
+        return cls(None, tuple(torch.from_numpy(i).to(device) for i in keep.nonzero()))
+
+    def take(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, L, ...] -> its kept rows, packed (slices of the runs: cheaper than indexing)."""
+        return torch.cat([x[b, s:e] for b, s, e in self.runs]) if self.runs is not None else x[self.index]
+
+    def scatter(self, out: torch.Tensor, packed: torch.Tensor) -> None:
+        """The inverse of `take`: packed rows written back to their places in out [B, L, ...]."""
+        if self.runs is None:
+            out[self.index] = packed
+            return
+        start = 0
+        for b, s, e in self.runs:
+            out[b, s:e] = packed[start:start + e - s]
+            start += e - s
+
+
+class _Packing(NamedTuple):
+    """Where the tokens a padding mask keeps sit, and their sequence boundaries."""
+    mask: torch.Tensor               # a copy of the mask's last Lk columns, what this was computed from
+    lq: int
+    lk: int
+    q_rows: _Rows | None             # None: every query row is kept
+    k_rows: _Rows
+    cu_q: torch.Tensor
+    cu_k: torch.Tensor
+
+
+_PACKING: list = [None]  # the latest: every attention layer of a forward passes the same mask
+
+
+def _packing(attention_mask, lq: int, lk: int) -> _Packing:
+    """The packing of `attention_mask` [B, >= Lk], worked out on the host once per mask content (every
+    attention layer of a forward passes the same one)."""
+    m, p = attention_mask[:, -lk:], _PACKING[0]
+    if (p is not None and (p.lq, p.lk) == (lq, lk) and p.mask.shape == m.shape and p.mask.dtype == m.dtype
+            and p.mask.device == m.device and torch.equal(p.mask, m)):
+        return p
+    keep_k = np.zeros((m.shape[0], lk), dtype=bool)  # a static cache: slots past the mask are unused
+    keep_k[:, :m.shape[1]] = m.bool().cpu().numpy()
+    keep_q = keep_k[:, lk - lq:]
+    cu = torch.from_numpy(np.stack([keep_q.sum(1), keep_k.sum(1)]).cumsum(1)).to(torch.int32)
+    cu = F.pad(cu, (1, 0)).to(m.device)
+    p = _Packing(m.clone(), lq, lk, None if keep_q.all() else _Rows.of(keep_q, m.device), _Rows.of(keep_k, m.device),
+                 cu[0], cu[1])
+    _PACKING[0] = p
+    return p
+
+
 def _pack(q, k, v, attention_mask):
-    """[B, L, H, D] tensors -> packed q, k, v, cu_seqlens_q, cu_seqlens_k and the kept query rows [B, Lq]
-    (None when every row is kept). Queries are the last Lq tokens of each key sequence (bottom-right)."""
+    """[B, L, H, D] tensors -> packed q, k, v, cu_seqlens_q, cu_seqlens_k and the kept query rows (None when
+    every row is kept). Queries are the last Lq tokens of each key sequence (bottom-right)."""
     B, Lq, Lk = q.shape[0], q.shape[1], k.shape[1]
     if attention_mask is None:
         flat = [x.reshape(B * x.shape[1], *x.shape[2:]) for x in (q, k, v)]
@@ -91,10 +150,9 @@ def _pack(q, k, v, attention_mask):
     if attention_mask.dim() != 2 or attention_mask.shape[0] != B:
         raise ValueError(f"attention_mask: expected the 2D padding mask [{B}, keys] made by the {NAME!r} mask "
                          f"function, got shape {tuple(attention_mask.shape)}")
-    mask = attention_mask[:, -Lk:].bool()
-    keep_q = mask[:, -Lq:]
-    keep_k = F.pad(mask, (0, Lk - mask.shape[1]))  # a static cache: slots past the mask are unused
-    return q[keep_q], k[keep_k], v[keep_k], _int32_cu(keep_q.sum(1)), _int32_cu(keep_k.sum(1)), keep_q
+    p = _packing(attention_mask, Lq, Lk)
+    packed_q = q.reshape(B * Lq, *q.shape[2:]) if p.q_rows is None else p.q_rows.take(q)
+    return packed_q, p.k_rows.take(k), p.k_rows.take(v), p.cu_q, p.cu_k, p.q_rows
 
 
 def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, sliding_window=None,
@@ -120,7 +178,7 @@ def attention_forward(module, query, key, value, attention_mask, dropout=0.0, sc
     if keep is None:
         return o.view(B, Lq, Hq, Dv), None
     out = o.new_zeros(B, Lq, Hq, Dv)
-    out[keep] = o
+    keep.scatter(out, o)
     return out, None
 
 
