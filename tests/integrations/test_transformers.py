@@ -98,3 +98,28 @@ def test_packed_varlen_kwargs_equal_the_padded_batch():
     batch, _ = pat.attention_forward(module, *padded, mask, scaling=0.3, sliding_window=4)
     torch.testing.assert_close(packed[0], batch[mask], rtol=0, atol=1e-6)
     assert torch.equal(batch[~mask], torch.zeros_like(batch[~mask]))
+
+
+@pytest.mark.parametrize("mask", [[[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]],    # left padding: runs, sliced
+                                  [[1, 1, 1, 1, 0, 0], [0, 1, 1, 1, 1, 1]],    # right and left
+                                  [[1, 0, 1, 1, 0, 1], [0, 1, 1, 0, 1, 1]]])   # holes: indexed
+def test_packing_takes_what_the_mask_keeps_and_is_reused_while_its_content_is(mask):
+    import torch
+
+    from portable_attn.integrations import transformers as pat
+
+    keep = torch.tensor(mask, dtype=torch.bool)
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(2, h, 6, 4, generator=gen).transpose(1, 2) for h in (3, 2))  # [B, L, H, D] views
+    pq, pk, pv, cu_q, cu_k, rows = pat._pack(q, k, k, keep.long())
+    assert torch.equal(pq, q[keep]) and torch.equal(pk, k[keep]) and torch.equal(pv, k[keep])
+    assert cu_q.tolist() == cu_k.tolist() == [0, int(keep[0].sum()), int(keep.sum())] and cu_q.dtype == torch.int32
+    out = torch.zeros(2, 6, 3, 4)
+    rows.scatter(out, pq)
+    assert torch.equal(out[keep], q[keep]) and not out[~keep].any()
+    first = pat._PACKING[0]
+    pat._pack(q, k, k, keep.long().clone())                    # another tensor, the same content: reused
+    assert pat._PACKING[0] is first
+    changed = keep.long().clone()
+    changed[0, -1] = 1 - changed[0, -1]
+    assert torch.equal(pat._pack(q, k, k, changed)[1], k[changed.bool()]) and pat._PACKING[0] is not first
