@@ -44,12 +44,19 @@ def scatter(cache: torch.Tensor, rows: torch.Tensor, states: torch.Tensor) -> No
 def update_rows(cache: torch.Tensor, rows: torch.Tensor, step: Callable[[torch.Tensor], torch.Tensor]):
     """A step form's state update: `step(s)` gets the float32 states s [bsz, *tail] of the listed cache
     rows (zero for a -1 row), updates them in place and returns the step's output, which this returns
-    after the rows are back in the cache. Consecutive rows of a float32 cache are updated where they
-    lie; otherwise through scratch buffers kept across calls (fresh multi-MB copies cost page faults)."""
+    after the rows are back in the cache. Consecutive rows are a slice: of a float32 cache updated where
+    they lie, else converted into and back from one scratch buffer; other rows go through scratch buffers
+    (kept across calls: fresh multi-MB copies cost page faults)."""
     idx = rows.tolist()
-    if cache.dtype == torch.float32 and idx and idx[0] >= 0 and idx == list(range(idx[0], idx[0] + len(idx))):
-        return step(cache[idx[0]:idx[0] + len(idx)])
     shape = (len(idx), *cache.shape[1:])
+    if idx and idx[0] >= 0 and idx == list(range(idx[0], idx[0] + len(idx))):
+        block = cache[idx[0]:idx[0] + len(idx)]
+        if cache.dtype == torch.float32:
+            return step(block)
+        s = buffer("states", shape, torch.float32).copy_(block)
+        y = step(s)
+        block.copy_(s)
+        return y
     s = gather(cache, rows, into=buffer("states", shape, torch.float32))
     y = step(s)
     scatter(cache, rows, s if cache.dtype == torch.float32 else buffer("states.cache", shape, cache.dtype).copy_(s))

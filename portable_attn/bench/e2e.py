@@ -12,9 +12,10 @@ SIZES = {"full": dict(batch=2, prompt=256, new_tokens=16, repeats=5),
          "quick": dict(batch=2, prompt=32, new_tokens=4, repeats=1, layers=4, hidden=64)}
 
 
-def run(dtypes=("fp32", "bf16"), backend=None, quick: bool = False) -> list[dict]:
-    """One row per dtype: both paths' prefill ms and decode tok/s, the speedups, and the backends used."""
-    sizes = SIZES["quick" if quick else "full"]
+def run(dtypes=("fp32", "bf16"), backend=None, quick: bool = False, prompt: int | None = None) -> list[dict]:
+    """One row per dtype: both paths' prefill ms and decode tok/s, the speedups, and the backends used
+    (`prompt`: the longest prompt's tokens instead of the size's)."""
+    sizes = SIZES["quick" if quick else "full"] | ({"prompt": prompt} if prompt else {})
     rows = []
     for name in dtypes:
         base, ours, used = demo.compare(demo.DTYPES[name], backend, **sizes)
@@ -34,8 +35,11 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default=None)
     parser.add_argument("--dtype", action="append", choices=sorted(demo.DTYPES))
     parser.add_argument("--quick", action="store_true", help="a tiny model and one repeat (a smoke run)")
+    parser.add_argument("--prompt", type=int, default=None,
+                        help=f"tokens of the longest prompt (default {SIZES['full']['prompt']}; quick "
+                             f"{SIZES['quick']['prompt']})")
     args = parser.parse_args(argv)
-    for row in run(tuple(args.dtype or ("fp32", "bf16")), args.backend, args.quick):
+    for row in run(tuple(args.dtype or ("fp32", "bf16")), args.backend, args.quick, args.prompt):
         print(json.dumps(row))
     return 0
 
