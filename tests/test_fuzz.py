@@ -14,7 +14,7 @@ from portable_attn.optable import NAMES as OPS
 
 # examples per op: about 3-5 s per op on the CPU backends, fewer under the interpreters (Hypothesis' first
 # example is the smallest one: empty inputs)
-BUDGET = {"cpu": 6, "reference": 3, "triton": 3, "pallas": 2}
+BUDGET = {"cpu": 6, "torch": 6, "onnxruntime": 4, "reference": 3, "triton": 3, "pallas": 2}
 
 
 @pytest.mark.parametrize("op", OPS)

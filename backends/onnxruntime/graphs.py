@@ -119,12 +119,21 @@ def tokens_first(g, y):
     return g.op("Transpose", g.op("Squeeze", y, _axes(g, 0)), perm=[1, 0, 2])
 
 
+def l2normed(g, x):
+    """x * rsqrt(sum of x^2 over the last axis + 1e-6), SPEC's `use_qk_l2norm` (GatedDeltaNet's own qk_l2_norm
+    puts its epsilon elsewhere: 1e-3 off and more on keys of one or two dims with a small norm)."""
+    total = g.op("ReduceSum", g.op("Mul", x, x), _axes(g, -1), keepdims=1)
+    return g.op("Mul", x, g.op("Reciprocal", g.op("Sqrt", g.op("Add", total, g.const(1e-6)))))
+
+
 def delta_body(g, q, k, v, decay, beta, cu, state, rule: str, scale: float, l2norm: bool):
     """GatedDeltaNet over packed sequences: q, k [T, H, K]; v [T, Hv, V]; decay [T, Hv(, K)] or "" (linear);
     beta [T, Hv] or "" (no delta); cu int32 [S+1]; state [S, Hv, K, V] (ours, K-major) -> out, final."""
     attr, post = conventions.gdn_scale(scale)
+    if l2norm:
+        q, k = l2normed(g, q), l2normed(g, k)
     y, s1 = g.op("GatedDeltaNet", q, k, v, cu, decay, beta, g.op("Transpose", state, perm=list(conventions.STATE_PERM)),
-                 outs=2, domain=MICROSOFT, update_rule=rule, scale=attr, qk_l2_norm=int(l2norm))
+                 outs=2, domain=MICROSOFT, update_rule=rule, scale=attr, qk_l2_norm=0)
     if post is not None:
         y = g.op("Mul", y, g.const(post))
     return y, g.op("Transpose", s1, perm=list(conventions.STATE_PERM))

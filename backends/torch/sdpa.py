@@ -18,7 +18,11 @@ def attend(q, k, v, *, mask, causal: bool, scale: float, lse: bool):
     """q [B, Hq, L, D], k/v [B, Hkv, K, D] (Hq % Hkv == 0), mask None or bool [B|1, Hq|1, L, K] ->
     o [B, Hq, L, D] and lse [B, Hq, L] float32 (None unless `lse`; a row that sees nothing: o = 0, lse 0
     on the CPU, which the caller sets to -inf)."""
+    if 0 in (q.shape[0], q.shape[2], k.shape[2]):  # the CPU kernel divides by these sizes: SIGFPE at 0
+        o = q.new_zeros(*q.shape[:-1], v.shape[-1])
+        return o, q.new_zeros(q.shape[:-1], dtype=torch.float32) if lse else None
     if q.device.type == "cpu":  # GQA by broadcasting inside the kernel where it does; the mask as a float bias
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))  # it misreads other strides
         if q.shape[1] != k.shape[1] and not cpu_flash_shares_kv_heads():
             g = q.shape[1] // k.shape[1]
             k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)

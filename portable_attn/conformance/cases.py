@@ -589,6 +589,7 @@ def _catalogue() -> list[Case]:
         paged_case("decode_block_1", [4, 9], bs=1),
         paged_case("chunked_prefill", [20, 10], lq=[3, 10], bs=3),
         paged_case("empty_sequence", [0, 14], bs=4),
+        paged_case("no_keys", [0, 0], bs=4, sinks=True),
         paged_case("window_sinks_softcap", [40, 17], bs=6, window=(9, 0), sinks=True, softcap=10.0),
         paged_case("block_mask", [40, 17], lq=[4, 17], bs=8,
                    mask=lambda lmax, s: BlockMask.strided(lmax, 5, 3, (8, 8))),
@@ -742,6 +743,8 @@ def _memory_and_decay_cases() -> list[Case]:
         step_case("ssd_step", "edge_decay", 6, ssd_tokens(2, 1, 8, 16, edge=True), (2, 8, 16)),
     ]
     return ([strided(poisoned(c)) for c in both] + [strided(write), poisoned(empty_key_block)]
+            # a decode over one full page per sequence: pages gathered from a permuted cache keep its axis order
+            + [strided(paged_case("decode_one_full_page", [16, 16], bs=16, hq=6, hkv=3), "transposed", tiers=(SMOKE,))]
             + [poisoned(c, tiers=(FULL,)) for c in both] + [strided(c, tiers=(FULL,)) for c in both + strided_only]
             + [strided(c, "transposed", tiers=(FULL,)) for c in both + strided_only + [write]]
             + edge)

@@ -59,8 +59,15 @@ def _build(fn, *args, **kwargs) -> cases.Case:
 LENGTH = st.one_of(st.sampled_from([0, 1, 1, 2]), st.integers(0, 72))
 
 
-def _lengths(n=None):
-    return st.lists(LENGTH, min_size=n or 1, max_size=n or 4)
+@st.composite
+def _lengths(draw, n=None):
+    """`n` (else 1-4, or up to 12 short ones) sequence lengths: any, short (an engine's decode batch), or
+    all alike (a padded batch, packed)."""
+    kind = draw(st.sampled_from(["any", "any", "short", "alike"]))
+    n = n or draw(st.integers(1, 12 if kind == "short" else 4))
+    if kind == "alike":
+        return [draw(LENGTH)] * n
+    return draw(st.lists(st.integers(0, 3) if kind == "short" else LENGTH, min_size=n, max_size=n))
 
 
 @st.composite
@@ -96,6 +103,8 @@ def _attention(draw):
     hq, hkv = draw(_heads())
     lq = draw(_lengths())
     lk = draw(_lengths(len(lq)))
+    if len(set(lq)) == 1 and draw(st.booleans()):  # queries alike: keys alike too (one batch of one shape)
+        lk = [lk[0]] * len(lk)
     if len(lq) == 1 and draw(st.booleans()):  # one sequence without cu_seqlens
         lq, lk = lq[0], lk[0]
     return _build(cases.attention_case, "fuzz", lq, lk, hq=hq, hkv=hkv, d=draw(HEAD_DIM),
