@@ -94,9 +94,11 @@ def _whole(opts, q, k, v, off, o, lse):
 def _batched(opts: Options, seqs) -> bool:
     """Sequences of one query count and one key count (a padded batch, packed) that one kernel call over
     [S, H, L, D] views computes: no window, mask or softcap, and a causal band the kernel or a bias draws."""
+    if len(seqs) < 2:
+        return False
     (qs, qe), (ks, ke) = seqs[0]
     lq, lk = qe - qs, ke - ks
-    if len(seqs) < 2 or lk == 0 or any(e - s != lq or f - t != lk for (s, e), (t, f) in seqs):
+    if lk == 0 or any(e - s != lq or f - t != lk for (s, e), (t, f) in seqs):
         return False
     return (binding_window(opts, lq, lk) == (-1, -1) and opts.block_mask is None and opts.softcap == 0
             and (not opts.causal or lq == lk or lq <= min(FEW_QUERIES, lk)))

@@ -608,7 +608,8 @@ def _catalogue() -> list[Case]:
         attention_case("split_merged", [30, 0, 17, 9], [41, 5, 0, 22], causal=False, sinks=True,
                        variant=attention_split_merged, invariant="attention over key halves, merged == over all"),
         merge_case("plain", 40, deterministic=True),
-        merge_case("causal_split", 37, h=3, dv=24, split=15, variant=merge_swapped, invariant="merge(b, a) == merge(a, b)"),
+        merge_case("causal_split", 37, h=3, dv=24, split=15, variant=merge_swapped,
+                   invariant="merge(b, a) == merge(a, b)"),
         merge_case("empty_parts_sinks", 33, h=5, dv=40, empty=0.3, sinks=True),
         merge_case("far_apart", 20, h=2, dv=8, spread=60.0),
         merge_case("no_tokens", 0),
@@ -718,6 +719,7 @@ def _memory_and_decay_cases() -> list[Case]:
     write = write_kv_case("write_kv_cache", 17)
     empty_key_block = attention_case("empty_key_block", [40, 33],
                                      mask=_with_empty_key_block(_random_layout(5, 2, 4), 1))
+    one_page = paged_case("decode_one_full_page", [16, 16], bs=16, hq=6, hkv=3)
     strided_only = [  # more shapes and arguments, full tier
         attention_case("gptoss_style", [40, 25], hq=8, hkv=2, window=(16, 0), sinks=True, softcap=20.0),
         paged_case("decode_odd_block", [12, 7, 30], bs=5, window=(9, 0)),
@@ -744,7 +746,7 @@ def _memory_and_decay_cases() -> list[Case]:
     ]
     return ([strided(poisoned(c)) for c in both] + [strided(write), poisoned(empty_key_block)]
             # a decode over one full page per sequence: pages gathered from a permuted cache keep its axis order
-            + [strided(paged_case("decode_one_full_page", [16, 16], bs=16, hq=6, hkv=3), "transposed", tiers=(SMOKE,))]
+            + [strided(one_page, "transposed", tiers=(SMOKE,))]
             + [poisoned(c, tiers=(FULL,)) for c in both] + [strided(c, tiers=(FULL,)) for c in both + strided_only]
             + [strided(c, "transposed", tiers=(FULL,)) for c in both + strided_only + [write]]
             + edge)
@@ -763,5 +765,6 @@ def _route_cases(cases: list[Case]) -> list[Case]:
     routes = [without_lse(dataclasses.replace(c, heads_major=c.op == p), tiers) for c, tiers in picked]
     decode = without_lse(dataclasses.replace(by_name[(p, "decode")], heads_major=True))
     return routes + [poisoned(decode), write_kv_case("write_kv_cache_heads_major", 17, dv=16, heads_major=True)]
+
 
 _CASES = _catalogue()
