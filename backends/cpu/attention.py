@@ -73,7 +73,7 @@ def sequence(opts: Options, s: int, q, k, v, k0: int, lk: int, o, lse) -> None:
 def _whole(opts, q, k, v, off, o, lse):
     """No window, mask or softcap: the kernel over the whole sequence, its own causal skipping included."""
     if q.shape[0] <= FEW_QUERIES:
-        _few(opts, q, k, v, off, o, lse)
+        _uniform(opts, q, k, v, 1, o, lse)
         return
     # [1, H, L, D], copied head-major: ~6% faster than token-major views over a whole sequence
     qh, kh, vh = (x.permute(1, 0, 2).contiguous()[None] for x in (q, k, v))
@@ -105,12 +105,13 @@ def _batched(opts: Options, seqs) -> bool:
 
 
 def _uniform(opts, q, k, v, n, o, lse):
-    """n sequences alike (`_batched`): one kernel call, the causal band the kernel's own when queries and
-    keys align, else (a few queries) a bias."""
+    """n sequences alike (`_batched`; or one of a few queries): one kernel call on token-major views, the
+    causal band the kernel's own when queries and keys align, else (a few queries, bottom-right aligned) a
+    bias; every key is seen by the last query, so no key needs clearing."""
     lq, lk = q.shape[0] // n, k.shape[0] // n
     qh, kh, vh = (heads_first(x, n) for x in (q, k, v))  # [n, H, L, D] views
-    causal = opts.causal and lq == lk and lq > 1
-    vis = band_vis(torch.arange(lk - lq, lk), torch.arange(lk), True, (-1, -1)) if opts.causal and not causal else None
+    causal, band = opts.causal and lq > 1 and lq == lk, opts.causal and lq > 1 and lq != lk  # one query sees all
+    vis = band_vis(torch.arange(lk - lq, lk), torch.arange(lk), True, (-1, -1)) if band else None
     store(o, lse, 0, *attend(qh, kh, vh, None if vis is None else vis[None], opts.scale, 0.0, causal=causal),
           opts.sinks)
 
@@ -135,16 +136,6 @@ def _one_query(opts, q, k, v, return_lse):
         ot = ot.to(q.dtype)  # the sinks' weights are float32
     o = ot.view(1, hq, ot.shape[-1])
     return (o, lt.reshape(hq, 1)) if return_lse else o
-
-
-def _few(opts, q, k, v, off, o, lse):
-    """A few queries (decode): one kernel call on token-major views, the causal band (bottom-right
-    aligned: query t sits at position t + off) as a bias when it hides anything; every key is seen by the
-    last query, so no key needs clearing."""
-    lq, lk = q.shape[0], k.shape[0]
-    vis = band_vis(torch.arange(off, off + lq), torch.arange(lk), True, (-1, -1)) if opts.causal and lq > 1 else None
-    qh, kh, vh = (heads_first(x) for x in (q, k, v))  # [1, H, L, D] views
-    store(o, lse, 0, *attend(qh, kh, vh, None if vis is None else vis[None], opts.scale, 0.0), opts.sinks)
 
 
 def _tiled(opts, s, q, k, v, k0, lk, window, o, lse):

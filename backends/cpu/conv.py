@@ -10,10 +10,10 @@ from .states import emit, finish, initial_states, update_rows
 
 
 def _act(y, bias, activation):
-    """act(y + bias) for y [*, C], float32."""
+    """act(y + bias) in place for a fresh y [*, C], float32 (fresh buffers cost page faults)."""
     if bias is not None:
-        y = y + bias.float()
-    return F.silu(y) if activation == "silu" else y
+        y.add_(bias.float())
+    return F.silu(y, inplace=True) if activation == "silu" else y
 
 
 def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, output_final_state=False,
@@ -31,17 +31,13 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     rows = x.new_empty((n_tok + nseq * w, ch), dtype=torch.float32)
     rows.index_copy_(0, tok, x.float())
     rows.index_copy_(0, win.flatten(), states.transpose(1, 2).reshape(-1, ch))
-    # y[r] is the window ending at buffer row r + w: tap j of the filter reads row r + j; every step in
-    # place (fresh buffers of this size cost more in page faults than the arithmetic)
+    # y[r] is the window ending at buffer row r + w: tap j of the filter reads row r + j, in place
     taps = weight.float().T.contiguous()                                     # [W, C]
     y = rows[w:] * taps[w]
     for j in range(w):
         y.addcmul_(rows[j:j + y.shape[0]], taps[j])
-    if bias is not None:
-        y.add_(bias.float())
-    if activation == "silu":
-        F.silu(y, inplace=True)
-    y = emit(y if nseq == 1 else y.index_select(0, tok - w), out, x.dtype)  # one sequence: its rows are y's
+    y = y if nseq == 1 else y.index_select(0, tok - w)                     # one sequence: its rows are y's
+    y = emit(_act(y, bias, activation), out, x.dtype)
     # the final state: the last W-1 rows of each sequence's part of the buffer
     finals = rows.index_select(0, (win + lens[:, None]).flatten()).view(nseq, w, ch).transpose(1, 2)  # [S, C, W-1]
     return y, finish(finals, initial_state, state_indices, output_final_state, x.dtype)
