@@ -4,7 +4,8 @@ checks.py's rules read, of each tensor, its type, shape, dtype and device, and o
 its type and value; beyond those only index *values* and, for `out`, the memory it spans. So a call
 whose signature (those fields of every argument) matches one that passed its checks passes them too,
 with the same normalised arguments: a hit replays them (scales, windows, the default `state_indices`)
-and runs only what a signature cannot hold, the `out` overlap check. A call whose index values are
+and runs only what a signature cannot hold, the `out` overlap check. Each op's signature is one tuple
+expression generated from its declaration (`_keyer`): a decode step makes dozens of calls. A call whose index values are
 checked (an index tensor given and `checks.index_checks_enabled()`) is replayed too where its op
 declares those checks on their own (`Op.values`), which then run on every call; otherwise it takes the
 full checks, as do calls with a BlockMask and calls whose signature is not hashable.
@@ -28,7 +29,7 @@ from .backend import Backend
 INDEX_ARGS = frozenset({"cu_seqlens_q", "cu_seqlens_k", "cu_seqlens", "block_table", "seqused_k", "slot_mapping",
                         "indices", "state_indices"})
 TENSOR_TYPES = (torch.Tensor, torch.nn.Parameter)  # exact types: a subclass (fake, functional) is not remembered
-PLAIN = (bool, int, str)  # keyed as (type, value) without a call to `_value`
+PLAIN = (bool, int, str, float)  # the values a remembered call's non-tensor arguments may hold
 # Host ints the checks read only as >= 0 and against index values (checked per call): keyed by their sign,
 # so that a decode step's growing max_seqlen_k keeps its signature.
 HINTS = frozenset({"max_seqlen_q", "max_seqlen_k"})
@@ -41,7 +42,7 @@ VALUES = "index values checked"  # the last item of a signature whose index valu
 class Passed(NamedTuple):
     normalised: dict         # the non-tensor arguments the checks normalised, by name
     rows: int | None         # bsz of the default state_indices the checks filled in, else None
-    impl: object | None      # the module of the backend chosen for this signature (Backend.impl), where kept
+    run: object | None       # the op's function of the backend chosen for this signature, where kept
 
 
 _PASSED: dict = {}  # signature -> Passed, oldest first
@@ -61,45 +62,90 @@ def _value(v):
     return type(v), v
 
 
+# The key of one argument by its declared type (optable.Arg.type), an expression of `{x}`: a tensor's
+# type, shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its
+# sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's `_value`. An argument of another type
+# than declared gives another key or raises (then the call takes the full checks).
+_TENSOR = "(type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad)"
+_FLOAT = "(type({x}), {x}, copysign(1.0, {x}))"
+_EXPR = {"Tensor": _TENSOR, "bool": "(type({x}), {x})", "float": _FLOAT, "str": "(type({x}), {x})",
+         "int": "(type({x}), {x})", "int[]": "_value({x})", "float[]": "_value({x})"}
+
+
+def _arg_key(arg) -> str:
+    optional = arg.type.endswith("?")
+    kind = arg.type.rstrip("?")
+    expr = ("(type({x}), {x} >= 0)" if arg.name in HINTS else _EXPR[kind]).format(x=f"a[{arg.name!r}]")
+    return f"None if a[{arg.name!r}] is None else {expr}" if optional else expr
+
+
+def _keyer(decl):
+    """`signature` for op `decl`, generated once from its declaration: one tuple expression, no loop over
+    the arguments (a decode step makes dozens of calls)."""
+    masks = [a.name for a in decl.args if a.type == "BlockMask?"]
+    index = [a for a in decl.args if a.name in INDEX_ARGS]
+    parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
+    lines = ["def key(a, backend):"]
+    lines += [f"    if a[{m!r}] is not None:\n        return None" for m in masks]  # a mask's tensors: full checks
+    lines.append("    try:")
+    lines.append(f"        key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
+                 "backend is not NO_SELECTION and is_grad_enabled(), texts(SELECTION_VARS),")
+    lines += [f"               {p}," for p in parts]
+    lines.append("        )")
+    lines.append("    except (AttributeError, TypeError):  # not the declared type: the full checks say what")
+    lines.append("        return None")
+    if index:
+        given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
+                 else " or ".join(f"a[{a.name!r}] is not None" for a in index))
+        lines.append(f"    if {given}:  # index values: unchecked, or checked by the op's `values` on every call")
+        primary = f"a[{decl.primary!r}]"
+        lines.append(f"        values = type({primary}) in TENSOR_TYPES and index_checks_enabled({primary})")
+        if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
+            lines += ["        if values:", "            return None"]
+        lines.append("        return (*key, VALUES if values else None)")
+    lines.append("    return key")
+    scope = dict(_value=_value, copysign=math.copysign, NO_SELECTION=NO_SELECTION,
+                 is_grad_enabled=torch.is_grad_enabled, texts=envs.texts, SELECTION_VARS=SELECTION_VARS,
+                 TENSOR_TYPES=TENSOR_TYPES, VALUES=VALUES, index_checks_enabled=checks.index_checks_enabled)
+    exec("\n".join(lines), scope)  # noqa: S102 - source built above from the op table, nothing from a caller
+    return scope["key"]
+
+
+_KEYERS: dict = {}  # op name -> its generated `signature`
+
+
 def signature(decl, a: dict, backend=NO_SELECTION):
     """`a`'s signature for op `decl` (and for choosing a backend by `backend=`), or None when its checks
-    must run in full."""
-    grad = backend is not NO_SELECTION and torch.is_grad_enabled()
-    key, index = [decl.name, (str, backend) if type(backend) is str else _value(backend), grad,
-                  envs.texts(SELECTION_VARS)], False
-    for name in decl.names:
-        v = a[name]
+    must run in full. Calls whose arguments are not all of the declared kinds may get a key: only a
+    call that passed the full checks with `storable` arguments is remembered under it."""
+    keyer = _KEYERS.get(decl.name)
+    if keyer is None:
+        keyer = _KEYERS[decl.name] = _keyer(decl)
+    return keyer(a, backend)
+
+
+def storable(decl, a: dict) -> bool:
+    """Whether a call may be remembered: tensor arguments of exact tensor types (a fake or functional
+    tensor is not), the others plain values (bool, int, float, str, None, lists of them)."""
+    for arg in decl.args:
+        v = a[arg.name]
         kind = type(v)
-        if v is None:
-            key.append(None)
-        elif kind in TENSOR_TYPES:
-            key.append((kind, v.shape, v.dtype, v.device, v.requires_grad) if grad
-                       else (kind, v.shape, v.dtype, v.device))
-            index = index or name in INDEX_ARGS
-        elif kind in PLAIN:
-            key.append((kind, v >= 0) if kind is int and name in HINTS else (kind, v))
-        elif isinstance(v, (torch.Tensor, checks.BlockMask)):
-            return None
-        else:
-            key.append(_value(v))
-    if index:  # index values: unchecked, or checked by the op's `values` on every call
-        primary = a[decl.primary]
-        if type(primary) not in TENSOR_TYPES:
-            return None
-        values = checks.index_checks_enabled(primary)
-        if values and decl.values is None:
-            return None
-        key.append(VALUES if values else None)
-    key = tuple(key)
-    try:
-        hash(key)
-    except TypeError:  # an array, a dict, ...: unhashable
-        return None
-    return key
+        if v is None or (kind in TENSOR_TYPES if arg.type.startswith("Tensor") else _plain(v)):
+            continue
+        return False
+    return True
+
+
+def _plain(v) -> bool:
+    kind = type(v)
+    return kind in PLAIN or kind in (tuple, list) and all(map(_plain, v))
 
 
 def lookup(key) -> Passed | None:
-    return None if key is None else _PASSED.get(key)
+    try:
+        return None if key is None else _PASSED.get(key)
+    except TypeError:  # an unhashable argument (an array, a dict): never remembered
+        return None
 
 
 def check(decl, a: dict, key, passed: Passed | None) -> dict:
@@ -107,7 +153,7 @@ def check(decl, a: dict, key, passed: Passed | None) -> dict:
     if passed is None:
         given = dict(a)
         a = decl.check(a)
-        if key is not None:
+        if key is not None and storable(decl, given):
             _remember(key, given, a)
         return a
     a.update(passed.normalised)
@@ -131,7 +177,7 @@ def keeps_choice(backend: Backend) -> bool:
 def remember_backend(key, backend: Backend) -> None:
     passed = _PASSED.get(key)
     if passed is not None:
-        _PASSED[key] = passed._replace(impl=backend.impl())
+        _PASSED[key] = passed._replace(run=getattr(backend.impl(), key[0]))
 
 
 def _remember(key, given: dict, checked: dict) -> None:
@@ -145,6 +191,10 @@ def _remember(key, given: dict, checked: dict) -> None:
             rows = v.shape[0]
         else:
             normalised[name] = v
+    try:
+        hash(key)
+    except TypeError:  # an argument the checks accepted but a key cannot hold
+        return
     if len(_PASSED) >= LIMIT:
         del _PASSED[next(iter(_PASSED))]
     _PASSED[key] = Passed(normalised, rows, None)

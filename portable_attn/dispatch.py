@@ -32,14 +32,20 @@ def make_call(op: str, args: dict) -> Call:
 
 
 def run(op: str, args: dict, backend=None):
-    """The op's result: `args` checked, the backend selected (`backend=`, env, platform default), run."""
+    """The op's result: `args` (omitted ones take their defaults) checked, the backend selected
+    (`backend=`, env, platform default), run."""
     decl = OPS[op]
-    a = _bound(decl, args)
+    return run_bound(decl, _bound(decl, args), backend)
+
+
+def run_bound(decl, a: dict, backend=None):
+    """`run` of a dict holding every argument of op `decl` by name (a public function's locals)."""
+    op = decl.name
     key = checkmemo.signature(decl, a, backend)
     passed = checkmemo.lookup(key)
     a = checkmemo.check(decl, a, key, passed)
-    if passed is not None and passed.impl is not None:  # Backend.run, on the backend chosen before
-        return getattr(passed.impl, op)(**a)
+    if passed is not None and passed.run is not None:  # Backend.run, on the backend chosen before
+        return passed.run(**a)
     call = Call(op, a, platform_of(a[decl.primary]))
     chosen = registry.select(call, backend)
     if key is not None and checkmemo.keeps_choice(chosen) and registry.first_choice(call, backend) == chosen.name:

@@ -15,6 +15,7 @@ import torch
 
 from . import dispatch
 from .dispatch import make_call  # noqa: F401  (tools and tests build checked calls with it)
+from .optable import OPS
 
 INF = math.inf
 
@@ -60,7 +61,7 @@ def _dispatch(op: str, local: dict):
         from .library import compiled
         return compiled(op, local)
     backend = local.pop("backend")
-    return dispatch.run(op, local, backend)
+    return dispatch.run_bound(OPS[op], local, backend)
 
 
 @_documented

@@ -28,10 +28,11 @@ class Options(NamedTuple):
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, window_size=(-1, -1), softcap=0.0, sinks=None, softmax_scale=None, block_mask=None,
               return_lse=False, out=None):
-    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
-    if cu_seqlens_q is None and out is None and q.shape[0] == 1 and _whole_keys(opts, k.shape[0]):
-        return _one_query(opts, q, k, v, return_lse)
+    if (cu_seqlens_q is None and out is None and q.shape[0] == 1 and block_mask is None and softcap == 0
+            and not 0 <= window_size[0] < k.shape[0] - 1):  # decode: one query that sees every key
+        return _one_query(q, k, v, softmax_scale, sinks, return_lse)
+    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     if cu_seqlens_q is None and cu_seqlens_k is None:  # one sequence: no slicing (decode-sized calls count us)
@@ -116,23 +117,18 @@ def _uniform(opts, q, k, v, n, o, lse):
           opts.sinks)
 
 
-def _whole_keys(opts: Options, lk: int) -> bool:
-    """One query (at the last position) sees every key: no binding window, mask or softcap."""
-    return (opts.window[0] < 0 or opts.window[0] >= lk - 1) and opts.block_mask is None and opts.softcap == 0
-
-
-def _one_query(opts, q, k, v, return_lse):
+def _one_query(q, k, v, scale, sinks, return_lse):
     """Decode: q [1, Hq, D] over every key, one kernel call on views whose result is the output itself
     (o [1, Hq, Dv] and lse [Hq, 1] are views of the kernel's [1, Hkv, g, Dv] and [1, Hkv, g])."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     if k.shape[0] and v.shape[2] == d:  # the common case in as few torch calls as it takes
         # the g query heads of a kv head as the g query rows of one head: [1, Hkv, g, D]
         ot, lt = flash(unit(q).reshape(1, hkv, hq // hkv, d), heads_first(k), heads_first(v), 0.0, False,
-                        scale=opts.scale)
+                        scale=scale)
     else:  # no keys, or Dv != D: attend's general path
-        ot, lt = attend(heads_first(q), heads_first(k), heads_first(v), None, opts.scale, 0.0)
-    if opts.sinks is not None:
-        ot, lt = add_sinks(ot.reshape(1, hq, 1, -1), lt.reshape(1, hq, 1), opts.sinks)
+        ot, lt = attend(heads_first(q), heads_first(k), heads_first(v), None, scale, 0.0)
+    if sinks is not None:
+        ot, lt = add_sinks(ot.reshape(1, hq, 1, -1), lt.reshape(1, hq, 1), sinks)
         ot = ot.to(q.dtype)  # the sinks' weights are float32
     o = ot.view(1, hq, ot.shape[-1])
     return (o, lt.reshape(hq, 1)) if return_lse else o

@@ -5,9 +5,10 @@ For each point of `cases.host_case` (one op at the sizes of one model layer) eve
   <backend> check=0  the same with PORTABLE_ATTN_CHECK=0 (set around the timed calls, not inside them),
   <backend> fn       the backend's own function on arguments already checked (`ops.make_call`),
 and, on the CPU, beside the torch kernel the cpu backend's attention and paged decode end in. A row's
-overhead is its median minus the median of its `vs` row: that kernel for the cpu backend where there is
-one, else the backend's own function. All rows of a point run round-robin, each sample `CALLS`
-consecutive calls.
+overhead is measured against its `vs` row (that kernel for the cpu backend where there is one, else the
+backend's own function) round by round: all rows of a point run round-robin, each sample `CALLS`
+consecutive calls, and the overhead is the median over rounds of the row's sample minus the `vs` row's
+sample of the same round (a shared machine's slow spells hit both).
 """
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import contextlib
 import dataclasses
 import functools
 import os
+import statistics
 import time
 
 import torch
@@ -35,8 +37,9 @@ SLOW_S = 10e-3  # a call slower than this (interpreters) is sampled one at a tim
 NOTES = {
     "median_s": "seconds per call: the median over `repeat` samples of `calls_per_sample` consecutive calls, "
                 "every row of a point sampled once per round, round-robin, after `warmup` rounds",
-    "overhead_s": "this row's median - the median of its `vs` row (the kernel it ends in, else the backend's own "
-                  "function): binding, checks, backend selection and the backend's wrapper work",
+    "overhead_s": "the median over rounds of this row's sample - its `vs` row's sample of the same round (`vs`: the "
+                  "kernel it ends in, else the backend's own function): binding, checks, backend selection and the "
+                  "backend's wrapper work",
     "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
     "clock": "on the CPU with one torch thread, the calling thread's CPU time (time.thread_time): all the work "
              "runs on that thread, and time spent descheduled on a shared machine is not counted; else wall time",
@@ -60,22 +63,24 @@ def _sdpa_decode(args, sizes):
 
 
 def _gather_flash(args, sizes):
-    """The cpu backend's paged decode of a batch that fits one gather: each sequence's used blocks copied
-    into a buffer kept from setup (index_select), then one kernel call, the last block's unused slots
-    masked by an additive bias built in setup."""
+    """The cpu backend's paged decode of a batch that fits one gather (backends/cpu/paged.py), its index
+    arithmetic done in setup: each sequence's keys and values copied token by token into buffers kept
+    from setup (index_select; a sequence shorter than the longest padded with copies of its last key),
+    then one kernel call, the padding masked by an additive bias built in setup."""
     q, k_cache, v_cache, table, used = (args[n] for n in ("q", "k_cache", "v_cache", "block_table", "seqused_k"))
-    nseq, bs, hkv, d = table.shape[0], *k_cache.shape[1:]
-    nblocks = -(-int(used.max()) // bs)
-    ids = table[:, :nblocks].long().flatten()
-    bufs = [c.new_empty(nseq * nblocks, *c.shape[1:]) for c in (k_cache, v_cache)]
+    nseq, (nb, bs, hkv, d) = table.shape[0], k_cache.shape
+    nk = -(-int(used.max()) // bs) * bs
+    cols = torch.arange(nk)
+    pos = torch.minimum(cols, used.long()[:, None] - 1)  # [S, nk]: the padding reads the last key
+    ids = (table.long().gather(1, pos // bs) * bs + pos % bs).flatten()
+    bufs = [c.new_empty(ids.shape[0], hkv, c.shape[3]) for c in (k_cache, v_cache)]
     qg = q.view(nseq, hkv, -1, d)  # [S, Hkv, g, D]
-    hidden = torch.arange(nblocks * bs) >= used.long()[:, None]  # [S, K]
-    bias = torch.zeros(nseq, 1, qg.shape[2], nblocks * bs, dtype=q.dtype)
-    bias.masked_fill_(hidden[:, None, None], float("-inf"))  # [S, 1, g, K]
+    bias = torch.zeros(nseq, 1, 1, nk, dtype=q.dtype).masked_fill_((cols >= used.long()[:, None])[:, None, None],
+                                                                   float("-inf"))  # [S, 1, 1, nk]
 
     def step():
-        kt, vt = (torch.index_select(c, 0, ids, out=buf).view(nseq, nblocks * bs, hkv, -1).transpose(1, 2)
-                  for c, buf in zip((k_cache, v_cache), bufs))  # [S, Hkv, K, D]
+        kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buf).view(nseq, nk, hkv, -1)
+                  .transpose(1, 2) for c, buf in zip((k_cache, v_cache), bufs))  # [S, Hkv, nk, D]
         return _flash(qg, kt, vt, 0.0, False, attn_mask=bias, scale=d ** -0.5)
     return step
 
@@ -89,8 +94,8 @@ KERNELS = {
         impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
                    _sdpa_decode)),
     "paged_attention": (
-        impls.Impl("gather+flash", "kernel", "index_select of each sequence's blocks into buffers kept from setup, "
-                   "then aten._scaled_dot_product_flash_attention_for_cpu with a mask built in setup",
+        impls.Impl("gather+flash", "kernel", "index_select of each sequence's keys and values into buffers kept from "
+                   "setup, then aten._scaled_dot_product_flash_attention_for_cpu with a padding mask built in setup",
                    _gather_flash),),
 }
 
@@ -194,11 +199,16 @@ def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
     for e in entries.values():
         raw = entries.get(e["vs"])
         ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
-        e["overhead_s"] = e["median_s"] - raw["median_s"] if ok else None
+        e["overhead_s"] = _paired(times[e["name"]], times[e["vs"]]) if ok else None
     log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
                          else f"{e['name']} {e['status']}" for e in entries.values()))
     return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
                 impls=list(entries.values()))
+
+
+def _paired(row: list[float], vs: list[float]) -> float:
+    """The median of the per-round differences of two rows sampled in the same rounds."""
+    return statistics.median(a - b for a, b in zip(row, vs, strict=True))
 
 
 def run(case: cases.Case, settings, log) -> dict:
@@ -234,8 +244,8 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
     return cols, rows
 
 
-CAPTION = ("overhead: this median - the median of the `vs` row; medians of samples of consecutive calls, "
-           "interleaved")
+CAPTION = ("overhead: the median over rounds of this row's sample - the `vs` row's sample of the same round; samples "
+           "of consecutive calls, interleaved")
 
 
 def _caption(case: dict) -> str:
