@@ -62,12 +62,12 @@ def _value(v):
     return type(v), v
 
 
-# The key of one argument by its declared type (optable.Arg.type), an expression of `{x}`: a tensor's
+# The key of one argument by its declared type (optable.Arg.type), an expression of its name `{x}`: a tensor's
 # type, shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its
 # sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's `_value`. An argument of another type
 # than declared gives another key or raises (then the call takes the full checks).
 _TENSOR = "(type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad)"
-_FLOAT = "(type({x}), {x}, copysign(1.0, {x}))"
+_FLOAT = "(type({x}), {x}, _copysign(1.0, {x}))"
 _EXPR = {"Tensor": _TENSOR, "bool": "(type({x}), {x})", "float": _FLOAT, "str": "(type({x}), {x})",
          "int": "(type({x}), {x})", "int[]": "_value({x})", "float[]": "_value({x})"}
 
@@ -75,53 +75,58 @@ _EXPR = {"Tensor": _TENSOR, "bool": "(type({x}), {x})", "float": _FLOAT, "str": 
 def _arg_key(arg) -> str:
     optional = arg.type.endswith("?")
     kind = arg.type.rstrip("?")
-    expr = ("(type({x}), {x} >= 0)" if arg.name in HINTS else _EXPR[kind]).format(x=f"a[{arg.name!r}]")
-    return f"None if a[{arg.name!r}] is None else {expr}" if optional else expr
+    expr = ("(type({x}), {x} >= 0)" if arg.name in HINTS else _EXPR[kind]).format(x=arg.name)
+    return f"None if {arg.name} is None else {expr}" if optional else expr
 
 
 def _keyer(decl):
-    """`signature` for op `decl`, generated once from its declaration: one tuple expression, no loop over
-    the arguments (a decode step makes dozens of calls)."""
+    """The signature function of op `decl`, generated once from its declaration: its arguments in order
+    then `backend`, positional or by name; one tuple expression, no loop over the arguments. Helper names
+    start with `_` (no argument's name does)."""
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
-    lines = ["def key(a, backend):"]
-    lines += [f"    if a[{m!r}] is not None:\n        return None" for m in masks]  # a mask's tensors: full checks
+    lines = [f"def signature({', '.join(decl.names)}, backend):"]
+    lines += [f"    if {m} is not None:\n        return None" for m in masks]  # a mask's tensors: full checks
     lines.append("    try:")
-    lines.append(f"        key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-                 "backend is not NO_SELECTION and is_grad_enabled(), texts(SELECTION_VARS),")
-    lines += [f"               {p}," for p in parts]
+    lines.append(f"        _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
+                 "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),")
+    lines += [f"                {p}," for p in parts]
     lines.append("        )")
     lines.append("    except (AttributeError, TypeError):  # not the declared type: the full checks say what")
     lines.append("        return None")
     if index:
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
-                 else " or ".join(f"a[{a.name!r}] is not None" for a in index))
+                 else " or ".join(f"{a.name} is not None" for a in index))
         lines.append(f"    if {given}:  # index values: unchecked, or checked by the op's `values` on every call")
-        primary = f"a[{decl.primary!r}]"
-        lines.append(f"        values = type({primary}) in TENSOR_TYPES and index_checks_enabled({primary})")
+        lines.append(f"        _values = type({decl.primary}) in _TENSOR_TYPES and _index_checks_enabled({decl.primary})")
         if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
-            lines += ["        if values:", "            return None"]
-        lines.append("        return (*key, VALUES if values else None)")
-    lines.append("    return key")
-    scope = dict(_value=_value, copysign=math.copysign, NO_SELECTION=NO_SELECTION,
-                 is_grad_enabled=torch.is_grad_enabled, texts=envs.texts, SELECTION_VARS=SELECTION_VARS,
-                 TENSOR_TYPES=TENSOR_TYPES, VALUES=VALUES, index_checks_enabled=checks.index_checks_enabled)
+            lines += ["        if _values:", "            return None"]
+        lines.append("        return (*_key, _VALUES if _values else None)")
+    lines.append("    return _key")
+    scope = dict(_value=_value, _copysign=math.copysign, _NO_SELECTION=NO_SELECTION,
+                 _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts, _SELECTION_VARS=SELECTION_VARS,
+                 _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES, _index_checks_enabled=checks.index_checks_enabled)
     exec("\n".join(lines), scope)  # noqa: S102 - source built above from the op table, nothing from a caller
-    return scope["key"]
+    return scope["signature"]
 
 
-_KEYERS: dict = {}  # op name -> its generated `signature`
+_KEYERS: dict = {}  # op name -> its generated signature function
+
+
+def keyer(decl):
+    """Op `decl`'s signature function: (its arguments, backend) -> the signature, None when the checks must
+    run in full. Calls whose arguments are not all of the declared kinds may get one: only a call that
+    passed the full checks with `storable` arguments is remembered under it."""
+    fn = _KEYERS.get(decl.name)
+    if fn is None:
+        fn = _KEYERS[decl.name] = _keyer(decl)
+    return fn
 
 
 def signature(decl, a: dict, backend=NO_SELECTION):
-    """`a`'s signature for op `decl` (and for choosing a backend by `backend=`), or None when its checks
-    must run in full. Calls whose arguments are not all of the declared kinds may get a key: only a
-    call that passed the full checks with `storable` arguments is remembered under it."""
-    keyer = _KEYERS.get(decl.name)
-    if keyer is None:
-        keyer = _KEYERS[decl.name] = _keyer(decl)
-    return keyer(a, backend)
+    """`a`'s signature for op `decl` (and for choosing a backend by `backend=`): `keyer` on a dict."""
+    return keyer(decl)(**a, backend=backend)
 
 
 def storable(decl, a: dict) -> bool:

@@ -4,6 +4,8 @@ A call whose signature passed before replays its checks and, where the choice is
 signature, its backend (checkmemo.py): the host cost of a decode step is a dict lookup, not the rules."""
 from __future__ import annotations
 
+import torch
+
 from . import checkmemo, registry
 from .backend import Call
 from .optable import OPS
@@ -33,21 +35,50 @@ def make_call(op: str, args: dict) -> Call:
 
 def run(op: str, args: dict, backend=None):
     """The op's result: `args` (omitted ones take their defaults) checked, the backend selected
-    (`backend=`, env, platform default), run."""
-    decl = OPS[op]
-    return run_bound(decl, _bound(decl, args), backend)
+    (`backend=`, env, platform default), run: the public op's own path."""
+    return _ENTRIES[op](**args, backend=backend)
 
 
-def run_bound(decl, a: dict, backend=None):
-    """`run` of a dict holding every argument of op `decl` by name (a public function's locals)."""
-    op = decl.name
-    key = checkmemo.signature(decl, a, backend)
-    passed = checkmemo.lookup(key)
+def _run(decl, a: dict, backend, key, passed):
+    """A call that is not a remembered choice: checks (replayed from `passed` where it is not None), the
+    backend selected, the choice remembered under `key` where it is a function of it, run."""
     a = checkmemo.check(decl, a, key, passed)
-    if passed is not None and passed.run is not None:  # Backend.run, on the backend chosen before
-        return passed.run(**a)
-    call = Call(op, a, platform_of(a[decl.primary]))
+    call = Call(decl.name, a, platform_of(a[decl.primary]))
     chosen = registry.select(call, backend)
     if key is not None and checkmemo.keeps_choice(chosen) and registry.first_choice(call, backend) == chosen.name:
         checkmemo.remember_backend(key, chosen)
     return chosen.run(call)
+
+
+_ENTRIES: dict = {}  # op name -> its public function
+
+
+def entry(fn, compiled):
+    """The public op declared as `fn` (its name, signature and docstring; its body is not run), generated
+    from the op table: under torch.compile `compiled(op, args)` (one custom op, library.compiled); a call
+    whose signature passed before on a kept backend (checkmemo.py) its signature, the replayed checks and
+    the backend's function, no other Python between; any other call `_run`. Helper names start with `_`
+    (no argument's name does)."""
+    decl = OPS[fn.__name__]
+    positional = [a.name for a in decl.args if not a.keyword]  # the declaration lists them first
+    keyword = [a.name for a in decl.args if a.keyword]
+    names = ", ".join(decl.names)
+    source = "\n".join([
+        f"def {decl.name}({', '.join(positional + ['*'] + keyword + ['backend'])}):",
+        "    _a = {" + ", ".join(f"{n!r}: {n}" for n in decl.names) + "}",
+        "    if _is_compiling():  # dynamo records one custom op; the dispatch below runs inside it",
+        f"        return _compiled({decl.name!r}, {{**_a, 'backend': backend}})",
+        f"    _key = _signature({names}, backend)",
+        "    _passed = _lookup(_key)",
+        "    if _passed is not None and _passed.run is not None:  # Backend.run, on the backend chosen before",
+        "        return _passed.run(**_check(_decl, _a, _key, _passed))",
+        "    return _run(_decl, _a, backend, _key, _passed)",
+    ])
+    scope = dict(_is_compiling=torch.compiler.is_compiling, _compiled=compiled, _signature=checkmemo.keyer(decl),
+                 _lookup=checkmemo.lookup, _check=checkmemo.check, _run=_run, _decl=decl)
+    exec(source, scope)  # noqa: S102 - source built above from the op table, nothing from a caller
+    public = scope[decl.name]
+    public.__defaults__, public.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__
+    public.__doc__, public.__module__, public.__qualname__ = fn.__doc__, fn.__module__, fn.__qualname__
+    _ENTRIES[decl.name] = public
+    return public

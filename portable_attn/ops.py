@@ -11,16 +11,13 @@ import math
 import re
 import textwrap
 
-import torch
-
 from . import dispatch
 from .dispatch import make_call  # noqa: F401  (tools and tests build checked calls with it)
-from .optable import OPS
 
 INF = math.inf
 
 
-# Argument descriptions several ops share: a docstring line `{name}` stands for _SHARED[name] (`_documented`).
+# Argument descriptions several ops share: a docstring line `{name}` stands for _SHARED[name] (`_public`).
 _SHARED = {
     "max_seqlen": "max_seqlen_q, max_seqlen_k: optional host ints, at least the longest query / key count (a grid "
                   "size\n    without a device-to-host sync; default None).",
@@ -48,23 +45,21 @@ _SHARED["sequence_states"] = "\n".join(_SHARED[n] for n in ("output_final_state"
                                                              "cu_seqlens"))
 
 
-def _documented(fn):
-    """`fn` with each `{name}` line of its docstring replaced by _SHARED[name], at that line's indent."""
+def _public(fn):
+    """The public op declared by `fn`: its signature and docstring (each `{name}` line replaced by
+    _SHARED[name], at that line's indent), the function itself generated from the op table
+    (dispatch.entry: check, select, run)."""
     fn.__doc__ = re.sub(r"^( *)\{(\w+)\}$", lambda m: textwrap.indent(_SHARED[m[2]], m[1]), fn.__doc__,
                         flags=re.MULTILINE)
-    return fn
+    return dispatch.entry(fn, _compiled)
 
 
-def _dispatch(op: str, local: dict):
-    """`local`: the public function's locals(), i.e. every argument by name, `backend` included."""
-    if torch.compiler.is_compiling():  # dynamo records one custom op; the dispatch below runs inside it
-        from .library import compiled
-        return compiled(op, local)
-    backend = local.pop("backend")
-    return dispatch.run_bound(OPS[op], local, backend)
+def _compiled(op: str, args: dict):
+    from .library import compiled  # the torch.library ops are registered on first use
+    return compiled(op, args)
 
 
-@_documented
+@_public
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, window_size=(-1, -1), softcap=0.0, sinks=None, softmax_scale=None, block_mask=None,
               return_lse=False, out=None, backend=None):
@@ -98,10 +93,9 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         >>> o.shape, lse.shape
         (torch.Size([6, 4, 16]), torch.Size([4, 6]))
     """
-    return _dispatch("attention", locals())
 
 
-@_documented
+@_public
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q=None, max_seqlen_q=None,
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None, backend=None):
@@ -137,10 +131,9 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
         >>> pa.paged_attention(q, k_cache, v_cache, block_table, seqused_k).shape
         torch.Size([2, 8, 64])
     """
-    return _dispatch("paged_attention", locals())
 
 
-@_documented
+@_public
 def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
     """Write new keys and values into a paged KV cache, in place (vLLM's reshape_and_cache).
 
@@ -164,10 +157,9 @@ def write_kv_cache(k, v, k_cache, v_cache, slot_mapping, *, backend=None):
         >>> torch.equal(k_cache[1, 1], k[0]), torch.equal(v_cache[2, 8], v[2])
         (True, True)
     """
-    return _dispatch("write_kv_cache", locals())
 
 
-@_documented
+@_public
 def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, softcap=0.0, sinks=None,
                      softmax_scale=None, return_lse=False, out=None, backend=None):
     """Top-k / index-selected attention (DeepSeek DSA, NSA's selection branch).
@@ -198,10 +190,9 @@ def sparse_attention(q, k, v, indices, *, cu_seqlens_q=None, cu_seqlens_k=None, 
         >>> pa.sparse_attention(q, k, v, indices).shape
         torch.Size([4, 4, 32])
     """
-    return _dispatch("sparse_attention", locals())
 
 
-@_documented
+@_public
 def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks=None, return_lse=False, out=None, backend=None):
     """Merge two attention results over disjoint key sets of the same queries by their lse (vLLM's
     merge_attn_states): context-parallel attention, prefix + suffix of chunked prefill, cascade attention.
@@ -234,10 +225,9 @@ def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks=None, return_lse=Fal
         >>> torch.allclose(o, pa.attention(q, k, v), atol=1e-5)
         True
     """
-    return _dispatch("merge_attention_states", locals())
 
 
-@_documented
+@_public
 def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None, out=None, backend=None):
     """(Gated) linear attention: linear attention, RetNet / lightning (constant g), simple GLA, GLA.
@@ -271,10 +261,9 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
         >>> o.shape, state.shape
         (torch.Size([10, 2, 32]), torch.Size([2, 2, 16, 32]))
     """
-    return _dispatch("linear_attention", locals())
 
 
-@_documented
+@_public
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None, backend=None):
     """One decode token per sequence of `linear_attention`; the state cache is updated in place.
 
@@ -300,10 +289,9 @@ def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=N
         >>> pa.linear_attention_step(q, k, v, state=state, state_indices=rows).shape
         torch.Size([3, 2, 32])
     """
-    return _dispatch("linear_attention_step", locals())
 
 
-@_documented
+@_public
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
                      state_indices=None, has_initial_state=None, cu_seqlens=None, use_qk_l2norm=False, out=None,
                      backend=None):
@@ -343,10 +331,9 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
         >>> o.shape, bool(cache[1].abs().sum() > 0)             # row 1 now holds the final state
         (torch.Size([12, 2, 16]), True)
     """
-    return _dispatch("gated_delta_rule", locals())
 
 
-@_documented
+@_public
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None, backend=None):
     """One decode token per sequence of `gated_delta_rule`; the state cache is updated in place.
@@ -375,10 +362,9 @@ def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=
         >>> pa.gated_delta_rule_step(q, k, v, g, beta, state=state, state_indices=rows).shape
         torch.Size([2, 2, 16])
     """
-    return _dispatch("gated_delta_rule_step", locals())
 
 
-@_documented
+@_public
 def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF), initial_state=None,
         output_final_state=False, state_indices=None, has_initial_state=None, cu_seqlens=None, out=None,
         backend=None):
@@ -420,10 +406,9 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
         >>> y.shape
         torch.Size([10, 4, 16])
     """
-    return _dispatch("ssd", locals())
 
 
-@_documented
+@_public
 def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False, dt_limit=(0.0, INF),
              state_indices=None, out=None, backend=None):
     """One decode token per sequence of `ssd` (mamba's selective_state_update); the state cache is updated
@@ -457,10 +442,9 @@ def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus
         ...             state_indices=torch.tensor([4, 1], dtype=torch.int32)).shape
         torch.Size([2, 4, 16])
     """
-    return _dispatch("ssd_step", locals())
 
 
-@_documented
+@_public
 def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, output_final_state=False,
                   state_indices=None, has_initial_state=None, cu_seqlens=None, out=None, backend=None):
     """Depthwise causal conv1d over packed sequences (the short convolution before Mamba / delta-rule mixers).
@@ -492,10 +476,9 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
         >>> y.shape, state.shape
         (torch.Size([9, 64]), torch.Size([1, 64, 3]))
     """
-    return _dispatch("causal_conv1d", locals())
 
 
-@_documented
+@_public
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None,
                        backend=None):
     """One decode token per sequence of `causal_conv1d`; the state cache is updated in place (shifted by one).
@@ -521,4 +504,3 @@ def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_in
         >>> y_next.shape, state.shape
         (torch.Size([1, 64]), torch.Size([1, 64, 3]))
     """
-    return _dispatch("causal_conv1d_step", locals())
