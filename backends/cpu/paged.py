@@ -43,7 +43,7 @@ def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
     """Decode where each query sees all its sequence's keys (no binding window, mask or softcap), every
     sequence has one and the block-padded gather fits one batch: o [S, Hq, Dv] and lse [Hq, S] from one
     kernel call on token-gathered keys, or None when the call is not of this kind. A sequence's keys are
-    padded with copies of its last key, masked out: no slot it does not use is read (nothing to clear).
+    padded with copies of its first key, masked out: no slot it does not use is read (nothing to clear).
     The index arithmetic runs in NumPy on views of the int32 tables (a torch op costs several us)."""
     nseq, (nb, bs, hkv, d), dv = q.shape[0], k_cache.shape, v_cache.shape[3]
     if not nseq or opts.block_mask is not None or opts.softcap != 0 or d != dv:
@@ -56,15 +56,15 @@ def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
     nk = -(-most // bs) * bs  # keys per sequence, block-padded
     if nseq * nk * hkv * (d + dv) * k_cache.element_size() > GATHER_BUDGET or not _flat(k_cache, v_cache):
         return None
-    cols = np.arange(nk)
-    block, slot = np.divmod(np.minimum(cols, used[:, None] - 1), bs)  # [S, nk] key positions (padding: the last)
-    ids = torch.from_numpy((np.take_along_axis(block_table.numpy(), block, 1).astype(np.int64) * bs + slot).ravel())
+    slots = (block_table.numpy()[:, :nk // bs, None].astype(np.int64) * bs + np.arange(bs)).reshape(nseq, nk)
+    bias = None
+    if least != nk:  # padding: each sequence's first key again (so no slot it does not use is read), masked out
+        seen = np.arange(nk) < used[:, None]                                  # [S, nk]
+        slots = np.where(seen, slots, slots[:, :1])
+        bias = torch.from_numpy(np.where(seen, np.float32(0), np.float32(-np.inf))[:, None, None]).to(q.dtype)
+    ids = torch.from_numpy(slots.ravel())
     kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buffer(f"paged.{n}", (ids.shape[0], hkv, d),
               c.dtype)).view(nseq, nk, hkv, d).transpose(1, 2) for n, c in (("k", k_cache), ("v", v_cache)))
-    bias = None
-    if least != nk:  # padding to mask: [S, 1, 1, nk], broadcast over heads and query rows
-        pad = np.where(cols < used[:, None], np.float32(0), np.float32(-np.inf))[:, None, None]
-        bias = torch.from_numpy(pad).to(q.dtype)
     qg = unit(q).reshape(nseq, hkv, q.shape[1] // hkv, d)  # [S, Hkv, g, D]: a kv head's g query heads as rows
     ot, lt = flash(qg, kt, vt, 0.0, False, attn_mask=bias, scale=opts.scale)
     ot, lt = add_sinks(ot.view(nseq, q.shape[1], 1, d), lt.reshape(nseq, q.shape[1], 1), opts.sinks)
