@@ -234,3 +234,24 @@ def test_a_growing_max_seqlen_keeps_the_signature_and_its_value(checked, monkeyp
             make_call("paged_attention", short)
     with pytest.raises(ValueError, match="max_seqlen_k: expected a non-negative int or None, got -1"):
         make_call("paged_attention", paged_args() | dict(max_seqlen_k=-1))
+
+
+def test_values_of_undeclared_types_are_checked_but_not_remembered():
+    """A NumPy float where a float is declared passes the checks (a real number) and gets the same result,
+    but its signature is not kept: only plain Python values are."""
+    np = pytest.importorskip("numpy")
+    args = attn_args(softcap=np.float64(2.0))
+    got = pa.attention(**args, backend="cpu")
+    assert not checkmemo._PASSED
+    torch.testing.assert_close(got, pa.attention(**attn_args(softcap=2.0), backend="cpu"))
+
+
+def test_public_ops_keep_their_declared_signatures_and_docs():
+    """The public ops are generated (dispatch.entry): name, docstring and defaults are the declared ones."""
+    import inspect
+    assert pa.attention.__name__ == "attention" and pa.attention.__doc__.startswith("Scaled dot-product")
+    params = inspect.signature(pa.causal_conv1d).parameters
+    assert params["bias"].kind is inspect.Parameter.POSITIONAL_OR_KEYWORD and params["bias"].default is None
+    assert params["backend"].kind is inspect.Parameter.KEYWORD_ONLY
+    with pytest.raises(TypeError, match="unexpected keyword argument 'causl'"):
+        pa.attention(*attn_args().values(), causl=True)
