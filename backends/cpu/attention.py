@@ -133,7 +133,7 @@ def _one_query(q, k, v, scale, sinks, return_lse):
     if sinks is not None:
         ot, lt = add_sinks(ot.reshape(1, hq, 1, -1), lt.reshape(1, hq, 1), sinks)
         ot = ot.to(q.dtype)  # the sinks' weights are float32
-    o = ot.view(1, hq, ot.shape[-1])
+    o = ot.view(1, hq, ot.shape[-1]).contiguous()  # Dv < D: a slice of the padded kernel output
     return (o, lt.reshape(hq, 1)) if return_lse else o
 
 

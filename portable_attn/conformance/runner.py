@@ -128,6 +128,8 @@ def run_backend(backend: str, case: Case, inputs: dict, out_like: torch.Tensor |
     problem = tensors.written_outside(gaps) or untouched_rows(case.op, before, mine)
     if not problem and "out" in mine and got["out"].data_ptr() != mine["out"].data_ptr():
         problem = "out=: the result is not the tensor passed as out="
+    if not problem and "out" not in mine and "out" in got and not got["out"].is_contiguous():
+        problem = f"out: a new output must be contiguous, got strides {tuple(got['out'].stride())}"
     for name, arg in IN_PLACE.items():
         if name in got and arg in masks:
             got[name] = invisible.restore(got[name], inputs[arg], masks[arg])

@@ -44,6 +44,15 @@ def _unwritten(op, args, result):
     return result
 
 
+def _strided_new_output(op, args, result):
+    """A new output (no out= given) returned as a transposed copy: right values, not contiguous."""
+    o = _first(result)
+    if args.get("out") is None and o is not None and o.dim() > 1:
+        o = o.transpose(-1, -2).contiguous().transpose(-1, -2)
+        return (o, *result[1:]) if isinstance(result, tuple) else o
+    return result
+
+
 def _touch_other_rows(op, args, result):
     cache = args.get("state") if op.endswith("_step") else args.get("initial_state")
     idx = args.get("state_indices")
@@ -125,6 +134,7 @@ def test_reference_itself_passes(with_backend):
     (Mutant("sinks", before=_drop_sinks), ["attention", "paged_attention", "sparse_attention",
                                                      "merge_attention_states"], ""),
     (Mutant("gqa", before=_wrong_gqa), ["attention"], ""),
+    (Mutant("strided_new_output", after=_strided_new_output), ["attention", "ssd"], "must be contiguous"),
 ])
 def test_planted_bug_is_caught(with_backend, mutant, ops, expect):
     name = with_backend(mutant)
