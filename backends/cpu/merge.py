@@ -20,7 +20,7 @@ def merge_attention_states(o_a, lse_a, o_b, lse_b, *, sinks=None, return_lse=Fal
     total = torch.where(lse > -math.inf, lse, 0.0)                                 # Z == 0: both weights 0
     o = _weighted(o_a, la, total) + _weighted(o_b, lb, total)
     if out is None:
-        out = o.to(o_a.dtype)
+        out = o_a.new_empty(o.shape).copy_(o)  # new and contiguous (o follows the strides of lse^T)
     else:
         out.copy_(o)
     return (out, lse) if return_lse else out
