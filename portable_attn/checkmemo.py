@@ -5,10 +5,10 @@ its type and value; beyond those only index *values* and, for `out`, the memory 
 whose signature (those fields of every argument) matches one that passed its checks passes them too,
 with the same normalised arguments: a hit replays them (scales, windows, the default `state_indices`)
 and runs only what a signature cannot hold, the `out` overlap check. Each op's signature is one tuple
-expression generated from its declaration (`_keyer`): a decode step makes dozens of calls. A call whose index values are
-checked (an index tensor given and `checks.index_checks_enabled()`) is replayed too where its op
-declares those checks on their own (`Op.values`), which then run on every call; otherwise it takes the
-full checks, as do calls with a BlockMask and calls whose signature is not hashable.
+expression generated from its declaration (`_keyer`): a decode step makes dozens of calls. A call whose
+index values are checked (an index tensor given and `checks.index_checks_enabled()`) is replayed too
+where its op declares those checks on their own (`Op.values`), which then run on every call; otherwise
+it takes the full checks, as do calls with a BlockMask and calls whose signature is not hashable.
 
 The backend chosen for a signature is kept too where the choice is a function of it: the signature
 then also holds `backend=`, the environment variables selection reads, grad mode and each tensor's
@@ -99,7 +99,8 @@ def _keyer(decl):
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
                  else " or ".join(f"{a.name} is not None" for a in index))
         lines.append(f"    if {given}:  # index values: unchecked, or checked by the op's `values` on every call")
-        lines.append(f"        _values = type({decl.primary}) in _TENSOR_TYPES and _index_checks_enabled({decl.primary})")
+        primary = decl.primary
+        lines.append(f"        _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
         if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
             lines += ["        if _values:", "            return None"]
         lines.append("        return (*_key, _VALUES if _values else None)")

@@ -8,9 +8,9 @@ from typing import NamedTuple
 import torch
 
 from . import blockvis
-from .workspace import buffer
 from .tiles import (add_sinks, attend, band_vis, block_keys, bounds, clear, flash, heads_first, lse_rows, merge,
                     store, unit, unseen)
+from .workspace import buffer
 
 TILE = 256      # query rows per tile (x the GQA group once packed): measured on a 2-core AVX-512 host,
 MIN_TILE = 64   # fp32 flat over 64..256, bf16 best at 256; a narrower window gets tiles about its width

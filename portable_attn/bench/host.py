@@ -65,18 +65,18 @@ def _sdpa_decode(args, sizes):
 def _gather_flash(args, sizes):
     """The cpu backend's paged decode of a batch that fits one gather (backends/cpu/paged.py), its index
     arithmetic done in setup: each sequence's keys and values copied token by token into buffers kept
-    from setup (index_select; a sequence shorter than the longest padded with copies of its last key),
+    from setup (index_select; a sequence shorter than the longest padded with copies of its first key),
     then one kernel call, the padding masked by an additive bias built in setup."""
     q, k_cache, v_cache, table, used = (args[n] for n in ("q", "k_cache", "v_cache", "block_table", "seqused_k"))
     nseq, (nb, bs, hkv, d) = table.shape[0], k_cache.shape
     nk = -(-int(used.max()) // bs) * bs
     cols = torch.arange(nk)
-    pos = torch.minimum(cols, used.long()[:, None] - 1)  # [S, nk]: the padding reads the last key
+    seen = cols < used.long()[:, None]  # [S, nk]
+    pos = torch.where(seen, cols, 0)  # the padding reads the first key
     ids = (table.long().gather(1, pos // bs) * bs + pos % bs).flatten()
     bufs = [c.new_empty(ids.shape[0], hkv, c.shape[3]) for c in (k_cache, v_cache)]
     qg = q.view(nseq, hkv, -1, d)  # [S, Hkv, g, D]
-    bias = torch.zeros(nseq, 1, 1, nk, dtype=q.dtype).masked_fill_((cols >= used.long()[:, None])[:, None, None],
-                                                                   float("-inf"))  # [S, 1, 1, nk]
+    bias = torch.zeros(nseq, 1, 1, nk, dtype=q.dtype).masked_fill_(~seen[:, None, None], float("-inf"))
 
     def step():
         kt, vt = (torch.index_select(c.view(nb * bs, hkv, -1), 0, ids, out=buf).view(nseq, nk, hkv, -1)
