@@ -333,6 +333,8 @@ _SIGNATURES = {
 
 
 def _matches(fn, name: str) -> bool:
+    if isinstance(fn, torch.nn.Module):  # transformers >= 5.25 wraps them in a hub-kernel module: its forward
+        fn = fn.forward
     params = tuple(inspect.signature(inspect.unwrap(fn)).parameters)
     return params[:len(_SIGNATURES[name])] == _SIGNATURES[name]
 
