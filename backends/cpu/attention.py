@@ -7,7 +7,7 @@ from typing import NamedTuple
 
 import torch
 
-from . import blockvis
+from . import blockvis, native
 from .tiles import (add_sinks, attend, band_vis, block_keys, bounds, clear, flash, heads_first, lse_rows, merge,
                     store, unit, unseen)
 from .workspace import buffer
@@ -34,6 +34,10 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
             and not 0 <= window_size[0] < k.shape[0] - 1):  # decode: one query that sees every key
         return _one_query(q, k, v, softmax_scale, sinks, return_lse)
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
+    if block_mask is None and one_query_each(q, cu_seqlens_q, max_seqlen_q):  # other decode: the compiled kernel
+        done = native.decode(q, k[:, None], v[:, None], opts, return_lse, out, cu_seqlens_k=cu_seqlens_k)
+        if done is not None:
+            return done
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     if cu_seqlens_q is None and cu_seqlens_k is None:  # one sequence: no slicing (decode-sized calls count us)
@@ -46,6 +50,14 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     for s, ((qs, qe), (ks, ke)) in enumerate(seqs):
         sequence(opts, s, q[qs:qe], k[ks:ke], v[ks:ke], 0, ke - ks, o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
+
+
+def one_query_each(q, cu_seqlens_q, max_seqlen_q) -> bool:
+    """Whether every sequence has exactly one query (at its last key's position, causal or not); without
+    cu_seqlens_q, whether q holds one."""
+    if cu_seqlens_q is None:
+        return q.shape[0] == 1
+    return q.shape[0] == cu_seqlens_q.shape[0] - 1 and (max_seqlen_q == 1 or bool((cu_seqlens_q.diff() == 1).all()))
 
 
 def binding_window(opts: Options, lq: int, lk: int) -> tuple[int, int]:
@@ -121,7 +133,7 @@ def _uniform(opts, q, k, v, n, o, lse):
 
 
 def _one_query(q, k, v, scale, sinks, return_lse):
-    """Decode: q [1, Hq, D] over every key, one kernel call on views whose result is the output itself
+    """Decode: q [1, Hq, D] over every key, one flash-kernel call on views whose result is the output itself
     (o [1, Hq, Dv] and lse [Hq, 1] are views of the kernel's [1, Hkv, g, Dv] and [1, Hkv, g])."""
     hq, hkv, d = q.shape[1], k.shape[1], q.shape[2]
     if k.shape[0] and v.shape[2] == d:  # the common case in as few torch calls as it takes

@@ -1,12 +1,15 @@
-"""paged_attention and write_kv_cache on the CPU. Only the cache blocks a sequence can see (its window's,
-with one) are gathered; chunked prefill then runs the attention core per sequence, and decode runs
-batches of sequences through one kernel call each."""
+"""paged_attention and write_kv_cache on the CPU. Decode (one query per sequence) runs the compiled kernel
+of decode.cpp, which reads each visible cache row once in place. Otherwise (a block mask, chunked prefill,
+or no compiled kernel: native.py) only the cache blocks a sequence can see (its window's, with one) are
+gathered; chunked prefill then runs the attention core per sequence, and decode runs batches of sequences
+through one flash-kernel call each."""
 from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .attention import Options, first_key, sequence
+from . import native
+from .attention import Options, first_key, one_query_each, sequence
 from .tiles import add_sinks, attend, bounds, clear, flash, lse_rows, store, unit, unseen
 from .workspace import buffer
 
@@ -17,6 +20,11 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
+    decode = cu_seqlens_q is None or one_query_each(q, cu_seqlens_q, max_seqlen_q)
+    if decode and block_mask is None:  # one query per sequence, at its last position: the compiled kernel
+        done = native.decode(q, k_cache, v_cache, opts, return_lse, out, block_table, seqused_k)
+        if done is not None:
+            return done
     if cu_seqlens_q is None:
         plain = _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k)
         if plain is not None:
@@ -27,7 +35,7 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     lens = seqused_k.tolist()
-    if cu_seqlens_q is None or q.shape[0] == len(lens) and bool((cu_seqlens_q.diff() == 1).all()):  # decode
+    if decode:
         _decode(opts, q, k_cache, v_cache, block_table, seqused_k, lens, o, lse)
     else:
         bs = k_cache.shape[1]

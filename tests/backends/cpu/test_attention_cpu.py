@@ -96,7 +96,9 @@ def test_dense_causal_uses_one_kernel_call(kernel_calls):
 
 
 def test_paged_window_gathers_only_window_blocks(monkeypatch):
-    """Decode with a window of 10 over 500 keys in blocks of 8 reads 2-3 blocks, not 63."""
+    """Decode with a window of 10 over 500 keys in blocks of 8 reads 2-3 blocks, not 63 (the torch path;
+    test_native_cpu.py proves the compiled kernel's window)."""
+    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
     gathered = []
     real = tiles.attend
     monkeypatch.setattr(cpu_paged, "attend", lambda q, k, *a: gathered.append(k.shape[2]) or real(q, k, *a))

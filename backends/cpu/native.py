@@ -1,0 +1,73 @@
+"""The cpu backend's compiled kernels (decode.cpp), built on first use with torch's C++ extension builder
+for the vector width of this machine and kept in torch's extension cache (one build per machine and
+source). Where they cannot be built (no C++ compiler or ninja) or PORTABLE_ATTN_CPU_NATIVE=0, `kernels()`
+is None, `decode` returns None and the callers take their torch paths; the reason is logged once."""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import pathlib
+import re
+
+import torch
+
+from portable_attn import envs
+
+from .workspace import buffer
+
+log = logging.getLogger("portable_attn")
+
+SOURCE = pathlib.Path(__file__).with_name("decode.cpp")
+# Compiler flags per torch CPU capability: ATen's Vectorized<float> is as wide as the macros say.
+FLAGS = {
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY=AVX512", "-DCPU_CAPABILITY_AVX512"],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY=AVX2", "-DCPU_CAPABILITY_AVX2"],
+}
+
+
+def kernels():
+    """The compiled module, or None where it is switched off or cannot be built."""
+    return _built() if envs.PORTABLE_ATTN_CPU_NATIVE else None
+
+
+def decode(q, k_cache, v_cache, opts, return_lse: bool, out, block_table=None, seqused_k=None, cu_seqlens_k=None):
+    """One query per sequence, q [S, Hq, D], at the position of its sequence's last key, by the compiled
+    kernel: keys paged (caches [NB, BS, Hkv, D|Dv], block_table, seqused_k) or packed (k/v [T, 1, Hkv, D|Dv],
+    cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when given) and lse [Hq, S] as the op returns
+    them, or None where the kernel is not built. `opts`: attention.Options (no block mask)."""
+    built = kernels()
+    if built is None:
+        return None
+    o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
+    shape = (q.shape[1], q.shape[0])
+    lse = torch.empty(shape, dtype=torch.float32) if return_lse else buffer("decode.lse", shape, torch.float32)
+    sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
+    built.decode(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, opts.scale, opts.window[0],
+                 float(opts.softcap), o, lse)
+    return (o, lse) if return_lse else o
+
+
+@functools.cache
+def _built():
+    from torch.utils import cpp_extension
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    # one build per vector width and torch release (venvs of two torch versions share torch's cache folder)
+    name = re.sub(r"\W", "_", f"portable_attn_cpu_{capability.lower()}_torch{torch.__version__}")
+    try:
+        where = cpp_extension._get_build_directory(name, verbose=False)  # torch's own folder for it (made if new)
+    except AttributeError:  # a private helper of torch's builder: without it, no first-build warning
+        where = None
+    if where is not None and not os.path.exists(os.path.join(where, f"{name}.so")):  # say why this call waits
+        log.warning("portable_attn: building the cpu backend's kernels for %s in %s (once per machine and "
+                    "source, about 40 s on 2 cores)", capability, where)
+    try:
+        flags = ["-O3", "-fopenmp", *FLAGS.get(capability, [])]
+        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+    except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
+        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode takes its "
+                    "torch path. Install a C++ compiler and ninja to build them.",
+                    str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
+        return None

@@ -1,0 +1,129 @@
+"""The cpu backend's compiled decode kernel (backends/cpu/native.py, decode.cpp) for paged_attention and
+attention, and the torch paths it replaces: both pass the conformance cases, and a machine that cannot
+build it falls back."""
+import logging
+import math
+
+import pytest
+import torch
+
+import portable_attn as pa
+from portable_attn.backends.cpu import native
+from portable_attn.conformance import FULL, catalogue, run_case
+from tests.backends.cpu.test_host_paths_cpu import nan_padded
+
+CASES = [c for c in catalogue(FULL, ["paged_attention", "attention"])
+         if c.op == "paged_attention" or "decode" in c.name]  # attention's decode cases: the kernel's calls
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the compiled kernel's calls (skips where this machine cannot build it)."""
+    built = native.kernels()
+    if built is None:
+        pytest.skip("the cpu backend's compiled kernels cannot be built here (see the logged reason)")
+    calls = []
+
+    class Spy:
+        def decode(self, *args):
+            calls.append(args)
+            return built.decode(*args)
+
+    monkeypatch.setattr(native, "_built", Spy)
+    return calls
+
+
+@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_torch_path_conforms(case, dtype, monkeypatch):
+    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
+    res = run_case("cpu", case, dtype)
+    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
+
+
+def _decode_call(dtype, gen):
+    nb, bs, hkv, d = 24, 16, 2, 64
+    k_cache, v_cache = (torch.randn(nb, bs, hkv, d, generator=gen).to(dtype) for _ in range(2))
+    table = torch.randperm(nb, generator=gen).view(3, 8).to(torch.int32)
+    return dict(q=torch.randn(3, 8, d, generator=gen).to(dtype), k_cache=k_cache, v_cache=v_cache,
+                block_table=table, seqused_k=torch.tensor([100, 1, 128], dtype=torch.int32))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_decode_runs_compiled_kernel(spy, dtype, monkeypatch):
+    args = _decode_call(dtype, torch.Generator().manual_seed(1))
+    kwargs = dict(window_size=(40, 0), softcap=20.0, sinks=torch.randn(8), return_lse=True, backend="cpu")
+    o, lse = pa.paged_attention(**args, **kwargs)
+    assert len(spy) == 1
+    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
+    o_torch, lse_torch = pa.paged_attention(**args, **kwargs)
+    assert len(spy) == 1
+    o_ref, lse_ref = pa.paged_attention(**{n: x.double() if x.is_floating_point() else x for n, x in args.items()},
+                                        **{**kwargs, "backend": "reference"})
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (o.double() - o_ref).abs().max() <= tol and (lse.double() - lse_ref).abs().max() <= tol
+    assert (o_torch.double() - o_ref).abs().max() <= tol
+
+
+def test_unbuildable_falls_back(monkeypatch, caplog):
+    from torch.utils import cpp_extension
+
+    def no_compiler(**_):
+        raise RuntimeError("Ninja is required to load C++ extensions")
+
+    monkeypatch.setattr(cpp_extension, "load", no_compiler)
+    native._built.cache_clear()
+    try:
+        with caplog.at_level(logging.WARNING, logger="portable_attn"):
+            assert native.kernels() is None
+        assert "compiled kernels are unavailable (Ninja is required" in caplog.text
+        args = _decode_call(torch.float32, torch.Generator().manual_seed(2))
+        o = pa.paged_attention(**args, backend="cpu")
+        ref = pa.paged_attention(**{n: x.double() if x.is_floating_point() else x for n, x in args.items()},
+                                 backend="reference")
+        assert (o.double() - ref).abs().max() <= 1e-5
+    finally:
+        native._built.cache_clear()  # the next use builds (or loads the cached build) again
+
+
+def test_window_reads_only_its_keys(spy):
+    """Decode with a window of 10 over 500 keys: every other cache row NaN, the output as without them."""
+    gen = torch.Generator().manual_seed(3)
+    k_cache, v_cache = (torch.randn(70, 8, 2, 16, generator=gen) for _ in range(2))
+    table = torch.randperm(70, generator=gen)[:63].to(torch.int32)[None]
+    args = dict(q=torch.randn(1, 4, 16, generator=gen), block_table=table,
+                seqused_k=torch.tensor([500], dtype=torch.int32), window_size=(9, 0), backend="cpu")
+    expected = pa.paged_attention(k_cache=k_cache, v_cache=v_cache, **args)
+    slots = table[0].long()[:, None] * 8 + torch.arange(8)  # [63, 8]: the slot of each key position
+    keep = slots.flatten()[490:500]
+    for cache in (k_cache, v_cache):
+        flat = cache.view(-1, 2, 16)
+        kept = flat[keep].clone()
+        flat.fill_(math.nan)
+        flat[keep] = kept
+    got = pa.paged_attention(k_cache=k_cache, v_cache=v_cache, **args)
+    assert len(spy) == 2 and torch.isfinite(got).all()
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("varlen", [False, True])
+def test_attention_decode_runs_compiled_kernel(spy, dtype, varlen):
+    """Decode through `attention` (one query per sequence, at its last key): strided views with NaN between
+    rows and heads, a window, softcap and sinks, a NaN-filled out= written fully; one kernel call, output
+    and lse as the reference's."""
+    gen = torch.Generator().manual_seed(4)
+    lens = [37, 1, 0, 64] if varlen else [50]
+    q, k, v = (nan_padded(torch.randn(n, h, 16, generator=gen).to(dtype))
+               for n, h in ((len(lens), 4), (sum(lens), 2), (sum(lens), 2)))
+    cu = dict(cu_seqlens_q=torch.arange(len(lens) + 1, dtype=torch.int32),
+              cu_seqlens_k=torch.tensor([0, *lens], dtype=torch.int32).cumsum(0).to(torch.int32)) if varlen else {}
+    kwargs = dict(causal=True, window_size=(20, 0), softcap=15.0, sinks=torch.randn(4, generator=gen), return_lse=True,
+                  **cu)
+    out = torch.full((len(lens), 4, 16), math.nan, dtype=dtype)
+    o, lse = pa.attention(q, k, v, **kwargs, out=out, backend="cpu")
+    assert o is out and len(spy) == 1
+    ro, rlse = pa.attention(q.double(), k.double(), v.double(), **kwargs, backend="reference")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (o.double() - ro).abs().max() <= tol and (lse.double() - rlse).abs().max() <= tol
+
