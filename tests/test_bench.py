@@ -267,7 +267,7 @@ def test_fla_step_mappings_refuse_a_state_cache_out_of_order():
 
 # The host case: each op at decode sizes beside the kernel it ends in, checks on and off.
 
-HOST_KERNELS = {"attention": ["aten-flash", "sdpa"], "paged_attention": ["gather+flash"]}
+HOST_KERNELS = {"attention": ["aten-flash", "sdpa", "decode.cpp"], "paged_attention": ["decode.cpp", "gather+flash"]}
 
 
 def host_rows(op: str) -> dict:

@@ -4,7 +4,7 @@ For each point of `cases.host_case` (one op at the sizes of one model layer) eve
   <backend>          the public op, checks on (PORTABLE_ATTN_CHECK=1),
   <backend> check=0  the same with PORTABLE_ATTN_CHECK=0 (set around the timed calls, not inside them),
   <backend> fn       the backend's own function on arguments already checked (`ops.make_call`),
-and, on the CPU, beside the torch kernel the cpu backend's attention and paged decode end in. A row's
+and, on the CPU, beside the kernel the cpu backend's attention and paged decode end in. A row's
 overhead is measured against its `vs` row (that kernel for the cpu backend where there is one, else the
 backend's own function) round by round: all rows of a point run round-robin, each sample `CALLS`
 consecutive calls, and the overhead is the median over rounds of the row's sample minus the `vs` row's
@@ -63,8 +63,8 @@ def _sdpa_decode(args, sizes):
 
 
 def _gather_flash(args, sizes):
-    """The cpu backend's paged decode of a batch that fits one gather (backends/cpu/paged.py), its index
-    arithmetic done in setup: each sequence's keys and values copied token by token into buffers kept
+    """The cpu backend's torch paged decode (PORTABLE_ATTN_CPU_NATIVE=0) of a batch that fits one gather, its
+    index arithmetic done in setup: each sequence's keys and values copied token by token into buffers kept
     from setup (index_select; a sequence shorter than the longest padded with copies of its first key),
     then one kernel call, the padding masked by an additive bias built in setup."""
     q, k_cache, v_cache, table, used = (args[n] for n in ("q", "k_cache", "v_cache", "block_table", "seqused_k"))
@@ -85,15 +85,43 @@ def _gather_flash(args, sizes):
     return step
 
 
-# Per op: the torch kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
+def _compiled_decode(args, sizes):
+    """The cpu backend's compiled decode kernel (backends/cpu/decode.cpp) on arguments checked in setup, into
+    output and lse tensors made in setup: paged keys, or packed ones ([T, 1, Hkv, D] views)."""
+    from portable_attn.backends.cpu import native
+
+    built = native.kernels()
+    if built is None:
+        raise impls.Refused("unavailable", "the cpu backend's compiled kernels are not built here (native.py)")
+    paged = "k_cache" in args
+    a = make_call("paged_attention" if paged else "attention", args).args
+    q = a["q"]
+    k, v, keys = ((a["k_cache"], a["v_cache"], (a["block_table"], a["seqused_k"], None)) if paged
+                  else (a["k"][:, None], a["v"][:, None], (None, None, a["cu_seqlens_k"])))
+    o, lse = q.new_empty(q.shape[0], q.shape[1], v.shape[3]), torch.empty(q.shape[1], q.shape[0])
+    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, lse)
+
+    def step():
+        kernel()
+        return o
+    return step
+
+
+_DECODE_CPP = impls.Impl("decode.cpp", "kernel", "the cpu backend's compiled decode kernel (backends/cpu/decode.cpp), "
+                         "each key and value row read once in place", _compiled_decode)
+
+
+# Per op: the kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
 KERNELS = {
     "attention": (
         impls.Impl("aten-flash", "kernel", "aten._scaled_dot_product_flash_attention_for_cpu on [1, Hkv, g, D] "
                    "query rows and [1, Hkv, Tk, D] views of the inputs: the one kernel call the cpu backend needs",
                    _flash_decode),
         impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
-                   _sdpa_decode)),
+                   _sdpa_decode),
+        _DECODE_CPP),
     "paged_attention": (
+        _DECODE_CPP,
         impls.Impl("gather+flash", "kernel", "index_select of each sequence's keys and values into buffers kept from "
                    "setup, then aten._scaled_dot_product_flash_attention_for_cpu with a padding mask built in setup",
                    _gather_flash),),
