@@ -1,6 +1,9 @@
 // Decode on the CPU: one query per sequence over its keys (listed by a block table, or packed rows), read in
-// place (no gather), each key and value row read once. Built on first use by native.py, for the
-// vector width of the machine it runs on (ATen's Vectorized<float>).
+// place (no gather), each key and value row read once, the next tile's rows prefetched. Per tile of keys and
+// kv head: the scores of its query heads in register blocks (one transpose-and-add tree for a block's sums;
+// bfloat16 pairs in the AVX512-BF16 unit where there is one), then P V with the accumulators in registers
+// across the tile. Built on first use by native.py, for the vector width of the machine it runs on (ATen's
+// Vectorized<float>).
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -20,59 +23,165 @@ const float NEG_INF = -std::numeric_limits<float>::infinity();
 float hsum(Vec x) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x); }
 float hmax(Vec x) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x); }
 
-// G query rows against one key row: out[i * stride] = q_i . k (q rows D apart), k read once per chunk.
-template <int G>
-void dots(const float* q, const float* k, int64_t d, float* out, int64_t stride) {
-  Vec acc[G];
-  for (int i = 0; i < G; ++i) acc[i] = Vec(0.f);
-  int64_t e = 0;
-  for (; e + Vec::size() <= d; e += Vec::size()) {
-    const Vec kv = Vec::loadu(k + e);
-    for (int i = 0; i < G; ++i) acc[i] = at::vec::fmadd(Vec::loadu(q + i * d + e), kv, acc[i]);
-  }
-  for (int i = 0; i < G; ++i) {
-    float r = hsum(acc[i]);
-    for (int64_t t = e; t < d; ++t) r += q[i * d + t] * k[t];
-    out[i * stride] = r;
+// Vec::size() elements of a row as float32: converted in registers where the vector width is known.
+template <typename T>
+Vec as_float(const T* p) {
+  if constexpr (std::is_same_v<T, float>) {
+    return Vec::loadu(p);
+  } else {
+#if defined(CPU_CAPABILITY_AVX512)
+    const __m256i x = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(x), 16));
+    else
+      return _mm512_cvtph_ps(x);
+#elif defined(CPU_CAPABILITY_AVX2)
+    const __m128i x = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(x), 16));
+    else
+      return _mm256_cvtph_ps(x);
+#else
+    float f[Vec::size()];
+    for (int64_t i = 0; i < Vec::size(); ++i) f[i] = static_cast<float>(p[i]);
+    return Vec::loadu(f);
+#endif
   }
 }
 
-// G accumulator rows (dv apart) += p_i v, v read once per chunk; p_i = p[i * stride].
+// Lane i of the result: the sum of a[i]'s lanes, for i < Vec::size(), in one transpose-and-add tree (a
+// horizontal sum per vector costs about three times as many shuffles).
+Vec sums(const Vec* a) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 t[8], u[4], w[2];
+  for (int i = 0; i < 8; ++i)  // per 128-bit lane: [a, b, a, b] partials of vectors 2i, 2i + 1
+    t[i] = _mm512_add_ps(_mm512_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm512_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {  // per 128-bit lane: [a, b, c, d], vectors 4i .. 4i + 4
+    const __m512d x = _mm512_castps_pd(t[2 * i]), y = _mm512_castps_pd(t[2 * i + 1]);
+    u[i] = _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(x, y)), _mm512_castpd_ps(_mm512_unpackhi_pd(x, y)));
+  }
+  for (int i = 0; i < 2; ++i)  // 128-bit lanes: vectors 8i .. 8i + 4 twice, then 8i + 4 .. 8i + 8 twice
+    w[i] = _mm512_add_ps(_mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0x88), _mm512_shuffle_f32x4(u[2 * i], u[2 * i + 1], 0xdd));
+  return _mm512_add_ps(_mm512_shuffle_f32x4(w[0], w[1], 0x88), _mm512_shuffle_f32x4(w[0], w[1], 0xdd));
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 t[4], u[2];
+  for (int i = 0; i < 4; ++i)
+    t[i] = _mm256_add_ps(_mm256_unpacklo_ps(a[2 * i], a[2 * i + 1]), _mm256_unpackhi_ps(a[2 * i], a[2 * i + 1]));
+  for (int i = 0; i < 2; ++i) {
+    const __m256d x = _mm256_castps_pd(t[2 * i]), y = _mm256_castps_pd(t[2 * i + 1]);
+    u[i] = _mm256_add_ps(_mm256_castpd_ps(_mm256_unpacklo_pd(x, y)), _mm256_castpd_ps(_mm256_unpackhi_pd(x, y)));
+  }
+  return _mm256_add_ps(_mm256_permute2f128_ps(u[0], u[1], 0x20), _mm256_permute2f128_ps(u[0], u[1], 0x31));
+#else
+  float f[Vec::size()];
+  for (int64_t i = 0; i < Vec::size(); ++i) f[i] = hsum(a[i]);
+  return Vec::loadu(f);
+#endif
+}
+
+// Scores of G query rows (q, D apart, float32, scaled) against a tile of TILE keys (k[j]: key j's row):
+// s[i * TILE + j] = q_i . k_j. Blocks of G x TILE / G (query, key) pairs, one accumulator each, so every key
+// chunk loaded serves G queries and every query chunk TILE / G keys.
+template <int G, typename T>
+void scores(const float* q, const T* const* k, int64_t d, float* s) {
+  constexpr int KB = TILE / G;
+  for (int64_t j0 = 0; j0 < TILE; j0 += KB) {
+    Vec acc[TILE];
+    for (int i = 0; i < TILE; ++i) acc[i] = Vec(0.f);
+    int64_t e = 0;
+    for (; e + Vec::size() <= d; e += Vec::size()) {
+      Vec kv[KB];
+      for (int j = 0; j < KB; ++j) kv[j] = as_float(k[j0 + j] + e);
+      for (int i = 0; i < G; ++i) {
+        const Vec qv = Vec::loadu(q + i * d + e);
+        for (int j = 0; j < KB; ++j) acc[i * KB + j] = at::vec::fmadd(qv, kv[j], acc[i * KB + j]);
+      }
+    }
+    float r[TILE];
+    sums(acc).store(r);
+    for (int i = 0; i < G; ++i)
+      for (int j = 0; j < KB; ++j) {
+        float x = r[i * KB + j];
+        for (int64_t t = e; t < d; ++t) x += q[i * d + t] * static_cast<float>(k[j0 + j][t]);  // d % Vec::size()
+        s[i * TILE + j0 + j] = x;
+      }
+  }
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// scores for bfloat16 queries (unscaled) and keys with d % 32 == 0, in the AVX512-BF16 unit where the CPU has one
+// (bf16_unit()): pairs of exact products summed in float32, no conversion; s = scale * q_i . k_j.
 template <int G>
-void axpys(float* acc, const float* p, int64_t stride, const float* v, int64_t dv) {
-  Vec pv[G];
-  for (int i = 0; i < G; ++i) pv[i] = Vec(p[i * stride]);
-  int64_t e = 0;
-  for (; e + Vec::size() <= dv; e += Vec::size()) {
-    const Vec vv = Vec::loadu(v + e);
-    for (int i = 0; i < G; ++i) at::vec::fmadd(pv[i], vv, Vec::loadu(acc + i * dv + e)).store(acc + i * dv + e);
+__attribute__((target("avx512bf16"))) void scores_bf16(const at::BFloat16* q, const at::BFloat16* const* k, int64_t d,
+                                                      float scale, float* s) {
+  constexpr int KB = TILE / G;
+  for (int64_t j0 = 0; j0 < TILE; j0 += KB) {
+    Vec acc[TILE];
+    for (int i = 0; i < TILE; ++i) acc[i] = Vec(0.f);
+    for (int64_t e = 0; e < d; e += 32) {
+      __m512bh kv[KB];
+      for (int j = 0; j < KB; ++j) kv[j] = (__m512bh)_mm512_loadu_si512(k[j0 + j] + e);
+      for (int i = 0; i < G; ++i) {
+        const __m512bh qv = (__m512bh)_mm512_loadu_si512(q + i * d + e);
+        for (int j = 0; j < KB; ++j) acc[i * KB + j] = _mm512_dpbf16_ps(acc[i * KB + j], qv, kv[j]);
+      }
+    }
+    float r[TILE];
+    (sums(acc) * Vec(scale)).store(r);
+    for (int i = 0; i < G; ++i)
+      for (int j = 0; j < KB; ++j) s[i * TILE + j0 + j] = r[i * KB + j];
+  }
+}
+
+bool bf16_unit() {
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+#endif
+
+// Accumulator rows acc[i] (dv apart) = acc[i] * c[i] + sum_j p[i * TILE + j] v_j over the tile's t keys, for
+// G rows and C vectors of columns from column e0: G x C accumulators in registers across the tile.
+template <int G, int C, typename T>
+void value_cols(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv, int64_t e0) {
+  Vec a[G][C];
+  for (int i = 0; i < G; ++i)
+    for (int x = 0; x < C; ++x) a[i][x] = Vec(0.f);
+  for (int64_t j = 0; j < t; ++j) {
+    Vec vv[C];
+    for (int x = 0; x < C; ++x) vv[x] = as_float(v[j] + e0 + x * Vec::size());
+    for (int i = 0; i < G; ++i) {
+      const Vec pv(p[i * TILE + j]);
+      for (int x = 0; x < C; ++x) a[i][x] = at::vec::fmadd(pv, vv[x], a[i][x]);
+    }
   }
   for (int i = 0; i < G; ++i)
-    for (int64_t t = e; t < dv; ++t) acc[i * dv + t] += p[i * stride] * v[t];
+    for (int x = 0; x < C; ++x) {
+      float* dst = acc + i * dv + e0 + x * Vec::size();
+      at::vec::fmadd(Vec::loadu(dst), Vec(c[i]), a[i][x]).store(dst);
+    }
 }
 
-// f(std::integral_constant<int, G>, i) over rows i .. i + G of g rows, in blocks of 8, 4, 2 and 1 rows
+template <int G, typename T>
+void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv) {
+  constexpr int C = G >= 4 ? 4 : 8;  // G x C accumulators and C value vectors fit the 32 (AVX2: 16) registers
+  int64_t e = 0;
+  for (; e + C * Vec::size() <= dv; e += C * Vec::size()) value_cols<G, C>(acc, c, p, v, t, dv, e);
+  for (; e + Vec::size() <= dv; e += Vec::size()) value_cols<G, 1>(acc, c, p, v, t, dv, e);
+  for (int i = 0; i < G; ++i)  // dv % Vec::size()
+    for (int64_t x = e; x < dv; ++x) {
+      float sum = 0.f;
+      for (int64_t j = 0; j < t; ++j) sum += p[i * TILE + j] * static_cast<float>(v[j][x]);
+      acc[i * dv + x] = acc[i * dv + x] * c[i] + sum;
+    }
+}
+
+// f(std::integral_constant<int, G>, i) over rows i .. i + G of g rows, in blocks of 4, 2 and 1 rows
 template <typename F>
 void in_blocks(int64_t g, F f) {
   int64_t i = 0;
-  for (; i + 8 <= g; i += 8) f(std::integral_constant<int, 8>{}, i);
-  if (g - i >= 4) { f(std::integral_constant<int, 4>{}, i); i += 4; }
+  for (; i + 4 <= g; i += 4) f(std::integral_constant<int, 4>{}, i);
   if (g - i >= 2) { f(std::integral_constant<int, 2>{}, i); i += 2; }
   if (g - i >= 1) f(std::integral_constant<int, 1>{}, i);
-}
-
-template <typename T>
-const float* as_float(const T* row, int64_t stride, float* buf, int64_t n) {  // a cache row as contiguous float32
-  if (stride != 1) {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i * stride]);
-    return buf;
-  }
-  if constexpr (std::is_same_v<T, float>) {
-    return row;  // read in place
-  } else {
-    for (int64_t i = 0; i < n; ++i) buf[i] = static_cast<float>(row[i]);  // unit stride: vectorised
-    return buf;
-  }
 }
 
 struct Strided {  // a cache [NB, BS, Hkv, D] read through its strides
@@ -108,9 +217,18 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int64_t u0 = used ? seqused_k->stride(0) : 0, c0 = cu ? cu_seqlens_k->stride(0) : 0;
   const auto qs = q.strides(), os = out.strides(), ls = lse.strides();
   const float cap = static_cast<float>(softcap);
+#if defined(CPU_CAPABILITY_AVX512)
+  const bool pairs = std::is_same_v<T, at::BFloat16> && D % 32 == 0 && bf16_unit();  // scores_bf16
+#else
+  const bool pairs = false;
+#endif
   at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = per_part * g;
-    std::vector<float> qf(rows * D), acc(rows * Dv), m(rows), l(rows), s(rows * TILE), kbuf(D), vbuf(Dv);
+    std::vector<float> qf(rows * D), acc(rows * Dv), m(rows), l(rows), c(rows), s(rows * TILE);
+    std::vector<T> qb(pairs ? rows * D : 0);  // the queries as they came, for scores_bf16
+    std::vector<T> kstage(TILE * D), vstage(TILE * Dv);  // a tile's rows of a cache whose elements are strided
+    // the tile's key / value rows at kv head 0, at head h, and the next tile's at kv head 0
+    const T *kr[TILE], *vr[TILE], *kh[TILE], *vh[TILE], *kn[TILE], *vn[TILE];
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / parts, h0 = (w % parts) * per_part, h1 = std::min(Hkv, h0 + per_part);
       if (h0 >= h1) continue;
@@ -121,53 +239,77 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       for (int64_t i = 0; i < nr; ++i)
         for (int64_t e = 0; e < D; ++e)
           qf[i * D + e] = static_cast<float>(qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]]) * static_cast<float>(scale);
+      if (pairs)
+        for (int64_t i = 0; i < nr; ++i)
+          for (int64_t e = 0; e < D; ++e) qb[i * D + e] = qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]];
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), NEG_INF);  // the running max score
       std::fill(l.begin(), l.end(), 0.f);
-      auto row = [&](const Strided& c, int64_t pos) {  // the row of key `pos`, kv head 0
-        const T* data = static_cast<const T*>(c.data);
-        return table ? data + table[b * t0 + (pos / BS) * t1] * c.block + (pos % BS) * c.slot
-                     : data + (start + pos) * c.block;
+      auto row = [&](const Strided& cs, int64_t pos) {  // the row of key `pos`, kv head 0
+        const T* data = static_cast<const T*>(cs.data);
+        return table ? data + table[b * t0 + (pos / BS) * t1] * cs.block + (pos % BS) * cs.slot
+                     : data + (start + pos) * cs.block;
+      };
+      auto head = [](const Strided& cs, const T* const* base, int64_t h, int64_t width, T* stage, const T** dst) {
+        for (int64_t j = 0; j < TILE; ++j) {  // kv head h of each row, contiguous
+          const T* x = base[j] + h * cs.head;
+          if (cs.elem != 1) {
+            for (int64_t e = 0; e < width; ++e) stage[j * width + e] = x[e * cs.elem];
+            x = stage + j * width;
+          }
+          dst[j] = x;
+        }
       };
       for (int64_t j0 = first; j0 < n; j0 += TILE) {
         const int64_t t = std::min(TILE, n - j0);
-        std::fill(s.begin(), s.begin() + nr * TILE, NEG_INF);
-        for (int64_t j = 0; j < t; ++j) {  // scores s [nr, TILE]
-          const T* kr = row(kc, j0 + j);
-          for (int64_t h = h0; h < h1; ++h) {
-            const float* k = as_float(kr + h * kc.head, kc.elem, kbuf.data(), D);
-            const int64_t r = (h - h0) * g;  // its query heads' local rows r .. r + g
-            in_blocks(g, [&](auto G, int64_t i) {
-              dots<decltype(G)::value>(qf.data() + (r + i) * D, k, D, s.data() + (r + i) * TILE + j, TILE);
-            });
-          }
+        for (int64_t j = 0; j < TILE; ++j) {  // a short tile repeats its last key; its scores are masked below
+          kr[j] = row(kc, j0 + std::min(j, t - 1));
+          vr[j] = row(vc, j0 + std::min(j, t - 1));
         }
-        if (cap > 0)
-          for (int64_t i = 0; i < nr; ++i)
+        const int64_t tn = std::min(TILE, n - j0 - TILE);  // the next tile's rows, fetched a head at a time
+        for (int64_t j = 0; j < tn; ++j) {
+          kn[j] = row(kc, j0 + TILE + j);
+          vn[j] = row(vc, j0 + TILE + j);
+        }
+        auto prefetch = [&](const Strided& cs, const T* const* rows, int64_t h, int64_t width) {
+          for (int64_t j = 0; j < tn; ++j)  // halves the bfloat16 kernel's time on caches streamed from memory
+            for (int64_t at = 0; at < ((width - 1) * cs.elem + 1) * int64_t(sizeof(T)); at += 64)  // the row's span
+              __builtin_prefetch(reinterpret_cast<const char*>(rows[j] + h * cs.head) + at);
+        };
+        for (int64_t h = h0; h < h1; ++h) {  // scores s [nr, TILE]
+          head(kc, kr, h, D, kstage.data(), kh);
+          prefetch(kc, kn, h, D);
+          const int64_t r = (h - h0) * g;  // its query heads' local rows r .. r + g
+          in_blocks(g, [&](auto G, int64_t i) {
+#if defined(CPU_CAPABILITY_AVX512)
+            if constexpr (std::is_same_v<T, at::BFloat16>)
+              if (pairs) return scores_bf16<decltype(G)::value>(qb.data() + (r + i) * D, kh, D, scale, s.data() + (r + i) * TILE);
+#endif
+            scores<decltype(G)::value>(qf.data() + (r + i) * D, kh, D, s.data() + (r + i) * TILE);
+          });
+        }
+        for (int64_t i = 0; i < nr; ++i) {
+          for (int64_t j = t; j < TILE; ++j) s[i * TILE + j] = NEG_INF;
+          if (cap > 0)
             for (int64_t j = 0; j < t; ++j) s[i * TILE + j] = cap * std::tanh(s[i * TILE + j] / cap);
-        for (int64_t i = 0; i < nr; ++i) {  // one rescale of the accumulators per tile
+        }
+        for (int64_t i = 0; i < nr; ++i) {  // p = exp(s - running max); c: the accumulators' rescale
           const Vec sv = Vec::loadu(s.data() + i * TILE);
           const float top = std::max(m[i], hmax(sv));
           const float ref = std::isfinite(top) ? top : 0.f;  // no finite max: subtract nothing (as the reference)
-          if (top != m[i] && l[i] != 0.f) {  // l = 0: nothing accumulated to rescale
-            const float c = std::exp((std::isfinite(m[i]) ? m[i] : 0.f) - ref);
-            l[i] *= c;
-            for (int64_t e = 0; e < Dv; ++e) acc[i * Dv + e] *= c;
-          }
+          c[i] = top != m[i] && l[i] != 0.f ? std::exp((std::isfinite(m[i]) ? m[i] : 0.f) - ref) : 1.f;
           m[i] = top;
           const Vec p = (sv - Vec(ref)).exp();
           p.store(s.data() + i * TILE);
-          l[i] += hsum(p);
+          l[i] = l[i] * c[i] + hsum(p);
         }
-        for (int64_t j = 0; j < t; ++j) {  // acc [nr, Dv] += p v
-          const T* vr = row(vc, j0 + j);
-          for (int64_t h = h0; h < h1; ++h) {
-            const float* v = as_float(vr + h * vc.head, vc.elem, vbuf.data(), Dv);
-            const int64_t r = (h - h0) * g;
-            in_blocks(g, [&](auto G, int64_t i) {
-              axpys<decltype(G)::value>(acc.data() + (r + i) * Dv, s.data() + (r + i) * TILE + j, TILE, v, Dv);
-            });
-          }
+        for (int64_t h = h0; h < h1; ++h) {  // acc [nr, Dv] = acc * c + p v
+          head(vc, vr, h, Dv, vstage.data(), vh);
+          prefetch(vc, vn, h, Dv);
+          const int64_t r = (h - h0) * g;
+          in_blocks(g, [&](auto G, int64_t i) {
+            values<decltype(G)::value>(acc.data() + (r + i) * Dv, c.data() + r + i, s.data() + (r + i) * TILE, vh, t, Dv);
+          });
         }
       }
       for (int64_t i = 0; i < nr; ++i) {
@@ -191,9 +333,17 @@ void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                 const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
                 const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
                 int64_t left, double softcap, at::Tensor out, at::Tensor lse) {
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, q.scalar_type(), "decode", [&] {
-    decode<scalar_t>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse);
-  });
+  switch (q.scalar_type()) {  // the types as_float reads
+    case at::kFloat:
+      return decode<float>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse);
+    case at::kBFloat16:
+      return decode<at::BFloat16>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap,
+                                  out, lse);
+    case at::kHalf:
+      return decode<at::Half>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse);
+    default:
+      TORCH_CHECK(false, "decode: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
+  }
 }
 
 }  // namespace

@@ -5,6 +5,7 @@ is None, `decode` returns None and the callers take their torch paths; the reaso
 from __future__ import annotations
 
 import functools
+import hashlib
 import logging
 import os
 import pathlib
@@ -54,8 +55,10 @@ def _built():
     from torch.utils import cpp_extension
 
     capability = torch.backends.cpu.get_cpu_capability()
-    # one build per vector width and torch release (venvs of two torch versions share torch's cache folder)
-    name = re.sub(r"\W", "_", f"portable_attn_cpu_{capability.lower()}_torch{torch.__version__}")
+    # one build per vector width, torch release and source (venvs of two torch versions, or two releases of this
+    # package, share torch's cache folder: one name for both would rebuild it at each switch)
+    source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    name = re.sub(r"\W", "_", f"portable_attn_cpu_{capability.lower()}_torch{torch.__version__}_{source}")
     try:
         where = cpp_extension._get_build_directory(name, verbose=False)  # torch's own folder for it (made if new)
     except AttributeError:  # a private helper of torch's builder: without it, no first-build warning

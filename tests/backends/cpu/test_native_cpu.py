@@ -127,3 +127,27 @@ def test_attention_decode_runs_compiled_kernel(spy, dtype, varlen):
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (o.double() - ro).abs().max() <= tol and (lse.double() - rlse).abs().max() <= tol
 
+
+
+@pytest.mark.parametrize("hq,hkv,d,dv", [(12, 4, 20, 24), (16, 2, 48, 48), (4, 4, 64, 32), (6, 2, 256, 128)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("every_other", [False, True])
+def test_decode_head_shapes(spy, hq, hkv, d, dv, dtype, every_other):
+    """The kernel's blockings: query heads per kv head in blocks of 4, 2 and 1; head dims that are no multiple of
+    the vector width (scalar tails) or of 32 (bfloat16 keys converted rather than paired); Dv != D; caches whose
+    elements sit every other one (rows staged). Against the reference, a key count that ends mid tile."""
+    gen = torch.Generator().manual_seed(hq * d + dv)
+    nb, bs = 12, 8
+    k_cache, v_cache = (torch.randn(nb, bs, hkv, w, generator=gen).to(dtype) for w in (d, dv))
+    if every_other:  # the same values every other element of a NaN-filled buffer
+        k_cache, v_cache = (torch.stack([torch.full_like(c, math.nan), c], -1).flatten(-2)[..., 1::2]
+                            for c in (k_cache, v_cache))
+    args = dict(q=torch.randn(2, hq, d, generator=gen).to(dtype), k_cache=k_cache, v_cache=v_cache,
+                block_table=torch.randperm(nb, generator=gen).view(2, 6).to(torch.int32),
+                seqused_k=torch.tensor([45, 19], dtype=torch.int32), return_lse=True)
+    o, lse = pa.paged_attention(**args, backend="cpu")
+    assert len(spy) == 1
+    ro, rlse = pa.paged_attention(**{n: x.double() if torch.is_tensor(x) and x.is_floating_point() else x
+                                     for n, x in args.items()}, backend="reference")
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    assert (o.double() - ro).abs().max() <= tol and (lse.double() - rlse).abs().max() <= tol
