@@ -3,6 +3,9 @@ attention, and the torch paths it replaces: both pass the conformance cases, and
 build it falls back."""
 import logging
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -162,3 +165,19 @@ def test_lone_query_runs_compiled_kernel(spy, dtype):
     assert len(spy) == 1 and o.is_contiguous()
     ref = pa.attention(q.double(), k.double(), v.double(), causal=True, backend="reference")
     assert (o.double() - ref).abs().max() <= (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("capability", ["avx2", "default"])
+def test_narrower_builds_conform(capability):
+    """The kernel built for a narrower vector width than this machine's (ATEN_CPU_CAPABILITY lowers torch's, and
+    native.py builds for torch's): AVX2's 8-lane sums and conversions, or ATen's generic vectors. The decode
+    conformance cases pass in a fresh process (about 40 s per first build)."""
+    code = ("import sys; from portable_attn import cli; from portable_attn.backends.cpu import native; "
+            "built = native.kernels(); "
+            f"assert built is not None and '_{capability}_' in built.__name__, built; "
+            "sys.exit(cli.main(['check', '--backend', 'cpu', '--op', 'attention', '--op', 'paged_attention', "
+            "'--strict', '--quiet']))")
+    run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert " 0 failed" in run.stdout
