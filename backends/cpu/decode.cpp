@@ -163,7 +163,8 @@ void value_cols(float* acc, const float* c, const float* p, const T* const* v, i
 
 template <int G, typename T>
 void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv) {
-  constexpr int C = G >= 4 ? 4 : 8;  // G x C accumulators and C value vectors fit the 32 (AVX2: 16) registers
+  // G x C accumulators and C value vectors within the 32 vector registers of AVX-512 (half as many on AVX2's 16)
+  constexpr int C = (G >= 4 ? 4 : 8) * Vec::size() / 16;
   int64_t e = 0;
   for (; e + C * Vec::size() <= dv; e += C * Vec::size()) value_cols<G, C>(acc, c, p, v, t, dv, e);
   for (; e + Vec::size() <= dv; e += Vec::size()) value_cols<G, 1>(acc, c, p, v, t, dv, e);
