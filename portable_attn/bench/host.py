@@ -114,12 +114,12 @@ _DECODE_CPP = impls.Impl("decode.cpp", "kernel", "the cpu backend's compiled dec
 # Per op: the kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
 KERNELS = {
     "attention": (
+        _DECODE_CPP,
         impls.Impl("aten-flash", "kernel", "aten._scaled_dot_product_flash_attention_for_cpu on [1, Hkv, g, D] "
-                   "query rows and [1, Hkv, Tk, D] views of the inputs: the one kernel call the cpu backend needs",
-                   _flash_decode),
+                   "query rows and [1, Hkv, Tk, D] views of the inputs: the cpu backend's one kernel call without "
+                   "its compiled kernel (PORTABLE_ATTN_CPU_NATIVE=0)", _flash_decode),
         impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
-                   _sdpa_decode),
-        _DECODE_CPP),
+                   _sdpa_decode)),
     "paged_attention": (
         _DECODE_CPP,
         impls.Impl("gather+flash", "kernel", "index_select of each sequence's keys and values into buffers kept from "
