@@ -225,8 +225,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 #endif
   at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = per_part * g;
-    std::vector<float> qf(rows * D), acc(rows * Dv), m(rows), l(rows), c(rows), s(rows * TILE);
-    std::vector<T> qb(pairs ? rows * D : 0);  // the queries as they came, for scores_bf16
+    std::vector<float> qf(pairs ? 0 : rows * D), acc(rows * Dv), m(rows), l(rows), c(rows), s(rows * TILE);
+    std::vector<T> qb(pairs ? rows * D : 0);  // the queries as they came, for scores_bf16; else scaled float32
     std::vector<T> kstage(TILE * D), vstage(TILE * Dv);  // a tile's rows of a cache whose elements are strided
     // the tile's key / value rows at kv head 0, at head h, and the next tile's at kv head 0
     const T *kr[TILE], *vr[TILE], *kh[TILE], *vh[TILE], *kn[TILE], *vn[TILE];
@@ -238,11 +238,13 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       const int64_t n = table ? used[b * u0] : cu ? cu[(b + 1) * c0] - start : k_cache.size(0);
       const int64_t first = left >= 0 ? std::max<int64_t>(0, n - 1 - left) : 0;
       for (int64_t i = 0; i < nr; ++i)
-        for (int64_t e = 0; e < D; ++e)
-          qf[i * D + e] = static_cast<float>(qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]]) * static_cast<float>(scale);
-      if (pairs)
-        for (int64_t i = 0; i < nr; ++i)
-          for (int64_t e = 0; e < D; ++e) qb[i * D + e] = qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]];
+        for (int64_t e = 0; e < D; ++e) {
+          const T x = qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]];
+          if (pairs)
+            qb[i * D + e] = x;
+          else
+            qf[i * D + e] = static_cast<float>(x) * static_cast<float>(scale);
+        }
       std::fill(acc.begin(), acc.end(), 0.f);
       std::fill(m.begin(), m.end(), NEG_INF);  // the running max score
       std::fill(l.begin(), l.end(), 0.f);
