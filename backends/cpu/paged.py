@@ -1,5 +1,5 @@
 """paged_attention and write_kv_cache on the CPU. Decode (one query per sequence) runs the compiled kernel
-of decode.cpp, which reads each visible cache row once in place. Otherwise (a block mask, chunked prefill,
+of decode.cpp, which reads each visible cache row once, without a gather. Otherwise (a block mask, chunked prefill,
 or no compiled kernel: native.py) only the cache blocks a sequence can see (its window's, with one) are
 gathered; chunked prefill then runs the attention core per sequence, and decode runs batches of sequences
 through one flash-kernel call each."""

@@ -108,7 +108,7 @@ def _compiled_decode(args, sizes):
 
 
 _DECODE_CPP = impls.Impl("decode.cpp", "kernel", "the cpu backend's compiled decode kernel (backends/cpu/decode.cpp), "
-                         "each key and value row read once in place", _compiled_decode)
+                         "each visible key and value row read once", _compiled_decode)
 
 
 # Per op: the kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
