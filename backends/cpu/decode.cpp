@@ -1,8 +1,7 @@
 // Decode on the CPU: one query per sequence over its keys (listed by a block table, or packed rows), each key
-// and value row read once: a tile's rows copied into a buffer by runs of adjacent rows where a row's kv heads
-// lie packed (a sequential copy streams from memory at about 1.5x the rate of reading 16 rows 2-4 KB apart head
-// by head, which hardware prefetchers do not follow; software prefetch of the next tile gained nothing), else
-// read in place. Per tile of keys and kv head: the scores of its query heads in register blocks (one transpose-and-add tree for a block's sums;
+// and value row read once: on a call too large to stay cached, a tile's rows copied into a buffer by runs of
+// adjacent rows where a row's kv heads lie packed (native.COPY_BYTES), else read in place. Per tile of keys and kv
+// head: the scores of its query heads in register blocks (one transpose-and-add tree for a block's sums;
 // bfloat16 pairs in the AVX512-BF16 unit where there is one), then P V with the accumulators in registers
 // across the tile. Built on first use by native.py, for the vector width of the machine it runs on (ATen's
 // Vectorized<float>).
@@ -15,6 +14,7 @@
 #include <cstring>
 #include <limits>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 namespace {
@@ -198,12 +198,12 @@ struct Strided {  // a cache [NB, BS, Hkv, D] read through its strides
 // seqused_k [S] (int32); or packed, k/v [T, 1, Hkv, D|Dv] with cu_seqlens_k [S + 1] (int32; none: one
 // sequence of all T). Its query sits at its last key n - 1 and sees keys [first, n), first = n - 1 - left when
 // left >= 0. Work items: (sequence, kv-head range), so that a batch smaller than the thread count still uses
-// every thread.
+// every thread. A call that reads more than copy_bytes of keys and values copies each tile's rows first.
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
             const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-            int64_t left, double softcap, at::Tensor& out, at::Tensor& lse) {
+            int64_t left, double softcap, at::Tensor& out, at::Tensor& lse, int64_t copy_bytes) {
   const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2), Dv = v_cache.size(3), g = Hq / Hkv;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Hkv, (at::get_num_threads() + S - 1) / std::max<int64_t>(S, 1)));
@@ -226,11 +226,18 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 #else
   const bool pairs = false;
 #endif
+  auto keys = [&](int64_t b) {  // sequence b's visible keys [first, n)
+    const int64_t n = table ? used[b * u0] : cu ? cu[(b + 1) * c0] - cu[b * c0] : k_cache.size(0);
+    return std::pair<int64_t, int64_t>{left >= 0 ? std::max<int64_t>(0, n - 1 - left) : 0, n};
+  };
+  int64_t seen = 0;  // key rows the call reads
+  for (int64_t b = 0; b < S; ++b) seen += keys(b).second - keys(b).first;
+  const bool copy = seen * Hkv * (D + Dv) * int64_t(sizeof(T)) > copy_bytes;  // rows copied per tile
   at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = per_part * g;
     std::vector<float> qf(pairs ? 0 : rows * D), acc(rows * Dv), m(rows), l(rows), c(rows), s(rows * TILE);
     std::vector<T> qb(pairs ? rows * D : 0);  // the queries as they came, for scores_bf16; else scaled float32
-    std::vector<T> kblk(TILE * per_part * D), vblk(TILE * per_part * Dv);  // a tile's rows, kv heads h0 .. h1
+    std::vector<T> kblk(copy ? TILE * per_part * D : 0), vblk(copy ? TILE * per_part * Dv : 0);  // a tile's rows, heads h0 .. h1
     std::vector<T> kstage(TILE * D), vstage(TILE * Dv);  // one head of a tile's rows of a cache whose elements are strided
     const T *kr[TILE], *vr[TILE], *kh[TILE], *vh[TILE];  // the tile's key / value rows at kv head h0, at head h
     for (int64_t w = begin; w < end; ++w) {
@@ -238,8 +245,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
       if (h0 >= h1) continue;
       const int64_t r0 = h0 * g, nr = (h1 - h0) * g;  // query heads r0 .. r0 + nr, local rows 0 .. nr
       const int64_t start = cu ? cu[b * c0] : 0;  // packed keys: the sequence's first row
-      const int64_t n = table ? used[b * u0] : cu ? cu[(b + 1) * c0] - start : k_cache.size(0);
-      const int64_t first = left >= 0 ? std::max<int64_t>(0, n - 1 - left) : 0;
+      const auto [first, n] = keys(b);
       for (int64_t i = 0; i < nr; ++i)
         for (int64_t e = 0; e < D; ++e) {
           const T x = qp[b * qs[0] + (r0 + i) * qs[1] + e * qs[2]];
@@ -257,9 +263,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
                      : data + (start + pos) * cs.block;
       };
       // the tile's t rows at kv head h0 (a short tile repeats its last row; its scores are masked below), copied
-      // into `blk` where a row's heads h0 .. h1 lie packed; returns the head stride of the rows given
+      // into `blk` where the call copies and a row's heads h0 .. h1 lie packed; returns the head stride of the rows given
       auto fetch = [&](const Strided& cs, int64_t width, int64_t j0, int64_t t, T* blk, const T** rows) {
-        const bool packed = cs.elem == 1 && (cs.head == width || h1 - h0 == 1);
+        const bool packed = copy && cs.elem == 1 && (cs.head == width || h1 - h0 == 1);
         const int64_t span = (h1 - h0) * width;
         const T* run = nullptr;  // rows j .. that follow each other in memory: one copy
         int64_t len = 0;
@@ -347,15 +353,15 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
                 const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, at::Tensor lse) {
+                int64_t left, double softcap, at::Tensor out, at::Tensor lse, int64_t copy_bytes) {
   switch (q.scalar_type()) {  // the types as_float reads
     case at::kFloat:
-      return decode<float>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse);
+      return decode<float>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse, copy_bytes);
     case at::kBFloat16:
       return decode<at::BFloat16>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap,
-                                  out, lse);
+                                  out, lse, copy_bytes);
     case at::kHalf:
-      return decode<at::Half>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse);
+      return decode<at::Half>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse, copy_bytes);
     default:
       TORCH_CHECK(false, "decode: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }

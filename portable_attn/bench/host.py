@@ -99,7 +99,8 @@ def _compiled_decode(args, sizes):
     k, v, keys = ((a["k_cache"], a["v_cache"], (a["block_table"], a["seqused_k"], None)) if paged
                   else (a["k"][:, None], a["v"][:, None], (None, None, a["cu_seqlens_k"])))
     o, lse = q.new_empty(q.shape[0], q.shape[1], v.shape[3]), torch.empty(q.shape[1], q.shape[0])
-    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, lse)
+    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, lse,
+                               native.COPY_BYTES)
 
     def step():
         kernel()
