@@ -231,7 +231,10 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     return std::pair<int64_t, int64_t>{left >= 0 ? std::max<int64_t>(0, n - 1 - left) : 0, n};
   };
   int64_t seen = 0;  // key rows the call reads
-  for (int64_t b = 0; b < S; ++b) seen += keys(b).second - keys(b).first;
+  for (int64_t b = 0; b < S; ++b) {
+    const auto [first, n] = keys(b);
+    seen += n - first;
+  }
   const bool copy = seen * Hkv * (D + Dv) * int64_t(sizeof(T)) > copy_bytes;  // rows copied per tile
   at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = per_part * g;

@@ -51,7 +51,8 @@ DECODES = [c for c in CASES if "decode" in c.name and "mask" not in c.name]  # t
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_copied_rows_conform(spy, case, dtype, monkeypatch):
     """The kernel's other way to read rows: copied per tile (calls over native.COPY_BYTES; these are smaller, so
-    the limit is lowered to 0). Strided and heads-major caches, short tiles, windows and garbage rows included."""
+    the limit is lowered below 0: every call copies). Strided and heads-major caches, short tiles, windows and
+    garbage rows included."""
     monkeypatch.setattr(native, "COPY_BYTES", -1)
     res = run_case("cpu", case, dtype)
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
