@@ -18,7 +18,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
 
 
-def build_model(dtype: torch.dtype = torch.float32, layers: int = 8, hidden: int = 256, seed: int = 0):
+def build_model(dtype: torch.dtype = torch.float32, layers: int = 8, hidden: int = 256, seed: int = 0,
+                device: str = "cpu"):
     """Qwen3-Next with random weights: `layers` layers (3 gated delta rule : 1 attention), dense MLPs, eager path."""
     import transformers as tf
 
@@ -31,7 +32,7 @@ def build_model(dtype: torch.dtype = torch.float32, layers: int = 8, hidden: int
         layer_types=(LAYERS * layers)[:layers], pad_token_id=0, eos_token_id=None)
     config._attn_implementation = "eager"
     torch.manual_seed(seed)
-    model = tf.AutoModelForCausalLM.from_config(config).to(dtype).eval()
+    model = tf.AutoModelForCausalLM.from_config(config).to(device=device, dtype=dtype).eval()
     model.generation_config.eos_token_id = None
     model.generation_config.pad_token_id = 0
     return model
@@ -62,6 +63,8 @@ class _TokenClock:
         self.times = []
 
     def put(self, value):
+        if value.is_cuda:  # the token is known once the GPU has computed it
+            torch.cuda.synchronize(value.device)
         self.times.append(time.perf_counter())
 
     def end(self):
@@ -88,13 +91,13 @@ def _summary(runs: list, batch: int) -> Timing:
 
 
 def compare(dtype: torch.dtype, backend=None, batch: int = 2, prompt: int = 128, new_tokens: int = 16,
-            repeats: int = 3, **model_kwargs):
+            repeats: int = 3, device: str = "cpu", **model_kwargs):
     """(transformers' Timing, portable_attn's Timing, {op: backend}) for the demo model: each repeat runs one
     generate() per path, interleaved, and times every token as it arrives."""
     if new_tokens < 2:
         raise ValueError(f"new_tokens: a decode rate needs at least 2 new tokens, got {new_tokens}")
-    model = build_model(dtype, **model_kwargs)
-    ids, mask = prompts(batch, prompt, model.config.vocab_size)
+    model = build_model(dtype, device=device, **model_kwargs)
+    ids, mask = (x.to(device) for x in prompts(batch, prompt, model.config.vocab_size))
     base, ours = [], []
     for i in range(repeats + 1):  # the first round warms both paths (lazy imports, allocator)
         run = _timed(model, ids, mask, new_tokens)
@@ -114,10 +117,11 @@ def main(argv=None) -> int:
     parser.add_argument("--prompt", type=int, default=128, help="tokens of the longest prompt")
     parser.add_argument("--new-tokens", type=int, default=16)
     parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda)")
     args = parser.parse_args(argv)
     base, ours, used = compare(DTYPES[args.dtype], args.backend, args.batch, args.prompt, args.new_tokens,
-                               layers=args.layers)
-    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention), random weights, {args.dtype}, "
+                               layers=args.layers, device=args.device)
+    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention), random weights, {args.dtype} on {args.device}, "
           f"batch {args.batch}, prompts up to {args.prompt} tokens (left padded), {args.new_tokens} new tokens")
     for op, name in sorted(used.items()):
         print(f"  {op:24s} ran on portable_attn backend {name!r}")
