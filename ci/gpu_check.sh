@@ -6,7 +6,7 @@
 # and the conformance `full` tier of the triton backend in CHECK_JOBS (default 6) processes of a share of the
 # ops each (check.json merged from theirs, check.txt). machine.txt names the card. It stops itself after
 # GPU_CHECK_SECONDS (default 300, so that a machine start and a rerun fit in a 15-minute device lease);
-# E2E_SECONDS (default 90) and BENCH_SECONDS (default 150) bound the timings; each check process keeps its
+# E2E_SECONDS (default 150) and BENCH_SECONDS (default 150) bound the timings; each check process keeps its
 # JSON current, so a stopped check leaves what it found (compiling every kernel variant of the full tier
 # takes minutes on a fresh machine). GPU_CHECK_OPS (space-separated op names) limits the check to those ops;
 # GPU_CHECK_PARTS (space-separated: e2e bench tests check) runs only those parts. Wheels in .whl/
@@ -52,7 +52,7 @@ bench() {  # bench NAME SECONDS CASES...: one run of at most SECONDS, kept as be
 
 e2e_rc=- recurrent_rc=- attention_rc=- tests_rc=- check_rc=-
 if [[ $parts == *" e2e "* ]]; then
-  timeout "$(upto "${E2E_SECONDS:-90}")" "$python" -m portable_attn.bench.e2e --device cuda > "$out/e2e.json" 2>> "$out/bench.txt"
+  timeout "$(upto "${E2E_SECONDS:-150}")" "$python" -m portable_attn.bench.e2e --device cuda > "$out/e2e.json" 2>> "$out/bench.txt"
   e2e_rc=$?
 fi
 if [[ $parts == *" bench "* ]]; then

@@ -11,7 +11,8 @@ from .precision import compute_dtype, up
 
 def merge_attention_states(o_a, lse_a, o_b, lse_b, sinks=None, return_lse=False, out=None):
     la, lb = up(lse_a), up(lse_b)                                            # [H, T]
-    ls = (up(sinks)[:, None] if sinks is not None else torch.tensor(-math.inf, dtype=la.dtype)).expand_as(la)
+    none = torch.tensor(-math.inf, dtype=la.dtype, device=la.device)
+    ls = (up(sinks)[:, None] if sinks is not None else none).expand_as(la)
     m = torch.maximum(torch.maximum(la, lb), ls)
     empty = m == -math.inf                                                   # Z == 0
     m = torch.where(empty, 0.0, m)

@@ -21,7 +21,7 @@ loads (GQA/MQA packing). It walks the key tiles its queries can see with an onli
 Every load is masked or clamped (block ids outside [0, NB) and table columns past max_blocks read
 nothing, token rows stay inside the tensors), so a bad unchecked index gives a wrong answer, never a
 fault. Memory a query cannot see may hold NaN or Inf: keys outside every row's band are never loaded,
-and a value row only some rows of a tile see reaches only those rows (`_pv`). Strides of q, k, v, the
+and a value row only some rows of a tile see reaches only those rows (`_tile`). Strides of q, k, v, the
 caches, the block table and the outputs are honoured; the small tensors (cu_seqlens, seqused_k, sinks,
 the block-mask tables) are made contiguous on the host.
 Scores are kept in base 2 (`exp2`), the scale folded with log2(e).
@@ -58,21 +58,68 @@ def _mask_elements(LAYOUT, PIDX, PMASK, lay_base, hm, p, j, ok, bq, bk, nqb, nkb
 
 
 @triton.jit
-def _pv(e, v):
-    """e @ v (float32 [rows, DV]) where each row takes only the value rows it sees (e > 0): e is 0 elsewhere,
-    but 0 x NaN (or Inf) in a value row that another row of the tile sees would still poison it.
-    Non-finite values leave the dot; the rare tile that holds any puts them back only where seen
-    (NaN, +-Inf, or NaN for both infinities, as the sum would give). The counts weigh by e itself: a
-    boolean [rows, keys] operand would need 1-bit shared memory, which the GPU compilers refuse."""
-    fin = tl.abs(v.to(tl.float32)) < float("inf")                                  # [keys, DV]: not NaN or Inf
-    p = e.to(v.dtype)
-    o = dot(p, tl.where(fin, v, 0.0).to(v.dtype))
-    if tl.min(tl.min(fin.to(tl.int32), 1), 0) == 0:
-        nan = dot(p, (v != v).to(v.dtype)) > 0
-        pos = dot(p, (v == float("inf")).to(v.dtype)) > 0
-        neg = dot(p, (v == float("-inf")).to(v.dtype)) > 0
-        o += tl.where(nan | (pos & neg), float("nan"), tl.where(pos, float("inf"), tl.where(neg, float("-inf"), 0.0)))
-    return o
+def _tile(acc, m_i, l_i, q, kt, lo, hi, p, row_ok, state, lay_base, hm,
+          K, V, BLOCK_TABLE, LAYOUT, PIDX, PMASK, s, ks, hk, d, dv,
+          sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sbt_s, sbt_b,
+          Tk, D, DV, NB, BS, MAXB, scale2, cap2, inv_cap, left, right, bq, bk, nqb, nkb, n_pm, lay_sh,
+          SOFTCAP: tl.constexpr, PAGED: tl.constexpr, HAS_MASK: tl.constexpr, EDGE: tl.constexpr,
+          BLOCK_N: tl.constexpr):
+    """Key tile `kt` of the online softmax: (acc [rows, DV], m_i, l_i) updated. EDGE: some rows may not see
+    some keys of the tile in [lo, hi) (the causal/window edges, block masks): pairs are masked one by one,
+    and a NaN or Inf value reaches only the rows that see its key (non-finite values leave P @ V; one exact
+    bf16 dot counts, per output element, the NaN / +Inf / -Inf of the keys a row weighs (e > 0) as base-128
+    digits). An interior tile
+    (every row sees every key of it in [lo, hi)) takes neither: only keys outside [lo, hi) are masked."""
+    tl.static_assert(BLOCK_N < 128)  # the base-128 counts
+    j = kt * BLOCK_N + tl.arange(0, BLOCK_N)
+    kv_ok = (j >= lo) & (j < hi)
+    if PAGED:
+        col = j // BS  # j >= 0
+        kv_ok = kv_ok & (col < MAXB)
+        blk = tl.load(BLOCK_TABLE + s.to(tl.int64) * sbt_s + col * sbt_b, mask=kv_ok, other=0)
+        kv_ok = kv_ok & (blk >= 0) & (blk < NB)  # a bad block id reads nothing
+        blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)
+        k_row = blk * sk_b + (j % BS) * sk_t
+        v_row = blk * sv_b + (j % BS) * sv_t
+    else:
+        kv_ok = kv_ok & (ks + j >= 0) & (ks + j < Tk)
+        k_row = (ks + j).to(tl.int64) * sk_t
+        v_row = (ks + j).to(tl.int64) * sv_t
+    kT = tl.load(K + k_row[None, :] + hk * sk_h + d[:, None] * sk_d,
+                 mask=kv_ok[None, :] & (d[:, None] < D), other=0.0)
+    qk = dot(q, kT)
+    if SOFTCAP:
+        qk = cap2 * tanh(qk * inv_cap)
+    else:
+        qk = qk * scale2
+    if EDGE:
+        # causal and window per pair (causal is `right` <= 0; "unbounded" sides are BIG)
+        vis = row_ok[:, None] & kv_ok[None, :] & (j[None, :] <= p[:, None] + right) & (j[None, :] >= p[:, None] - left)
+        if HAS_MASK:
+            if state != MASK_FULL:
+                vis = _mask_elements(LAYOUT, PIDX, PMASK, lay_base, hm, p, j, vis, bq, bk, nqb, nkb, n_pm, lay_sh)
+        qk = tl.where(vis, qk, float("-inf"))
+    else:
+        qk = tl.where(kv_ok[None, :], qk, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(qk, 1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep zeros, no NaN
+    alpha = tl.exp2(m_i - m_use)
+    e = tl.exp2(qk - m_use[:, None])
+    v = tl.load(V + v_row[:, None] + hk * sv_h + dv[None, :] * sv_d,
+                mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
+    if EDGE:
+        vf = v.to(tl.float32)
+        pv = dot(e.to(v.dtype), tl.where(tl.abs(vf) < float("inf"), v, 0.0).to(v.dtype))
+        flag = tl.where(vf != vf, 1.0, tl.where(vf == float("inf"), 128.0, tl.where(vf == float("-inf"), 16384.0, 0.0)))
+        seen = dot((e > 0).to(tl.bfloat16), flag.to(tl.bfloat16))              # [rows, DV], whole numbers
+        neg = tl.floor(seen / 16384.0)
+        pos = tl.floor(seen / 128.0) - neg * 128.0
+        nan = seen - tl.floor(seen / 128.0) * 128.0
+        pv = tl.where((nan > 0) | ((pos > 0) & (neg > 0)), float("nan"),
+                      tl.where(pos > 0, float("inf"), tl.where(neg > 0, float("-inf"), pv)))
+    else:
+        pv = dot(e.to(v.dtype), v)
+    return acc * alpha[:, None] + pv, m_new, l_i * alpha + tl.sum(e, 1)
 
 
 @triton.jit
@@ -128,7 +175,8 @@ def _flash_fwd(
         qt = m
         t0 = m * BLOCK_Q
 
-    count = 0   # key tiles visited, and of them the ones with an element mask (COUNT: tests)
+    count = 0   # key tiles visited, of them the edge tiles and the ones with a block mask's elements (COUNT: tests)
+    edges = 0
     masked = 0
     if t0 < lq:
         r = tl.arange(0, BLOCK_M)
@@ -176,55 +224,42 @@ def _flash_fwd(
         m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l_i = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        n = tl.arange(0, BLOCK_N)
-        for i in range(start, end):
-            if HAS_MASK:
+        if HAS_MASK:
+            for i in range(start, end):
                 kt = tl.load(TIDX + tab + i)
                 state = tl.load(TSTATE + tab + kt)
-            else:
-                kt = i
-            j = kt * BLOCK_N + n
-            kv_ok = (j >= lo) & (j < hi)
-            if PAGED:
-                col = j // BS  # j >= 0
-                kv_ok = kv_ok & (col < MAXB)
-                blk = tl.load(BLOCK_TABLE + s.to(tl.int64) * sbt_s + col * sbt_b, mask=kv_ok, other=0)
-                kv_ok = kv_ok & (blk >= 0) & (blk < NB)  # a bad block id reads nothing
-                blk = tl.minimum(tl.maximum(blk, 0), NB - 1).to(tl.int64)
-                k_row = blk * sk_b + (j % BS) * sk_t
-                v_row = blk * sv_b + (j % BS) * sv_t
-            else:
-                kv_ok = kv_ok & (ks + j >= 0) & (ks + j < Tk)
-                k_row = (ks + j).to(tl.int64) * sk_t
-                v_row = (ks + j).to(tl.int64) * sv_t
-            kT = tl.load(K + k_row[None, :] + hk * sk_h + d[:, None] * sk_d,
-                         mask=kv_ok[None, :] & (d[:, None] < D), other=0.0)
-            qk = dot(q, kT)
-            if SOFTCAP:
-                qk = cap2 * tanh(qk * inv_cap)
-            else:
-                qk = qk * scale2
-            vis = row_ok[:, None] & kv_ok[None, :]
-            # causal and window per pair (causal is `right` <= 0; "unbounded" sides are BIG)
-            vis = vis & (j[None, :] <= p[:, None] + right) & (j[None, :] >= p[:, None] - left)
-            if HAS_MASK:
-                if state != MASK_FULL:
-                    vis = _mask_elements(LAYOUT, PIDX, PMASK, lay_base, hm, p, j, vis, bq, bk, nqb, nkb, n_pm,
-                                          lay_sh)
-                    if COUNT:
-                        masked += 1
-            qk = tl.where(vis, qk, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(qk, 1))
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing seen yet: keep zeros, no NaN
-            alpha = tl.exp2(m_i - m_use)
-            e = tl.exp2(qk - m_use[:, None])
-            l_i = l_i * alpha + tl.sum(e, 1)
-            v = tl.load(V + v_row[:, None] + hk * sv_h + dv[None, :] * sv_d,
-                        mask=kv_ok[:, None] & (dv[None, :] < DV), other=0.0)
-            acc = acc * alpha[:, None] + _pv(e, v)
-            m_i = m_new
+                acc, m_i, l_i = _tile(
+                    acc, m_i, l_i, q, kt, lo, hi, p, row_ok, state, lay_base, hm, K, V, BLOCK_TABLE, LAYOUT, PIDX,
+                    PMASK, s, ks, hk, d, dv, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sbt_s, sbt_b, Tk, D, DV,
+                    NB, BS, MAXB, scale2, cap2, inv_cap, left, right, bq, bk, nqb, nkb, n_pm, lay_sh,
+                    SOFTCAP=SOFTCAP, PAGED=PAGED, HAS_MASK=True, EDGE=True, BLOCK_N=BLOCK_N)
+                if COUNT:
+                    count += 1
+                    edges += 1
+                    masked += (state != MASK_FULL).to(tl.int32)
+        else:
+            # the interior key tiles [in_lo, in_hi): every row of the tile sees all their keys in [lo, hi);
+            # the edge tiles before and after them take the per-pair masks
+            in_lo = tl.where(lo >= p_hi - left, kt_lo, tl.cdiv(tl.maximum(p_hi - left, 0), BLOCK_N))
+            in_lo = tl.minimum(tl.maximum(in_lo, kt_lo), kt_hi)
+            in_hi = tl.where(hi - 1 <= p_lo + right, kt_hi, tl.maximum(p_lo + right + 1, 0) // BLOCK_N)
+            in_hi = tl.maximum(tl.minimum(in_hi, kt_hi), in_lo)
+            for kt in range(in_lo, in_hi):
+                acc, m_i, l_i = _tile(
+                    acc, m_i, l_i, q, kt, lo, hi, p, row_ok, 0, 0, 0, K, V, BLOCK_TABLE, LAYOUT, PIDX, PMASK, s, ks,
+                    hk, d, dv, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sbt_s, sbt_b, Tk, D, DV, NB, BS,
+                    MAXB, scale2, cap2, inv_cap, left, right, bq, bk, nqb, nkb, n_pm, lay_sh,
+                    SOFTCAP=SOFTCAP, PAGED=PAGED, HAS_MASK=False, EDGE=False, BLOCK_N=BLOCK_N)
+            for i in range(kt_lo, kt_hi - (in_hi - in_lo)):
+                kt = tl.where(i < in_lo, i, i + in_hi - in_lo)
+                acc, m_i, l_i = _tile(
+                    acc, m_i, l_i, q, kt, lo, hi, p, row_ok, 0, 0, 0, K, V, BLOCK_TABLE, LAYOUT, PIDX, PMASK, s, ks,
+                    hk, d, dv, sk_b, sk_t, sk_h, sk_d, sv_b, sv_t, sv_h, sv_d, sbt_s, sbt_b, Tk, D, DV, NB, BS,
+                    MAXB, scale2, cap2, inv_cap, left, right, bq, bk, nqb, nkb, n_pm, lay_sh,
+                    SOFTCAP=SOFTCAP, PAGED=PAGED, HAS_MASK=False, EDGE=True, BLOCK_N=BLOCK_N)
             if COUNT:
-                count += 1
+                count = kt_hi - kt_lo
+                edges = count - (in_hi - in_lo)
 
         if HAS_SINKS:  # one more logit in the denominator only
             sink = tl.load(SINKS + h, mask=hh < HEADS, other=float("-inf")).to(tl.float32)
@@ -244,9 +279,10 @@ def _flash_fwd(
             lse = tl.where(seen, lse, float("-inf"))
             tl.store(LSE + h.to(tl.int64) * sl_h + row * sl_t, lse, mask=row_ok)
     if COUNT:
-        slot = (pid * tl.num_programs(1) + hg) * 2
+        slot = (pid * tl.num_programs(1) + hg) * 3
         tl.store(VISITS + slot, count)
         tl.store(VISITS + slot + 1, masked)
+        tl.store(VISITS + slot + 2, edges)
 
 
 def _cover(n: int, tile: int, block: int, nblocks: int, device):
@@ -343,8 +379,8 @@ def forward(q, k, v, o, lse, *, cu_q=None, cu_k=None, seqused=None, block_table=
     """Launch the kernel. q [Tq, Hq, D]; k, v [Tk, Hkv, D|Dv] or caches [NB, BS, Hkv, D|Dv] (with
     block_table and seqused); cu_q (and cu_k, not paged) None for one sequence; o [Tq, Hq, Dv] and
     lse [Hq, Tq] (or None) are written. Returns the grid (None when there is nothing to compute).
-    `visits` (int32, at least 2 x grid size), when given, receives per program the key tiles it
-    visited and how many of them took an element mask (a test hook)."""
+    `visits` (int32, at least 3 x grid size), when given, receives per program the key tiles it
+    visited, how many of them took a block mask's element mask and how many were edge tiles (a test hook)."""
     cu_q, cu_k, seqused, sinks = dense(cu_q, cu_k, seqused, sinks)  # read by bare offsets
     tq, hq, d = q.shape
     hkv, dv = k.shape[-2], v.shape[-1]

@@ -8,7 +8,7 @@ import triton
 import triton.language as tl
 
 TILE = 4096  # elements of one program's [heads, value dim] tile
-NEG_INF = float("-inf")
+NEG_INF = tl.constexpr(float("-inf"))  # a global a jit function reads must be a constexpr
 
 
 @triton.jit

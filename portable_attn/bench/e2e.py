@@ -41,8 +41,9 @@ def main(argv=None) -> int:
                         help=f"tokens of the longest prompt (default {SIZES['full']['prompt']}; quick "
                              f"{SIZES['quick']['prompt']})")
     args = parser.parse_args(argv)
-    for row in run(tuple(args.dtype or ("fp32", "bf16")), args.backend, args.quick, args.prompt, args.device):
-        print(json.dumps(row))
+    for dtype in args.dtype or ("fp32", "bf16"):  # a row as soon as it is measured (a time-limited run keeps it)
+        (row,) = run((dtype,), args.backend, args.quick, args.prompt, args.device)
+        print(json.dumps(row), flush=True)
     return 0
 
 

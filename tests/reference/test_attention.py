@@ -647,3 +647,14 @@ def test_property_paged(lens, bs, decode, left, seed):
     want_o, want_lse = brute.paged_attention(q, kc, vc, table, lens_k, cu_q=cu(lens_q), causal=True,
                                              window=(left, -1))
     assert_matches(o, lse, want_o, want_lse)
+
+
+@pytest.mark.parametrize("sinks", [False, True])
+def test_merge_stays_on_the_inputs_device(sinks):
+    """Every tensor the merge makes lives on its inputs' device (the `meta` device here stands in for a GPU:
+    a CPU constant broadcast against them failed on an H200)."""
+    o, lse = torch.empty(3, 2, 4, device="meta"), torch.empty(2, 3, device="meta")
+    s = torch.empty(2, device="meta") if sinks else None
+    got, got_lse = importlib.import_module("portable_attn.backends.reference.merge").merge_attention_states(
+        o, lse, o, lse, sinks=s, return_lse=True)
+    assert got.device.type == got_lse.device.type == "meta"

@@ -145,6 +145,22 @@ def _expected_visits(lq, lk, hq, group, tiles, vis_of, aligned):
     return out
 
 
+def _expected_edges(lq, lk, tiles, band):
+    """Per program, the key tiles some of whose keys in the rows' union band [lo, hi) some row does not see
+    (band [Lq, Lk]; one sequence, every head alike)."""
+    n_m = -(-lq // tiles.block_q)
+    out = torch.zeros(n_m, 1, dtype=torch.int32)
+    for m in range(n_m):
+        rows = band[m * tiles.block_q:(m + 1) * tiles.block_q]
+        union = rows.any(0).nonzero()
+        if union.numel():
+            lo, hi = int(union.min()), int(union.max()) + 1
+            for kt in range(lo // tiles.block_n, -(-hi // tiles.block_n)):
+                keys = slice(max(kt * tiles.block_n, lo), min((kt + 1) * tiles.block_n, hi))
+                out[m] += int(not rows[:, keys].all())
+    return out
+
+
 def _visits(q, k, v, **kw):
     visits = torch.zeros(1 << 15, dtype=torch.int32)
     cu_q = torch.tensor([0, q.shape[0]], dtype=torch.int32)
@@ -153,8 +169,8 @@ def _visits(q, k, v, **kw):
     lse = torch.empty(q.shape[1], q.shape[0])
     grid = flash.forward(q, k, v, o, lse, cu_q=cu_q, cu_k=cu_k, max_q=q.shape[0], visits=visits,
                          scale=q.shape[2] ** -0.5, softcap=0.0, sinks=None, **kw)
-    counts = visits[:2 * grid[0] * grid[1]].view(grid[0], grid[1], 2)
-    return counts[..., 0], counts[..., 1], o, lse
+    counts = visits[:3 * grid[0] * grid[1]].view(grid[0], grid[1], 3)
+    return counts[..., 0], counts[..., 1], counts[..., 2], o, lse
 
 
 @pytest.mark.parametrize("lq,lk,causal,window", [(256, 256, True, (15, 0)), (96, 200, True, (20, 0)),
@@ -165,7 +181,7 @@ def test_band_skipping(lq, lk, causal, window):
     g = gen(2)
     hq, hkv, d = 4, 2, 16
     q, k, v = rand(lq, hq, d, g=g), rand(lk, hkv, d, g=g), rand(lk, hkv, d, g=g)
-    visits, masked, o, lse = _visits(q, k, v, causal=causal, window=window, block_mask=None)
+    visits, masked, edges, o, lse = _visits(q, k, v, causal=causal, window=window, block_mask=None)
     assert not masked.any()  # no block mask, no element masks from it
     tiles = tuning.flash_tiles(q, group=hq // hkv, max_q=lq, head_dim=d, head_dim_v=d)
     p = torch.arange(lq) + lk - lq
@@ -179,6 +195,7 @@ def test_band_skipping(lq, lk, causal, window):
         band &= j[None] <= p[:, None] + window[1]
     want = _expected_visits(lq, lk, hq, hq // hkv, tiles, lambda h: band, aligned=False)
     assert torch.equal(visits, want)
+    assert torch.equal(edges, _expected_edges(lq, lk, tiles, band).expand_as(edges))
     if window != (-1, -1):
         dense = -(-lk // tiles.block_n)
         assert int(visits.max()) <= -(-(tiles.block_q + sum(max(w, 0) for w in window)) // tiles.block_n) + 1
@@ -209,7 +226,7 @@ def test_block_mask_skips_empty_tiles(per_head, bq):
     pmask = (torch.rand(1, bq, bk, generator=g) < 0.5)
     bm = BlockMask.from_layout(layout, (bq, bk), index, pmask)
     q, k, v = rand(lq, hq, d, g=g), rand(lk, hkv, d, g=g), rand(lk, hkv, d, g=g)
-    visits, masked, o, lse = _visits(q, k, v, causal=False, window=(-1, -1), block_mask=bm)
+    visits, masked, edges, o, lse = _visits(q, k, v, causal=False, window=(-1, -1), block_mask=bm)
     tiles = tuning.flash_tiles(q, group=hq // hkv, max_q=lq, head_dim=d, head_dim_v=d, mask_block=(bq, bk))
     assert tiles.block_n == bk and tiles.mask_rows == (bq if bq >= tiles.block_q else tiles.block_q)
     pos = torch.arange(lk)
@@ -218,6 +235,7 @@ def test_block_mask_skips_empty_tiles(per_head, bq):
     packed = 2 if per_head else 1  # scattered blocks of the heads packed in a tile
     assert int(visits.max()) <= 1 + packed * max(1, tiles.block_q // bq)
     assert torch.equal(masked, torch.where(visits > 0, visits - 1, 0))
+    assert torch.equal(edges, visits)  # with a block mask every tile is an edge tile
     ref = pa.attention(q.double(), k.double(), v.double(), block_mask=bm, return_lse=True, backend="reference")
     assert_close((o, lse), ref)
 
@@ -384,7 +402,8 @@ def test_kernel_compiles_for_gpu_targets(vendor):
                  ("bf16", True, True, False, True, True, 1, 16, 64, 128, 128),
                  ("fp32", True, False, True, False, True, 16, 2, 64, 64, 32),
                  ("fp32", True, True, True, False, False, 32, 2, 32, 32, 32),  # failed with triton 3.6's FMA dot
-                 ("bf16", True, True, True, True, False, 8, 2, 32, 256, 256)]
+                 ("bf16", True, True, True, True, False, 8, 2, 32, 256, 256),
+                 ("fp32", False, False, False, False, False, 64, 1, 16, 256, 256)]  # a fault on an H200 (tf32x3)
         runs = []
         for dt, varlen, paged, mask, cap, sinks, bq, bh, bn, bd, bdv in cases:
             sig = {}

@@ -343,10 +343,10 @@ def test_compile_fullgraph(compiler):
 
 @pytest.mark.parametrize("vendor", VENDORS)
 def test_kernels_compile_for_gpu_targets(vendor):
-    """Lower the split-KV, merge, sparse and cache-write kernels for a GPU target, with and without sinks and
-    packing (None pointers for the absent ones)."""
+    """Lower the split-KV, merge, sparse, cache-write and merge_attention_states kernels for a GPU target, with
+    and without sinks and packing (None pointers for the absent ones)."""
     assert_lowers(vendor, """
-        from portable_attn.backends.triton import cache, decode, sparse
+        from portable_attn.backends.triton import cache, decode, merge, sparse
 
         def sig(fn, ptrs, floats=("scale", "softcap")):
             consts = {p.name for p in fn.params if p.is_constexpr}
@@ -368,4 +368,10 @@ def test_kernels_compile_for_gpu_targets(vendor):
             fn = cache._write_kv_kernel
             ptrs.update(kc_ptr="*" + act, vc_ptr="*" + act)
             runs.append((fn, sig(fn, ptrs), dict(BLOCK_H=4, BLOCK_D=128, BLOCK_DV=64)))
+            fn = merge._merge_kernel
+            ptrs = {n: "*" + act for n in ("oa_ptr", "ob_ptr", "out_ptr")}
+            ptrs.update({n: "*fp32" for n in ("la_ptr", "lb_ptr", "sink_ptr", "lse_ptr")})
+            s, c = sig(fn, ptrs), dict(HAS_SINKS=on, WRITE_LSE=on, BLOCK_H=4, BLOCK_DV=256)
+            absent(s, c, [] if on else ["sink_ptr", "lse_ptr"])
+            runs.append((fn, s, c))
     """, {"num_warps": 4, "num_stages": 1})
