@@ -20,5 +20,5 @@ def test_gpu_check_needs_a_gpu(tmp_path):
 
 def test_gpu_check_benchmarks_every_gpu_case():
     script = (ROOT / "ci" / "gpu_check.sh").read_text()
-    bench_lines = " ".join(line for line in script.splitlines() if line.startswith("bench "))
+    bench_lines = " ".join(line for line in script.splitlines() if line.strip().startswith("bench "))
     assert set(bench_lines.split()) >= set(cases.gpu_catalogue())
