@@ -68,8 +68,8 @@ def _tile(acc, m_i, l_i, q, kt, lo, hi, p, row_ok, state, lay_base, hm,
     some keys of the tile in [lo, hi) (the causal/window edges, block masks): pairs are masked one by one,
     and a NaN or Inf value reaches only the rows that see its key (non-finite values leave P @ V; one exact
     bf16 dot counts, per output element, the NaN / +Inf / -Inf of the keys a row weighs (e > 0) as base-128
-    digits). An interior tile
-    (every row sees every key of it in [lo, hi)) takes neither: only keys outside [lo, hi) are masked."""
+    digits). An interior tile (every row sees every key of it in [lo, hi)) takes neither: only keys outside
+    [lo, hi) are masked."""
     tl.static_assert(BLOCK_N < 128)  # the base-128 counts
     j = kt * BLOCK_N + tl.arange(0, BLOCK_N)
     kv_ok = (j >= lo) & (j < hi)
