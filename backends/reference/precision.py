@@ -29,8 +29,10 @@ def compute_dtype() -> torch.dtype:
 
 
 def up(x: torch.Tensor | None) -> torch.Tensor | None:
-    """An input in the compute dtype."""
-    return None if x is None else x.to(compute_dtype())
+    """An input in the compute dtype, contiguous: torch's elementwise kernels round differently on strided
+    operands (silu on a strided float64 z differed by an ulp on an AVX2 host), and the oracle's bits must not
+    depend on the caller's strides."""
+    return None if x is None else x.to(compute_dtype()).contiguous()
 
 
 def rnd(x: torch.Tensor) -> torch.Tensor:
