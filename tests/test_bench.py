@@ -14,7 +14,8 @@ import pytest
 import torch
 
 import portable_attn
-from portable_attn import NotSupported, cli
+from portable_attn import NotSupported, cli, registry
+from portable_attn.backends.cpu import native
 from portable_attn.bench import cases, fla_peers, host, peers, plan
 from portable_attn.bench.impls import Refused
 
@@ -69,15 +70,16 @@ def test_quick_run_writes_json_and_one_plot_per_series(quick_run):
 def test_a_cpu_run_measures_the_machine_and_each_thread_count(tmp_path):
     rc, data = bench(tmp_path, "--case", "gdr", "--no-memory", "--threads", "1", "2")
     assert rc == 0 and data["bandwidth"]["gbps"] > 0  # copy bandwidth even without a memory-bound case
-    assert set(data["machine"]["matmul"]["gflops"]) == {"fp32", "bf16"}
-    assert all(set(by) == {"1", "2"} and min(by.values()) > 0 for by in data["machine"]["matmul"]["gflops"].values())
+    mm = data["machine"]["matmul"]
+    assert set(mm["gflops"]) == {"fp32", "bf16"} and mm["size"] == {"fp32": 256, "bf16": 256}  # --quick: 256
+    assert all(set(by) == {"1", "2"} and min(by.values()) > 0 for by in mm["gflops"].values())
     (case,) = data["cases"]
     assert [(p["x"], p["threads"]) for p in case["points"]] == [(2, 1), (2, 2)]
     one, two = ({e["name"]: e for e in p["impls"]} for p in case["points"])
     for name, e in two.items():
         assert one[name]["scaling"] == 1.0 and e["scaling"] == pytest.approx(one[name]["median_s"] / e["median_s"])
     md = (tmp_path / "bench.md").read_text()
-    assert "| threads |" in md and "x of 1 thread" in md and "Matrix products (256 x 256" in md
+    assert "| threads |" in md and "x of 1 thread" in md and "fp32 (256 x 256) " in md
 
 
 def test_missing_transformers_skips_its_peers(tmp_path, monkeypatch):
@@ -282,6 +284,8 @@ def host_rows(op: str) -> dict:
 
 
 def test_host_case_rows_and_overheads(tmp_path):
+    before = {(b, op): getattr(registry.get(b).impl(), op) for b in ("cpu", "reference") for op in cases.HOST_CALLS}
+    decode = native.kernels() and native.kernels().decode
     rc = cli.main(["bench", "--quick", "--case", "host", "--backend", "cpu", "reference", "--repeat", "2",
                    "--no-memory", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "bench.json").read_text())
@@ -301,11 +305,15 @@ def test_host_case_rows_and_overheads(tmp_path):
             assert e["median_s"] == pytest.approx(float(np.median(e["times_s"])))
             assert e["calls_per_sample"] in (1, host.CALLS)
             if e["vs"] is None:
-                assert e["overhead_s"] is None
+                assert e["overhead_s"] is None and e["in_call_s"] is None
             else:
                 assert e["overhead_s"] == pytest.approx(e["median_s"] - rows[e["vs"]]["median_s"])
+                assert 0 <= e["in_call_s"] < e["median_s"]  # the time inside the `vs` function was counted
+                assert len(e["in_call_times_s"]) == 2 and e["in_call_s"] == pytest.approx(np.median(e["in_call_times_s"]))
+    assert all(getattr(registry.get(b).impl(), op) is fn for (b, op), fn in before.items())  # the wrappers are gone
+    assert native.kernels() is None or native.kernels().decode is decode
     md = (tmp_path / "bench.md").read_text()
-    assert "**host**" in md and "| overhead µs |" in md and "| attention | decode.cpp |" in md
+    assert "**host**" in md and "| overhead µs | in-call µs |" in md and "| attention | decode.cpp |" in md
 
 
 @pytest.mark.parametrize("quick", [True, False])

@@ -8,7 +8,10 @@ and, on the CPU, beside the kernel the cpu backend's attention and paged decode 
 overhead is measured against its `vs` row (that kernel for the cpu backend where there is one, else the
 backend's own function) round by round: all rows of a point run round-robin, each sample `CALLS`
 consecutive calls, and the overhead is the median over rounds of the row's sample minus the `vs` row's
-sample of the same round (a shared machine's slow spells hit both).
+sample of the same round (a shared machine's slow spells hit both). Rows whose `vs` is one function
+(`INNER`) also measure it inside each call: while the point runs that function is wrapped by a timer, and
+a row's in-call overhead is its sample minus the time spent inside it in the same calls, exact where a
+multi-millisecond kernel's run-to-run spread hides tens of microseconds between rows.
 """
 from __future__ import annotations
 
@@ -24,7 +27,7 @@ import torch.nn.functional as F
 from rich.markup import escape
 from rich.table import Table
 
-from portable_attn import registry
+from portable_attn import checkmemo, registry
 from portable_attn.ops import make_call
 
 from . import cases, impls, timing
@@ -40,6 +43,9 @@ NOTES = {
     "overhead_s": "the median over rounds of this row's sample - its `vs` row's sample of the same round (`vs`: the "
                   "kernel it ends in, else the backend's own function): binding, checks, backend selection and the "
                   "backend's wrapper work",
+    "in_call_s": "the median over samples of this row's per-call time minus the time its calls spent inside the "
+                 "`vs` function (wrapped by a timer while the point runs; the wrapper's own cost is counted in "
+                 "the overhead); in_call_times_s: that difference per sample",
     "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
     "clock": "on the CPU with one torch thread, the calling thread's CPU time (time.thread_time): all the work "
              "runs on that thread, and time spent descheduled on a shared machine is not counted; else wall time",
@@ -108,6 +114,12 @@ def _compiled_decode(args, sizes):
     return step
 
 
+def _decode_kernel(op: str):
+    """(owner, attribute) of the compiled decode kernel's entry, which attention and paged decode end in."""
+    from portable_attn.backends.cpu import native
+    return native.kernels(), "decode"
+
+
 _DECODE_CPP = impls.Impl("decode.cpp", "kernel", "the cpu backend's compiled decode kernel (backends/cpu/decode.cpp), "
                          "each visible key and value row read once", _compiled_decode)
 
@@ -134,6 +146,43 @@ def _function(name: str, op: str) -> impls.Impl:
         return functools.partial(getattr(registry.get(name).impl(), op), **make_call(op, args).args)
     return impls.Impl(f"{name} fn", "backend", f"the {name} backend's {op} function on arguments checked in setup "
                       "(ops.make_call): no binding, checks or selection", prepare)
+
+
+# The function each `vs` row's work is, as (owner, attribute), for the in-call overhead: the compiled decode
+# kernel's entry, or a backend's op function (the rows bind theirs in setup, so their own calls are not timed).
+INNER = {_DECODE_CPP.name: _decode_kernel}
+
+
+def _inner(vs: str, op: str):
+    if vs in INNER:
+        return INNER[vs](op)
+    return registry.get(vs.removesuffix(" fn")).impl(), op
+
+
+class Inside:
+    """Seconds spent inside one function (on `clock`) while `wrapped` replaces it on its owner."""
+
+    def __init__(self, owner, attr: str, clock):
+        self.owner, self.attr, self.clock, self.seconds = owner, attr, clock, 0.0
+        self.original = getattr(owner, attr)
+
+    @contextlib.contextmanager
+    def wrapped(self):
+        fn, clk = self.original, self.clock
+
+        def timed(*args, **kwargs):
+            t0 = clk()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += clk() - t0
+        setattr(self.owner, self.attr, timed)
+        checkmemo.forget()  # remembered calls hold the op's function: they take the wrapper from here on
+        try:
+            yield self
+        finally:
+            setattr(self.owner, self.attr, fn)
+            checkmemo.forget()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,59 +229,82 @@ def clock(device: str):
     return time.thread_time if device == "cpu" and torch.get_num_threads() == 1 else time.perf_counter
 
 
-def _sampler(fn, sync, calls: int, checks: bool | None, clk):
+def _sampler(fn, sync, calls: int, checks: bool | None, clk, inside: Inside | None = None, in_call=None):
+    """A sample's seconds per call; with `inside`, each sample's per-call seconds outside it appended to
+    `in_call` too."""
     def loop():
         for _ in range(calls):
             fn()
 
     def sample() -> float:
+        before = inside.seconds if inside else 0.0
         with checks_env(checks):
-            return timing.timed(loop, sync, calls, clk)
+            seconds = timing.timed(loop, sync, calls, clk)
+        if inside:
+            in_call.append(seconds - (inside.seconds - before) / calls)
+        return seconds
     return sample
 
 
-def _start(row: Row, args: dict, sizes: dict, sync, entry: dict, clk):
+def _start(row: Row, args: dict, sizes: dict, sync, entry: dict, clk, inside: Inside | None, in_call: list):
     """The row's sampler after its first call (setup) and three timed calls (the fastest sets the calls per
     sample: on a loaded machine any one of them can be far slower)."""
     with checks_env(row.checks):
         fn, entry["setup_s"] = impls.start(row.impl, args, sizes, sync)
         calls = CALLS if min(timing.timed(fn, sync) for _ in range(3)) < SLOW_S else 1
     entry["calls_per_sample"] = calls
-    return _sampler(fn, sync, calls, row.checks, clk)
+    return _sampler(fn, sync, calls, row.checks, clk, inside, in_call)
 
 
 def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
-    op, sync = point.x, timing.synchronizer(settings.device)
+    op, sync, clk = point.x, timing.synchronizer(settings.device), clock(settings.device)
     args = case.make(point.sizes, settings.device)
-    entries, samplers, impl_of = {}, {}, {}
-    for group in groups(op, settings.backends, settings.device):
+    grouped = groups(op, settings.backends, settings.device)
+    insides = {}
+    for vs in {row.vs for group in grouped for row in group} - {None}:
+        with contextlib.suppress(Exception):  # a backend that is not here: its rows report why below
+            insides[vs] = Inside(*_inner(vs, op), clk)
+    entries, times, in_calls = _sample(grouped, args, point, settings, sync, clk, insides)
+    for e in entries.values():
+        raw = entries.get(e["vs"])
+        ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
+        e["overhead_s"] = _paired(times[e["name"]], times[e["vs"]]) if ok else None
+        kept = in_calls[e["name"]][settings.warmup:] if ok else []
+        e["in_call_times_s"], e["in_call_s"] = kept, statistics.median(kept) if kept else None
+    log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
+                         else f"{e['name']} {e['status']}" for e in entries.values()))
+    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
+                impls=list(entries.values()))
+
+
+def _sample(grouped: list[list[Row]], args: dict, point, settings, sync, clk, insides: dict):
+    """Every row of the point started, then sampled round-robin with the `insides` wrapped (after the rows bound
+    their functions: a row's own function is not wrapped): (entries, times, in-call seconds) by row."""
+    entries, samplers, impl_of, in_calls = {}, {}, {}, {}
+    for group in grouped:
         for row in group:
-            impl_of[row.impl.name] = row.impl
+            impl_of[row.impl.name], in_calls[row.impl.name] = row.impl, []
             entries[row.impl.name] = dict(name=row.impl.name, kind=row.impl.kind, checks=row.checks,
                                           what=row.impl.what, vs=row.vs, status="ok", reason=None)
         for row in group:
             try:
-                samplers[row.impl.name] = _start(row, args, point.sizes, sync, entries[row.impl.name],
-                                                 clock(settings.device))
+                samplers[row.impl.name] = _start(row, args, point.sizes, sync, entries[row.impl.name], clk,
+                                                 insides.get(row.vs), in_calls[row.impl.name])
             except Exception as exc:  # noqa: BLE001 - the group's status: a backend that cannot run this op
                 status, reason = impls.classify(exc, row.impl)
                 for r in group:
                     samplers.pop(r.impl.name, None)
                     entries[r.impl.name].update(status=status, reason=reason)
                 break
-    times, failed = timing.round_robin(samplers, settings.warmup, settings.repeat)
+    with contextlib.ExitStack() as stack:
+        for inside in insides.values():
+            stack.enter_context(inside.wrapped())
+        times, failed = timing.round_robin(samplers, settings.warmup, settings.repeat)
     for name, exc in failed.items():
         entries[name]["status"], entries[name]["reason"] = impls.classify(exc, impl_of[name])
     for name in samplers.keys() - failed.keys():
         entries[name].update(timing.summary(times[name]))
-    for e in entries.values():
-        raw = entries.get(e["vs"])
-        ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
-        e["overhead_s"] = _paired(times[e["name"]], times[e["vs"]]) if ok else None
-    log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
-                         else f"{e['name']} {e['status']}" for e in entries.values()))
-    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
-                impls=list(entries.values()))
+    return entries, times, in_calls
 
 
 def _paired(row: list[float], vs: list[float]) -> float:
@@ -259,22 +331,27 @@ def _us(seconds) -> str:
     return f"{us:.1f}" if abs(us) < 100 else f"{us:.0f}"
 
 
+def _signed(seconds) -> str:
+    return ("+" if seconds and seconds > 0 else "") + _us(seconds)
+
+
 def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
     """Column names and rows (cells, status, last row of its call) of the host table."""
-    cols = ["op", "impl", "median µs", "min µs", "IQR µs", "vs", "overhead µs", "note"]
+    cols = ["op", "impl", "median µs", "min µs", "IQR µs", "vs", "overhead µs", "in-call µs", "note"]
     rows = []
     for call in case["calls"]:
         for i, e in enumerate(call["impls"]):
             note = "" if e["status"] == "ok" else f"{e['status']}: {e['reason']}"
-            over = e.get("overhead_s")
+            over, inside = e.get("overhead_s"), e.get("in_call_s")
             rows.append(([call["op"] if i == 0 else "", e["name"], _us(e.get("median_s")), _us(e.get("min_s")),
-                          _us(e.get("iqr_s")), e["vs"] or "", ("+" if over and over > 0 else "") + _us(over), note],
+                          _us(e.get("iqr_s")), e["vs"] or "", _signed(over), _signed(inside), note],
                          e["status"], i == len(call["impls"]) - 1))
     return cols, rows
 
 
 CAPTION = ("overhead: the median over rounds of this row's sample - the `vs` row's sample of the same round; samples "
-           "of consecutive calls, interleaved")
+           "of consecutive calls, interleaved; in-call: the median over samples of this row's time per call minus "
+           "the time its calls spent inside the `vs` function")
 
 
 def _caption(case: dict) -> str:

@@ -83,9 +83,10 @@ def matmul_line(results: dict) -> str | None:
     mm = results["machine"].get("matmul")
     if not mm:
         return None
-    parts = [f"{dtype} " + ", ".join(f"{r:.0f} GFLOP/s at {n} thread{'s' * (n != '1')}" for n, r in by.items())
+    parts = [f"{dtype} ({mm['size'][dtype]} x {mm['size'][dtype]}) "
+             + ", ".join(f"{r:.0f} GFLOP/s at {n} thread{'s' * (n != '1')}" for n, r in by.items())
              for dtype, by in mm["gflops"].items()]
-    return f"Matrix products ({mm['size']} x {mm['size']}, torch.mm, median of 5): " + "; ".join(parts) + "."
+    return "Matrix products (torch.mm, median of 5): " + "; ".join(parts) + "."
 
 
 def tables(results: dict) -> list[Table]:

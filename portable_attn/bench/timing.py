@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import math
 import multiprocessing
 import time
 from typing import Callable
@@ -74,21 +75,28 @@ def threads(n: int):
 
 
 MATMUL_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+MATMUL_S = 0.2  # the longest matrix product the rate probe times (five per dtype and thread count)
 
 
 def matmul_rates(counts, quick: bool = False) -> dict:
     """GFLOP/s of an n x n matrix product per dtype and thread count (median of 5):
-    {"size": n, "gflops": {"fp32": {"1": .., "2": ..}, "bf16": {..}}}."""
-    n = 256 if quick else 2048
-    rates = {}
+    {"size": {"fp32": n, "bf16": n}, "gflops": {"fp32": {"1": .., "2": ..}, "bf16": {..}}}. n is 2048 (256
+    quick) or less where a 256 product predicts more than MATMUL_S per call: bf16 products without the vector
+    instructions for them run at a few GFLOP/s (AVX2 hosts), where 2048 would take half a minute a call."""
+    rates, sizes = {}, {}
     for name, dtype in MATMUL_DTYPES.items():
+        small = torch.randn(256, 256).to(dtype)
+        small @ small
+        per_flop = min(timed(functools.partial(torch.mm, small, small), lambda: None) for _ in range(3)) / 256**3
+        n = 256 if quick else max(256, min(2048, 1 << int(math.log2((MATMUL_S / per_flop) ** (1 / 3)))))
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         for count in counts:
             with threads(count):
                 a @ b
                 median = float(np.median([timed(functools.partial(torch.mm, a, b), lambda: None) for _ in range(5)]))
             rates.setdefault(name, {})[str(count)] = 2 * n**3 / median / 1e9
-    return dict(size=n, gflops=rates)
+        sizes[name] = n
+    return dict(size=sizes, gflops=rates)
 
 
 def round_robin(runners: dict[str, Callable[[], float]], warmup: int, repeat: int):

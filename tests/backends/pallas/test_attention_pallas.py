@@ -24,7 +24,8 @@ def cu(lens):
     return CU([[0], np.cumsum(lens)]).astype(np.int32)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+# float16 takes no path of its own in the kernels (its conformance cases check it): each dtype here is a minute of CI
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("opts", [
     dict(causal=True),
     dict(causal=True, window_size=(5, 0), softcap=4.0),

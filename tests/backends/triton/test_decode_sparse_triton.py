@@ -28,7 +28,9 @@ from portable_attn import library  # noqa: E402
 from tests.backends.compare import paged_cache  # noqa: E402
 from portable_attn.backends.triton import cache, decode, sparse  # noqa: E402
 
-DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# float16 runs the bfloat16 kernels' paths (tl.dot on 16-bit inputs) with another store format: the conformance
+# entry checks it on every op; here, under the interpreter, each dtype costs minutes of CI
+DTYPES = (torch.float32, torch.bfloat16)
 
 
 def gen(seed):
