@@ -85,10 +85,7 @@ def matmul_rates(counts, quick: bool = False) -> dict:
     instructions for them run at a few GFLOP/s (AVX2 hosts), where 2048 would take half a minute a call."""
     rates, sizes = {}, {}
     for name, dtype in MATMUL_DTYPES.items():
-        small = torch.randn(256, 256).to(dtype)
-        small @ small
-        per_flop = min(timed(functools.partial(torch.mm, small, small), lambda: None) for _ in range(3)) / 256**3
-        n = 256 if quick else max(256, min(2048, 1 << int(math.log2((MATMUL_S / per_flop) ** (1 / 3)))))
+        n = 256 if quick else _matmul_size(dtype)
         a, b = torch.randn(n, n).to(dtype), torch.randn(n, n).to(dtype)
         for count in counts:
             with threads(count):
@@ -97,6 +94,14 @@ def matmul_rates(counts, quick: bool = False) -> dict:
             rates.setdefault(name, {})[str(count)] = 2 * n**3 / median / 1e9
         sizes[name] = n
     return dict(size=sizes, gflops=rates)
+
+
+def _matmul_size(dtype: torch.dtype) -> int:
+    """The largest power of two up to 2048 (at least 256) whose product a 256 one predicts within MATMUL_S."""
+    small = torch.randn(256, 256).to(dtype)
+    small @ small
+    per_cube = min(timed(functools.partial(torch.mm, small, small), lambda: None) for _ in range(3)) / 256**3
+    return max(256, min(2048, 1 << int(math.log2((MATMUL_S / per_cube) ** (1 / 3)))))
 
 
 def round_robin(runners: dict[str, Callable[[], float]], warmup: int, repeat: int):
