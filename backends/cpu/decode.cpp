@@ -353,6 +353,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
+}  // namespace
+
 void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
                 const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
@@ -368,10 +370,4 @@ void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
     default:
       TORCH_CHECK(false, "decode: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }
-}
-
-}  // namespace
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");
 }

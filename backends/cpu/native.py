@@ -1,7 +1,8 @@
-"""The cpu backend's compiled kernels (decode.cpp), built on first use with torch's C++ extension builder
-for the vector width of this machine and kept in torch's extension cache (one build per machine and
-source). Where they cannot be built (no C++ compiler or ninja) or PORTABLE_ATTN_CPU_NATIVE=0, `kernels()`
-is None, `decode` returns None and the callers take their torch paths; the reason is logged once."""
+"""The cpu backend's compiled kernels (decode.cpp, softcap.cpp; bound in kernels.cpp), built on first use with
+torch's C++ extension builder for the vector width of this machine and kept in torch's extension cache (one
+build per machine and source). Where they cannot be built (no C++ compiler or ninja) or
+PORTABLE_ATTN_CPU_NATIVE=0, `kernels()` is None, `decode` returns None and the callers take their torch paths;
+the reason is logged once."""
 from __future__ import annotations
 
 import functools
@@ -19,7 +20,7 @@ from .workspace import buffer
 
 log = logging.getLogger("portable_attn")
 
-SOURCE = pathlib.Path(__file__).with_name("decode.cpp")
+SOURCES = [pathlib.Path(__file__).with_name(n) for n in ("kernels.cpp", "decode.cpp", "softcap.cpp")]
 # A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
 # products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
 # 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
@@ -63,7 +64,7 @@ def _built():
     capability = torch.backends.cpu.get_cpu_capability()
     # one build per vector width, torch release and source (venvs of two torch versions, or two releases of this
     # package, share torch's cache folder: one name for both would rebuild it at each switch)
-    source = hashlib.sha1(SOURCE.read_bytes()).hexdigest()[:10]
+    source = hashlib.sha1(b"".join(f.read_bytes() for f in SOURCES)).hexdigest()[:10]
     name = re.sub(r"\W", "_", f"portable_attn_cpu_{capability.lower()}_torch{torch.__version__}_{source}")
     try:
         where = cpp_extension._get_build_directory(name, verbose=False)  # torch's own folder for it (made if new)
@@ -71,10 +72,11 @@ def _built():
         where = None
     if where is not None and not os.path.exists(os.path.join(where, f"{name}.so")):  # say why this call waits
         log.warning("portable_attn: building the cpu backend's kernels for %s in %s (once per machine and "
-                    "source, about 40 s on 2 cores)", capability, where)
+                    "source, about a minute on 2 cores)", capability, where)
     try:
         flags = ["-O3", "-fopenmp", *FLAGS.get(capability, [])]
-        return cpp_extension.load(name=name, sources=[str(SOURCE)], extra_cflags=flags, extra_ldflags=["-fopenmp"])
+        return cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
+                                  extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
         log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode takes its "
                     "torch path. Install a C++ compiler and ninja to build them.",

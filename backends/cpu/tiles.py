@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from portable_attn.masks import EMPTY
 from portable_attn.torch_features import cpu_flash_shares_kv_heads
 
+from . import native
+
 NEG = -math.inf
 SCORE_BUDGET = 1 << 20  # score elements per step of the explicit (softcap) path: 4 MiB of float32
 
@@ -95,18 +97,29 @@ def _explicit(q, k, v, vis, scale, softcap, causal):
         for j in range(0, nk, step_k):
             keys = slice(j, j + step_k)
             s = qs[bi] @ k[bi][..., keys, :].float().transpose(-1, -2)  # [b', h', R, keys]
-            s.tanh_().mul_(softcap)
-            if hidden is not None:
-                s.masked_fill_(_part(hidden, bi)[..., keys], NEG)
-            m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)  # a row seeing nothing: finite
-            s.sub_(m).exp_()
-            total = s.sum(-1, keepdim=True)
+            m, total = _capped_softmax(s, None if hidden is None else _part(hidden, bi)[..., keys], softcap)
             # P @ V with P rounded to v's dtype (what a low-precision kernel does), accumulated in float32
             part = (s.to(v.dtype) @ v[bi][..., keys, :]).float().div_(total.clamp(min=torch.finfo(s.dtype).tiny))
             part_lse = (m + total.log()).squeeze(-1)
             ot, lt = (part, part_lse) if ot is None else merge(ot, lt, part, part_lse)
         o[bi], lse[bi] = ot, lt
     return o, lse
+
+
+def _capped_softmax(s, hidden, softcap: float):
+    """s [b, h, R, K] float32 (scores / softcap) -> exp(softcap * tanh(s) - m) in place, 0 where `hidden`
+    [b|1, h|1, R|1, K]; returns the row max m (finite for a row seeing nothing) and the row sum, [b, h, R, 1]."""
+    kernels = native.kernels()
+    if kernels is not None:  # one pass per row (softcap.cpp): torch's tanh alone cost more than the products
+        m, total = s.new_empty(s.shape[:-1]), s.new_empty(s.shape[:-1])
+        kernels.softcap_softmax(s, hidden, softcap, m, total)
+        return m[..., None], total[..., None]
+    s.tanh_().mul_(softcap)
+    if hidden is not None:
+        s.masked_fill_(hidden, NEG)
+    m = s.amax(-1, keepdim=True).clamp_(min=torch.finfo(s.dtype).min)
+    s.sub_(m).exp_()
+    return m, s.sum(-1, keepdim=True)
 
 
 def _row_steps(b: int, h: int, per: int):

@@ -1,12 +1,13 @@
-"""The cpu backend's compiled decode kernel (backends/cpu/native.py, decode.cpp) for paged_attention and
-attention, and the torch paths it replaces: both pass the conformance cases, and a machine that cannot
-build it falls back."""
+"""The cpu backend's compiled kernels (backends/cpu/native.py): decode (decode.cpp) for paged_attention and
+attention, the softcap pass (softcap.cpp) of the attention ops, and the torch paths they replace: both pass
+the conformance cases, and a machine that cannot build them falls back."""
 import logging
 import math
 import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,28 +16,45 @@ from portable_attn.backends.cpu import native
 from portable_attn.conformance import FULL, catalogue, run_case
 from tests.backends.cpu.test_host_paths_cpu import nan_padded
 
-CASES = [c for c in catalogue(FULL, ["paged_attention", "attention"])
-         if c.op == "paged_attention" or "decode" in c.name]  # attention's decode cases: the kernel's calls
+SOFTCAPPED = [c for c in catalogue(FULL, ["paged_attention", "attention", "sparse_attention"])
+              if c.make(np.random.default_rng(0)).get("softcap", 0) > 0]  # softcap.cpp's calls
+DECODES_AND_PAGED = [c for c in catalogue(FULL, ["paged_attention", "attention"])
+                     if c.op == "paged_attention" or "decode" in c.name]  # attention's decode cases: decode.cpp's calls
+CASES = DECODES_AND_PAGED + [c for c in SOFTCAPPED if c not in DECODES_AND_PAGED]
 
 
-@pytest.fixture
-def spy(monkeypatch):
-    """Counts the compiled kernel's calls (skips where this machine cannot build it)."""
+def spy_on(monkeypatch, *kernels: str) -> list:
+    """The arguments of each call of the compiled module's `kernels` from here on, its other kernels as they are
+    (skips where this machine cannot build it)."""
     built = native.kernels()
     if built is None:
         pytest.skip("the cpu backend's compiled kernels cannot be built here (see the logged reason)")
     calls = []
 
     class Spy:
-        def decode(self, *args):
-            calls.append(args)
-            return built.decode(*args)
+        def __getattr__(self, name):
+            return getattr(built, name)
 
-    monkeypatch.setattr(native, "_built", Spy)
+    def counted(kernel):
+        def call(*args):
+            calls.append(args)
+            return getattr(built, kernel)(*args)
+        return call
+
+    spy = Spy()
+    for kernel in kernels:
+        setattr(spy, kernel, counted(kernel))
+    monkeypatch.setattr(native, "_built", lambda: spy)
     return calls
 
 
-@pytest.mark.parametrize("case", CASES, ids=[c.name for c in CASES])
+@pytest.fixture
+def spy(monkeypatch):
+    """Counts the compiled decode kernel's calls."""
+    return spy_on(monkeypatch, "decode")
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.name}" for c in CASES])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_torch_path_conforms(case, dtype, monkeypatch):
     monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
@@ -44,7 +62,19 @@ def test_torch_path_conforms(case, dtype, monkeypatch):
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
 
 
-DECODES = [c for c in CASES if "decode" in c.name and "mask" not in c.name]  # the cases whose calls reach the kernel
+@pytest.mark.parametrize("case", SOFTCAPPED, ids=[f"{c.op}-{c.name}" for c in SOFTCAPPED])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_softcap_runs_compiled_pass(case, dtype, monkeypatch):
+    """The softcap cases conform with their score rows through softcap.cpp (or decode.cpp's own softcap for a
+    decode), and do reach them."""
+    calls = spy_on(monkeypatch, "softcap_softmax", "decode")
+    res = run_case("cpu", case, dtype)
+    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
+    assert calls
+
+
+# the cases whose calls reach the decode kernel
+DECODES = [c for c in DECODES_AND_PAGED if "decode" in c.name and "mask" not in c.name]
 
 
 @pytest.mark.parametrize("case", DECODES, ids=[c.name for c in DECODES])
