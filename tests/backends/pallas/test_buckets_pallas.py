@@ -83,7 +83,7 @@ def recurrent(rng):
 
 
 CASES = (varlen_attention,) * 4 + (paged_decode, recurrent)
-CALLS = 48   # a round
+CALLS = 24   # a round
 
 
 def test_ragged_batches_compile_a_bounded_set():
@@ -99,8 +99,8 @@ def test_ragged_batches_compile_a_bounded_set():
         rounds.append(seen)
     first, second = (sum(r.values()) for r in rounds)
     # exact shapes compile every new one (each call here: the kernel, its work list and a dozen small XLA
-    # pieces); measured with buckets: 59 then 9
-    assert first <= 2 * CALLS, rounds[0].most_common(10)
+    # pieces, about 13 * CALLS); measured with buckets: 55 then 4 (48 calls a round: 59 then 9)
+    assert first <= 3 * CALLS, rounds[0].most_common(10)
     assert second <= CALLS // 4, rounds[1].most_common(10)
 
 
