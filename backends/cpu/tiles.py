@@ -176,6 +176,8 @@ def band_vis(p, j, causal: bool, window: tuple[int, int]):
     """Causal/window visibility bool [1, len(p), len(j)] of query positions p and key positions j,
     or None when every pair is visible."""
     left, right = window
+    if not causal and left < 0 and right < 0:
+        return None
     diff = (j[None, :] - p[:, None])[None]  # j - p
     vis = torch.ones(diff.shape, dtype=torch.bool)
     if causal:
