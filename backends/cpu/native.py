@@ -78,7 +78,7 @@ def _built():
         return cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
-        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode takes its "
-                    "torch path. Install a C++ compiler and ninja to build them.",
+        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode and softcap "
+                    "take their torch paths. Install a C++ compiler and ninja to build them.",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
