@@ -194,8 +194,8 @@ struct Strided {  // a cache [NB, BS, Hkv, D] read through its strides
 };
 
 // Queries [S, Hq, D] (any strides), sinks [Hq] float32 or none -> out [S, Hq, Dv] (q's dtype, any strides), lse
-// [Hq, S] float32. The keys of sequence s: paged, caches [NB, BS, Hkv, D|Dv] with block_table [S, MB] and
-// seqused_k [S] (int32); or packed, k/v [T, 1, Hkv, D|Dv] with cu_seqlens_k [S + 1] (int32; none: one
+// [Hq, S] float32 (none: not written). The keys of sequence s: paged, caches [NB, BS, Hkv, D|Dv] with block_table
+// [S, MB] and seqused_k [S] (int32); or packed, k/v [T, 1, Hkv, D|Dv] with cu_seqlens_k [S + 1] (int32; none: one
 // sequence of all T). Its query sits at its last key n - 1 and sees keys [first, n), first = n - 1 - left when
 // left >= 0. Work items: (sequence, kv-head range), so that a batch smaller than the thread count still uses
 // every thread. A call that reads more than copy_bytes of keys and values copies each tile's rows first.
@@ -203,7 +203,7 @@ template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
             const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-            int64_t left, double softcap, at::Tensor& out, at::Tensor& lse, int64_t copy_bytes) {
+            int64_t left, double softcap, at::Tensor& out, const c10::optional<at::Tensor>& lse, int64_t copy_bytes) {
   const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2), Dv = v_cache.size(3), g = Hq / Hkv;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Hkv, (at::get_num_threads() + S - 1) / std::max<int64_t>(S, 1)));
@@ -216,10 +216,11 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   const int32_t* cu = cu_seqlens_k.has_value() ? cu_seqlens_k->data_ptr<int32_t>() : nullptr;
   const float* sink = sinks.has_value() ? sinks->data_ptr<float>() : nullptr;
   T* op = out.data_ptr<T>();
-  float* lp = lse.data_ptr<float>();
+  float* lp = lse.has_value() ? lse->data_ptr<float>() : nullptr;
   const int64_t t0 = table ? block_table->stride(0) : 0, t1 = table ? block_table->stride(1) : 0;
   const int64_t u0 = used ? seqused_k->stride(0) : 0, c0 = cu ? cu_seqlens_k->stride(0) : 0;
-  const auto qs = q.strides(), os = out.strides(), ls = lse.strides();
+  const auto qs = q.strides(), os = out.strides();
+  const int64_t l0 = lp ? lse->stride(0) : 0, l1 = lp ? lse->stride(1) : 0;
   const float cap = static_cast<float>(softcap);
 #if defined(CPU_CAPABILITY_AVX512)
   const bool pairs = std::is_same_v<T, at::BFloat16> && D % 32 == 0 && bf16_unit();  // scores_bf16
@@ -347,7 +348,7 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         }
         T* dst = op + b * os[0] + (r0 + i) * os[1];
         for (int64_t e = 0; e < Dv; ++e) dst[e * os[2]] = static_cast<T>(acc[i * Dv + e] * weight);
-        lp[(r0 + i) * ls[0] + b * ls[1]] = total;
+        if (lp != nullptr) lp[(r0 + i) * l0 + b * l1] = total;
       }
     }
   });
@@ -358,7 +359,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
                 const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, at::Tensor lse, int64_t copy_bytes) {
+                int64_t left, double softcap, at::Tensor out, const c10::optional<at::Tensor>& lse,
+                int64_t copy_bytes) {
   switch (q.scalar_type()) {  // the types as_float reads
     case at::kFloat:
       return decode<float>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse, copy_bytes);

@@ -4,7 +4,8 @@
 void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
                 const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
                 const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, at::Tensor lse, int64_t copy_bytes);
+                int64_t left, double softcap, at::Tensor out, const c10::optional<at::Tensor>& lse,
+                int64_t copy_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
 

@@ -16,8 +16,6 @@ import torch
 
 from portable_attn import envs
 
-from .workspace import buffer
-
 log = logging.getLogger("portable_attn")
 
 SOURCES = [pathlib.Path(__file__).with_name(n) for n in ("kernels.cpp", "decode.cpp", "softcap.cpp")]
@@ -49,8 +47,7 @@ def decode(q, k_cache, v_cache, opts, return_lse: bool, out, block_table=None, s
     if built is None:
         return None
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
-    shape = (q.shape[1], q.shape[0])
-    lse = torch.empty(shape, dtype=torch.float32) if return_lse else buffer("decode.lse", shape, torch.float32)
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None  # None: none written
     sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
     built.decode(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, opts.scale, opts.window[0],
                  float(opts.softcap), o, lse, COPY_BYTES)

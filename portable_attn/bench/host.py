@@ -92,8 +92,9 @@ def _gather_flash(args, sizes):
 
 
 def _compiled_decode(args, sizes):
-    """The cpu backend's compiled decode kernel (backends/cpu/decode.cpp) on arguments checked in setup, into
-    output and lse tensors made in setup: paged keys, or packed ones ([T, 1, Hkv, D] views)."""
+    """The cpu backend's compiled decode kernel (backends/cpu/decode.cpp) on arguments checked in setup, into an
+    output made in setup, no lse (the host case's calls want none): paged keys, or packed ones ([T, 1, Hkv, D]
+    views)."""
     from portable_attn.backends.cpu import native
 
     built = native.kernels()
@@ -104,8 +105,8 @@ def _compiled_decode(args, sizes):
     q = a["q"]
     k, v, keys = ((a["k_cache"], a["v_cache"], (a["block_table"], a["seqused_k"], None)) if paged
                   else (a["k"][:, None], a["v"][:, None], (None, None, a["cu_seqlens_k"])))
-    o, lse = q.new_empty(q.shape[0], q.shape[1], v.shape[3]), torch.empty(q.shape[1], q.shape[0])
-    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, lse,
+    o = q.new_empty(q.shape[0], q.shape[1], v.shape[3])
+    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, None,
                                native.COPY_BYTES)
 
     def step():
