@@ -45,6 +45,8 @@ void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, doub
     for (int i = 0; i < 4; ++i) hs[i] = h.stride(i);
   }
   const float cap = static_cast<float>(softcap), lowest = std::numeric_limits<float>::lowest();
+  const auto add = [](Vec& a, Vec& b) { return a + b; };
+  const auto larger = [](Vec& a, Vec& b) { return at::vec::maximum(a, b); };
   at::parallel_for(0, s.size(0) * H * R, 16, [&](int64_t begin, int64_t end) {
     for (int64_t row = begin; row < end; ++row) {
       float* x = sp + row * K;
@@ -57,21 +59,18 @@ void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, doub
         for (int64_t i = 0; i < K; ++i) x[i] = hr[i * step] ? NEG_INF : x[i];
       }
       // a row that sees nothing: exp(-inf - lowest) = 0 and a zero sum
-      const float top = K == 0 ? lowest : std::max(lowest, at::vec::reduce_all<float>(
-          [](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x, K));
+      const float top = K == 0 ? lowest : std::max(lowest, at::vec::reduce_all<float>(larger, x, K));
       Vec acc(0.f);
       for (j = 0; j + n <= K; j += n) {
         const Vec e = (Vec::loadu(x + j) - Vec(top)).exp_u20();
         e.store(x + j);
         acc = acc + e;
       }
-      float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, acc);
+      float sum = at::vec::vec_reduce_all<float>(add, acc);
       if (j < K) {
         const Vec e = (Vec::loadu(x + j, K - j) - Vec(top)).exp_u20();
         e.store(x + j, K - j);
-        float tail[Vec::size()];
-        e.store(tail, K - j);
-        for (int64_t i = 0; i < K - j; ++i) sum += tail[i];
+        sum += at::vec::vec_reduce_all<float>(add, e, K - j);  // its first K - j lanes
       }
       mp[row] = top;
       tp[row] = sum;

@@ -215,8 +215,8 @@ def test_lone_query_runs_compiled_kernel(spy, dtype):
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_narrower_builds_conform(capability):
     """The kernel built for a narrower vector width than this machine's (ATEN_CPU_CAPABILITY lowers torch's, and
-    native.py builds for torch's): AVX2's 8-lane sums and conversions, or ATen's generic vectors. The decode
-    conformance cases pass in a fresh process (about a minute per first build)."""
+    native.py builds for torch's): AVX2's 8-lane sums and conversions, or ATen's generic vectors. The attention
+    and paged conformance cases (softcap ones included) pass in a fresh process (about a minute per first build)."""
     code = ("import sys; from portable_attn import cli; from portable_attn.backends.cpu import native; "
             "built = native.kernels(); "
             f"assert built is not None and '_{capability}_' in built.__name__, built; "
