@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from . import native
 from .chunk import delta, split, sweep
 from .states import emit, run_sequences, update_rows
 
@@ -34,6 +35,11 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
+    built = native.kernels()
+    if built is not None and state.stride(-1) == 1 and state.stride(-2) == state.shape[-1]:  # delta.cpp: one pass
+        o = out if out is not None else v.new_empty(v.shape)
+        built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, o)
+        return o
     hv = v.shape[1]
     q, k = (_l2norm(q), _l2norm(k)) if use_qk_l2norm else (q.float(), k.float())
     q, k = q.repeat_interleave(hv // q.shape[1], 1), k.repeat_interleave(hv // k.shape[1], 1)  # [bsz, Hv, K]

@@ -8,8 +8,12 @@ void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                 int64_t copy_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
+void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                    const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
+                    at::Tensor out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");
   m.def("softcap_softmax", &softcap_softmax, "capped scores to softmax weights, row max and sum (softcap.cpp)");
+  m.def("delta_step", &delta_step_any, "one gated-delta-rule token per sequence, the state rows in place (delta.cpp)");
 }

@@ -1,6 +1,6 @@
 """The cpu backend's compiled kernels (backends/cpu/native.py): decode (decode.cpp) for paged_attention and
-attention, the softcap pass (softcap.cpp) of the attention ops, and the torch paths they replace: both pass
-the conformance cases, and a machine that cannot build them falls back."""
+attention, the softcap pass (softcap.cpp) of the attention ops (the delta-rule step's in test_delta_step_cpu.py),
+and the torch paths they replace: both pass the conformance cases, and a machine that cannot build them falls back."""
 import logging
 import math
 import os
@@ -215,13 +215,14 @@ def test_lone_query_runs_compiled_kernel(spy, dtype):
 @pytest.mark.parametrize("capability", ["avx2", "default"])
 def test_narrower_builds_conform(capability):
     """The kernel built for a narrower vector width than this machine's (ATEN_CPU_CAPABILITY lowers torch's, and
-    native.py builds for torch's): AVX2's 8-lane sums and conversions, or ATen's generic vectors. The attention
-    and paged conformance cases (softcap ones included) pass in a fresh process (about a minute per first build)."""
+    native.py builds for torch's): AVX2's 8-lane sums and conversions, or ATen's generic vectors. The attention,
+    paged and delta-rule step conformance cases (softcap ones included) pass in a fresh process (about a minute
+    per first build)."""
     code = ("import sys; from portable_attn import cli; from portable_attn.backends.cpu import native; "
             "built = native.kernels(); "
             f"assert built is not None and '_{capability}_' in built.__name__, built; "
             "sys.exit(cli.main(['check', '--backend', 'cpu', '--op', 'attention', '--op', 'paged_attention', "
-            "'--strict', '--quiet']))")
+            "'--op', 'gated_delta_rule_step', '--strict', '--quiet']))")
     run = subprocess.run([sys.executable, "-c", code], env={**os.environ, "ATEN_CPU_CAPABILITY": capability},
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
