@@ -1,12 +1,23 @@
-"""Causal depthwise conv1d (SPEC `causal_conv1d`): every sequence at once in one token-major buffer, each
-sequence preceded by its W-1 state rows, convolved as W shifted multiply-adds over whole rows (the
+"""Causal depthwise conv1d (SPEC `causal_conv1d`): by the compiled kernel (conv.cpp: each output row from its
+input rows where they lie, written once) where it is built, else every sequence at once in one token-major
+buffer, each sequence preceded by its W-1 state rows, convolved as W shifted multiply-adds over whole rows (the
 layout of the caller's tokens: no transposes, which cost more than the products here)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
+from . import native
 from .states import emit, finish, initial_states, update_rows
+
+
+def _taps(weight):
+    """[C, W] -> the kernels' float32 [W, C]."""
+    return weight.float().T.contiguous()
+
+
+def _bias(bias):
+    return None if bias is None else bias.float().contiguous()
 
 
 def _act(y, bias, activation):
@@ -23,6 +34,14 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     cu = torch.tensor([0, n_tok], device=x.device) if cu_seqlens is None else cu_seqlens.long()
     nseq = cu.shape[0] - 1
     states = initial_states(initial_state, state_indices, has_initial_state, nseq, (ch, w), x.device)
+    built = native.kernels()
+    if built is not None and x.stride(1) == 1:
+        y = out if out is not None and out.stride(1) == 1 else x.new_empty(x.shape)
+        finals = states.new_empty(nseq, w, ch)                               # [S, W-1, C]
+        built.conv_seq(x, _taps(weight), _bias(bias), states.transpose(1, 2).contiguous(), cu.contiguous(),
+                       activation == "silu", y, finals)
+        y = y if out is None or y is out else out.copy_(y)
+        return y, finish(finals.transpose(1, 2), initial_state, state_indices, output_final_state, x.dtype)
     # rows of the buffer: sequence i is its W-1 state rows then its tokens, so it starts at cu[i] + i w
     seq = torch.arange(nseq, device=x.device)
     lens = cu[1:] - cu[:-1]
@@ -44,6 +63,12 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
 
 
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None):
+    built = native.kernels()
+    if built is not None and state.dtype == x.dtype:
+        o = out if out is not None else x.new_empty(x.shape)
+        built.conv_step(x, _taps(weight), _bias(bias), state, state_indices, activation == "silu", o)
+        return o
+
     def step(s):                                                             # [bsz, C, W-1], in place
         window = torch.cat([s, x.float()[..., None]], dim=-1)               # [bsz, C, W]
         s.copy_(window[..., 1:])

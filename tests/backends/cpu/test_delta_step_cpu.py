@@ -32,7 +32,7 @@ def test_cases_conform(case, dtype, monkeypatch):
     assert calls or case.layout
 
 
-def _in_nan(x: torch.Tensor, every_other: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def in_nan(x: torch.Tensor, every_other: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(view, buffer): x's values between NaN rows and NaN heads of a larger buffer; with `every_other` its last axis
     also every other element."""
     last = 2 * x.shape[-1] if every_other else x.shape[-1]
@@ -43,7 +43,7 @@ def _in_nan(x: torch.Tensor, every_other: bool) -> tuple[torch.Tensor, torch.Ten
     return view, buf
 
 
-def _bits(x: torch.Tensor) -> torch.Tensor:
+def bits(x: torch.Tensor) -> torch.Tensor:
     return x.contiguous().view({2: torch.int16, 4: torch.int32}[x.element_size()])
 
 
@@ -66,11 +66,11 @@ def test_kernel_matches_reference(monkeypatch, h, hv, kd, vd, dtype, state_dtype
     beta = torch.rand(bsz, hv, 1, generator=gen)
     state = torch.randn(slots, hv, kd, vd, generator=gen).to(state_dtype)
     rows = torch.tensor([3, -1, 0], dtype=torch.int32)
-    (qv, qb), (kv, kb) = (_in_nan(x, every_other=True) for x in (q, k))
-    (vv, vb), (gv, gb), (bv, bb) = (_in_nan(x, every_other=False) for x in (v, g, beta))
+    (qv, qb), (kv, kb) = (in_nan(x, every_other=True) for x in (q, k))
+    (vv, vb), (gv, gb), (bv, bb) = (in_nan(x, every_other=False) for x in (v, g, beta))
     gv, bv = (gv if per_key else gv[..., 0]), bv[..., 0]
-    sv, sb = _in_nan(state, every_other=False)
-    out, ob = _in_nan(torch.full((bsz, hv, vd), math.nan, dtype=dtype), every_other=False)
+    sv, sb = in_nan(state, every_other=False)
+    out, ob = in_nan(torch.full((bsz, hv, vd), math.nan, dtype=dtype), every_other=False)
     before = [b.clone() for b in (qb, kb, vb, gb, bb, sb)]
     got = pa.gated_delta_rule_step(qv, kv, vv, gv, bv, state=sv, state_indices=rows, use_qk_l2norm=True, out=out,
                                    backend="cpu")
@@ -83,9 +83,9 @@ def test_kernel_matches_reference(monkeypatch, h, hv, kd, vd, dtype, state_dtype
     torch.testing.assert_close(got.double(), ref, **tol)
     torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **tol)
     for buf, was in zip((qb, kb, vb, gb, bb), before):  # inputs untouched, NaN included
-        assert torch.equal(_bits(buf), _bits(was))
+        assert torch.equal(bits(buf), bits(was))
     unlisted = [1, 2, 4]
-    assert torch.equal(_bits(sv[unlisted]), _bits(state[unlisted]))
+    assert torch.equal(bits(sv[unlisted]), bits(state[unlisted]))
     around_state = torch.ones_like(sb, dtype=torch.bool)
     around_state[1::2, 1::2] = False
     assert sb[around_state].isnan().all()
