@@ -17,6 +17,8 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 
 // n <= Vec::size() elements from p as float32 (the rest of the lanes 0)
+Vec silu(Vec y) { return y / (Vec(1.f) + y.neg().exp_u20()); }
+
 template <typename T>
 Vec load(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -28,65 +30,92 @@ Vec load(const T* p, int64_t n) {
   }
 }
 
-float silu(float y) { return y / (1.f + std::exp(-y)); }
+// One output row: act(bias + sum_j taps[j] * src[j]) over C channels, into dst (through `row`, float32, where T is
+// not). W taps (W > 0: known at compile time, the loop unrolled; 0: `w1` + 1 taps at run time).
+template <typename T, int W>
+void conv_row(const T* const* src, const float* taps, const float* bias, int64_t C, int64_t w1, bool act, T* dst,
+              float* row) {
+  const int64_t n = Vec::size(), taps_n = W > 0 ? W : w1 + 1;
+  for (int64_t c = 0; c < C; c += n) {
+    const int64_t m = std::min(n, C - c);
+    Vec acc = bias != nullptr ? Vec::loadu(bias + c, m) : Vec(0.f);
+    for (int64_t j = 0; j < taps_n; ++j) acc = at::vec::fmadd(load(src[j] + c, m), Vec::loadu(taps + j * C + c, m), acc);
+    if (act) acc = silu(acc);
+    if constexpr (std::is_same_v<T, float>)
+      acc.store(dst + c, m);
+    else
+      acc.store(row + c, m);
+  }
+  if constexpr (!std::is_same_v<T, float>) at::vec::convert(row, dst, C);
+}
 
-template <typename T>
+template <typename T, int W>
 void conv_seq(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
               const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals) {
-  const int64_t T_ = x.size(0), C = x.size(1), W = taps.size(0), w = W - 1, S = cu.size(0) - 1, n = Vec::size();
+  const int64_t T_ = x.size(0), C = x.size(1), w = taps.size(0) - 1, S = cu.size(0) - 1;
   const T* xp = x.data_ptr<T>();
+  const T* hp = head.data_ptr<T>();
   T* yp = y.data_ptr<T>();
   const float* tp = taps.data_ptr<float>();
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
-  const float* hp = head.data_ptr<float>();
   const int64_t* cp = cu.data_ptr<int64_t>();
   const int64_t xs = x.stride(0), ys = y.stride(0);
-  // rows of tokens in parallel (no recurrence): each finds its sequence once per chunk, then walks on
+  // sequence s's input row at position pos of its tokens; pos < 0: its state rows in head [S, W-1, C]
+  const auto input = [&](int64_t s, int64_t pos) { return pos >= 0 ? xp + (cp[s] + pos) * xs : hp + (s * w + w + pos) * C; };
+  // rows of tokens in parallel (no recurrence): each chunk finds its sequence once, then walks on
   at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
-    std::vector<float> row(C);
-    std::vector<const float*> hrow(W);
-    std::vector<const T*> xrow(W);
+    std::vector<float> row(std::is_same_v<T, float> ? 0 : C);
+    std::vector<const T*> src(w + 1);
     int64_t s = std::upper_bound(cp, cp + S + 1, begin) - cp - 1;
     for (int64_t r = begin; r < end; ++r) {
       while (r >= cp[s + 1]) ++s;
-      const int64_t p = r - cp[s];
-      for (int64_t j = 0; j < W; ++j) {  // tap j reads position p - w + j
-        const int64_t pos = p - w + j;
-        xrow[j] = pos >= 0 ? xp + (cp[s] + pos) * xs : nullptr;
-        hrow[j] = pos >= 0 ? nullptr : hp + (s * w + w + pos) * C;
-      }
-      for (int64_t c = 0; c < C; c += n) {
-        const int64_t m = std::min(n, C - c);
-        Vec acc = bp != nullptr ? Vec::loadu(bp + c, m) : Vec(0.f);
-        for (int64_t j = 0; j < W; ++j) {
-          const Vec in = xrow[j] != nullptr ? load(xrow[j] + c, m) : Vec::loadu(hrow[j] + c, m);
-          acc = at::vec::fmadd(in, Vec::loadu(tp + j * C + c, m), acc);
-        }
-        if (act) acc = acc / (Vec(1.f) + acc.neg().exp());
-        acc.store(row.data() + c, m);
-      }
-      at::vec::convert(row.data(), yp + r * ys, C);
+      for (int64_t j = 0; j <= w; ++j) src[j] = input(s, r - cp[s] - w + j);  // tap j reads position p - w + j
+      conv_row<T, W>(src.data(), tp, bp, C, w, act, yp + r * ys, row.data());
     }
   });
   // the final state of each sequence: its last w input rows, float32
   float* fp = finals.data_ptr<float>();
-  for (int64_t s = 0; s < S; ++s) {
-    const int64_t len = cp[s + 1] - cp[s];
-    for (int64_t i = 0; i < w; ++i) {
-      const int64_t pos = len - w + i;
-      float* dst = fp + (s * w + i) * C;
-      if (pos >= 0)
-        at::vec::convert(xp + (cp[s] + pos) * xs, dst, C);
-      else
-        std::copy(hp + (s * w + w + pos) * C, hp + (s * w + w + pos + 1) * C, dst);
-    }
+  for (int64_t s = 0; s < S; ++s)
+    for (int64_t i = 0; i < w; ++i) at::vec::convert(input(s, cp[s + 1] - cp[s] - w + i), fp + (s * w + i) * C, C);
+}
+
+// silu over row [0, C) in place
+void silu_row(float* row, int64_t C) {
+  for (int64_t c = 0; c < C; c += Vec::size()) {
+    const int64_t m = std::min<int64_t>(Vec::size(), C - c);
+    silu(Vec::loadu(row + c, m)).store(row + c, m);
   }
 }
 
-template <typename T>
+// One sequence's step over channels [0, C): row = bias + taps . (state, x), the state shifted by one with x its
+// newest input; then act(row) into out. S1, S2: the state's channel and element strides (0: run-time s1, s2); W
+// taps as in conv_row.
+template <typename T, int W, int S1, int S2>
+void step_row(const T* x, int64_t x1, const float* taps, const float* bias, int64_t C, int64_t w1, T* st, int64_t s1,
+              int64_t s2, bool act, float* row, T* out, int64_t o1) {
+  const int64_t w = W > 0 ? W - 1 : w1, c1 = S1 > 0 ? S1 : s1, c2 = S2 > 0 ? S2 : s2;
+  for (int64_t c = 0; c < C; ++c) {
+    const float xv = static_cast<float>(x[c * x1]);
+    float acc = (bias != nullptr ? bias[c] : 0.f) + taps[w * C + c] * xv;
+    if (st != nullptr) {  // nullptr: a zero state, nothing written
+      T* sc = st + c * c1;
+      for (int64_t j = 0; j < w; ++j) acc += taps[j * C + c] * static_cast<float>(sc[j * c2]);
+      for (int64_t j = 0; j + 1 < w; ++j) sc[j * c2] = sc[(j + 1) * c2];
+      if (w > 0) sc[(w - 1) * c2] = x[c * x1];
+    }
+    row[c] = acc;
+  }
+  if (act) silu_row(row, C);
+  if (o1 == 1)
+    at::vec::convert(row, out, C);
+  else
+    for (int64_t c = 0; c < C; ++c) out[c * o1] = static_cast<T>(row[c]);
+}
+
+template <typename T, int W>
 void conv_step(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias, at::Tensor state,
                const at::Tensor& rows, bool act, at::Tensor out) {
-  const int64_t B = x.size(0), C = x.size(1), W = taps.size(0), w = W - 1;
+  const int64_t B = x.size(0), C = x.size(1), w = taps.size(0) - 1;
   const T* xp = x.data_ptr<T>();
   T* op = out.data_ptr<T>();
   T* sp = state.data_ptr<T>();
@@ -94,21 +123,17 @@ void conv_step(const at::Tensor& x, const at::Tensor& taps, const c10::optional<
   const float* bp = bias.has_value() ? bias->data_ptr<float>() : nullptr;
   const int64_t x0 = x.stride(0), x1 = x.stride(1), o0 = out.stride(0), o1 = out.stride(1);
   const int64_t s0 = state.stride(0), s1 = state.stride(1), s2 = state.stride(2);
+  const bool packed = W > 1 && s2 == 1 && s1 == w;  // each row's [C, W-1] contiguous: strides known here
   const bool wide = rows.scalar_type() == at::kLong;
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> row(C);
     for (int64_t b = begin; b < end; ++b) {
       const int64_t slot = wide ? rows.data_ptr<int64_t>()[b * rows.stride(0)] : rows.data_ptr<int32_t>()[b * rows.stride(0)];
-      for (int64_t c = 0; c < C; ++c) {
-        T* st = slot >= 0 ? sp + slot * s0 + c * s1 : nullptr;  // -1: a zero state, nothing written
-        const float xv = static_cast<float>(xp[b * x0 + c * x1]);
-        float acc = (bp != nullptr ? bp[c] : 0.f) + tp[w * C + c] * xv;
-        if (st != nullptr) {
-          for (int64_t j = 0; j < w; ++j) acc += tp[j * C + c] * static_cast<float>(st[j * s2]);
-          for (int64_t j = 0; j + 1 < w; ++j) st[j * s2] = st[(j + 1) * s2];
-          if (w > 0) st[(w - 1) * s2] = xp[b * x0 + c * x1];
-        }
-        op[b * o0 + c * o1] = static_cast<T>(act ? silu(acc) : acc);
-      }
+      T* st = slot >= 0 ? sp + slot * s0 : nullptr;
+      if (packed)
+        step_row<T, W, (W > 1 ? W - 1 : 1), 1>(xp + b * x0, x1, tp, bp, C, w, st, s1, s2, act, row.data(), op + b * o0, o1);
+      else
+        step_row<T, W, 0, 0>(xp + b * x0, x1, tp, bp, C, w, st, s1, s2, act, row.data(), op + b * o0, o1);
     }
   });
 }
@@ -126,17 +151,24 @@ void by_dtype(at::ScalarType t, const char* what, F f) {
 }  // namespace
 
 // x [T, C] (channels contiguous), taps [W, C] float32 contiguous (the weight transposed), bias float32 [C] or None,
-// head [S, W-1, C] float32 contiguous (each sequence's initial state, oldest row first), cu int64 [S+1]
+// head [S, W-1, C] of x's dtype, contiguous (each sequence's initial state, oldest row first), cu int64 [S+1]
 // contiguous, y [T, C] of x's dtype (channels contiguous), finals [S, W-1, C] float32 contiguous (written: each
 // sequence's last W-1 inputs).
 void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                  const at::Tensor& head, const at::Tensor& cu, bool silu, at::Tensor y, at::Tensor finals) {
+                  const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals) {
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && y.scalar_type() == x.scalar_type(),
               "conv_seq: x and y [T, C] of one dtype, channels contiguous");
   TORCH_CHECK(taps.is_contiguous() && head.is_contiguous() && cu.is_contiguous() && finals.is_contiguous() &&
-              cu.scalar_type() == at::kLong, "conv_seq: taps, head, finals float32 and cu int64, contiguous");
+              cu.scalar_type() == at::kLong && head.scalar_type() == x.scalar_type(),
+              "conv_seq: taps and finals float32, head of x's dtype, cu int64, contiguous");
   by_dtype(x.scalar_type(), "conv_seq", [&](auto t) {
-    conv_seq<decltype(t)>(x, taps, bias, head, cu, silu, y, finals);
+    using T = decltype(t);
+    switch (taps.size(0)) {  // the usual widths unrolled
+      case 2: return conv_seq<T, 2>(x, taps, bias, head, cu, act, y, finals);
+      case 3: return conv_seq<T, 3>(x, taps, bias, head, cu, act, y, finals);
+      case 4: return conv_seq<T, 4>(x, taps, bias, head, cu, act, y, finals);
+      default: return conv_seq<T, 0>(x, taps, bias, head, cu, act, y, finals);
+    }
   });
 }
 
@@ -144,10 +176,18 @@ void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::option
 // written; no row twice), out [B, C] of x's dtype; taps and bias as conv_seq's. The listed state rows shift by one
 // in place, x their newest input.
 void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                   at::Tensor state, const at::Tensor& rows, bool silu, at::Tensor out) {
+                   at::Tensor state, const at::Tensor& rows, bool act, at::Tensor out) {
   TORCH_CHECK(state.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
               "conv_step: x, state and out of one dtype");
   TORCH_CHECK(taps.is_contiguous() && (rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong),
               "conv_step: taps contiguous, rows int32 or int64");
-  by_dtype(x.scalar_type(), "conv_step", [&](auto t) { conv_step<decltype(t)>(x, taps, bias, state, rows, silu, out); });
+  by_dtype(x.scalar_type(), "conv_step", [&](auto t) {
+    using T = decltype(t);
+    switch (taps.size(0)) {
+      case 2: return conv_step<T, 2>(x, taps, bias, state, rows, act, out);
+      case 3: return conv_step<T, 3>(x, taps, bias, state, rows, act, out);
+      case 4: return conv_step<T, 4>(x, taps, bias, state, rows, act, out);
+      default: return conv_step<T, 0>(x, taps, bias, state, rows, act, out);
+    }
+  });
 }

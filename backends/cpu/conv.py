@@ -38,7 +38,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     if built is not None and x.stride(1) == 1:
         y = out if out is not None and out.stride(1) == 1 else x.new_empty(x.shape)
         finals = states.new_empty(nseq, w, ch)                               # [S, W-1, C]
-        built.conv_seq(x, _taps(weight), _bias(bias), states.transpose(1, 2).contiguous(), cu.contiguous(),
+        built.conv_seq(x, _taps(weight), _bias(bias), states.transpose(1, 2).to(x.dtype).contiguous(), cu.contiguous(),
                        activation == "silu", y, finals)
         y = y if out is None or y is out else out.copy_(y)
         return y, finish(finals.transpose(1, 2), initial_state, state_indices, output_final_state, x.dtype)

@@ -12,9 +12,9 @@ void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
                     const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
                     at::Tensor out);
 void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                  const at::Tensor& head, const at::Tensor& cu, bool silu, at::Tensor y, at::Tensor finals);
+                  const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals);
 void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                   at::Tensor state, const at::Tensor& rows, bool silu, at::Tensor out);
+                   at::Tensor state, const at::Tensor& rows, bool act, at::Tensor out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");
