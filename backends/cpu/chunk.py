@@ -70,6 +70,17 @@ def per_head(x: torch.Tensor, heads: int) -> torch.Tensor:
     return x if x.shape[1] == heads else x.repeat_interleave(heads // x.shape[1], dim=1)
 
 
+def scaled(x: torch.Tensor, f: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """per_head(x, H) * f for grouped x [NC, Hg, C, F] and per-head factors f [NC, H, C, 1|F], in one pass (the
+    repeated heads never copied), into `out` [NC, H, C, F] when given."""
+    nc, hg = x.shape[:2]
+    group = (nc, hg, f.shape[1] // hg)
+    if out is None:
+        out = torch.empty(f.shape[:3] + x.shape[3:], dtype=torch.float32, device=x.device)
+    torch.mul(x[:, :, None], f.view(group + f.shape[2:]), out=out.view(group + out.shape[2:]))
+    return out
+
+
 def scores(queries: list, b: torch.Tensor, g: torch.Tensor) -> list:
     """For each a in `queries`: S[i, j] = sum_k a_ik b_jk exp(g_{j+1} + ... + g_i) for j <= i, else 0.
 
@@ -147,10 +158,10 @@ def linear(q, k, v, g, s0):
     (aqk,) = scores([q], k, g)
     states = torch.empty((nc + 1,) + tuple(s0.shape), device=v.device)   # states[i]: entering chunk i
     states[0] = s0
-    states[1:] = _bmm((per_head(k, h) * to_end).transpose(-1, -2), v)     # each chunk's own contribution
+    states[1:] = _bmm(scaled(k, to_end).transpose(-1, -2), v)             # each chunk's own contribution
     for i in range(nc):
         states[i + 1].addcmul_(whole[i], states[i])
-    return _bmm(per_head(q, h) * from_start, states[:-1], _bmm(aqk, v)), states[nc]
+    return _bmm(scaled(q, from_start), states[:-1], _bmm(aqk, v)), states[nc]
 
 
 def delta(q, k, v, g, beta, s0):
@@ -164,20 +175,20 @@ def delta(q, k, v, g, beta, s0):
     U and W from the inverse of the unit-triangular matrix (the solve ignores A's diagonal)."""
     nc, h, c, vd = v.shape
     from_start, to_end, whole = _factors(g)
-    kh, bcol = per_head(k, h), beta[..., None]
+    bcol = beta[..., None]
     akk, aqk = scores([k, q], k, g)
     rhs = torch.empty(v.shape[:-1] + (vd + q.shape[-1],), device=v.device)          # [NC, H, C, V + K]
     torch.mul(v, bcol, out=rhs[..., :vd])
-    torch.mul(kh, from_start * bcol, out=rhs[..., vd:])
+    scaled(k, from_start * bcol, out=rhs[..., vd:])
     eye = torch.eye(c, device=v.device).expand_as(akk)
     inverse = torch.linalg.solve_triangular(akk.mul_(bcol), eye, upper=False, unitriangular=True)  # (I + beta A)^-1
     U, W = _bmm(inverse, rhs).split([vd, q.shape[-1]], -1)
-    kd = (kh * to_end).transpose(-1, -2)                                           # [NC, H, K, C]
+    kd = scaled(k, to_end).transpose(-1, -2)                                       # [NC, H, K, C]
     states = torch.empty((nc + 1,) + tuple(s0.shape), device=v.device)            # states[i]: entering chunk i
     states[0] = s0
     u = torch.empty_like(v)
     for i in range(nc):
         torch.baddbmm(U[i], W[i], states[i], alpha=-1, out=u[i])                  # u = U - W S_0
         torch.baddbmm(states[i] * whole[i], kd[i], u[i], out=states[i + 1])        # exp(G_C) S_0 + kd u
-    o = _bmm(per_head(q, h) * from_start, states[:-1], _bmm(aqk, u))              # q exp(G) S_0 + Aqk u
+    o = _bmm(scaled(q, from_start), states[:-1], _bmm(aqk, u))                    # q exp(G) S_0 + Aqk u
     return o, states[nc]
