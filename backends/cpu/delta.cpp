@@ -23,13 +23,13 @@ void read(const T* x, int64_t stride, int64_t n, float* dst) {
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i * stride]);
 }
 
-// The elements of t from offset `at` (of t's storage, in elements), `stride` apart, as float32: the small
+// The elements of t from element `off` of its data, `stride` apart, as float32: the small
 // per-head vectors (q, k, v, g, beta) in whatever dtype they came.
-void read_any(const at::Tensor& t, int64_t at, int64_t stride, int64_t n, float* dst) {
+void read_any(const at::Tensor& t, int64_t off, int64_t stride, int64_t n, float* dst) {
   switch (t.scalar_type()) {
-    case at::kFloat: return read(t.data_ptr<float>() + at, stride, n, dst);
-    case at::kBFloat16: return read(t.data_ptr<at::BFloat16>() + at, stride, n, dst);
-    case at::kHalf: return read(t.data_ptr<at::Half>() + at, stride, n, dst);
+    case at::kFloat: return read(t.data_ptr<float>() + off, stride, n, dst);
+    case at::kBFloat16: return read(t.data_ptr<at::BFloat16>() + off, stride, n, dst);
+    case at::kHalf: return read(t.data_ptr<at::Half>() + off, stride, n, dst);
     default: TORCH_CHECK(false, "delta_step: float32, bfloat16 or float16 tensors, not ", t.scalar_type());
   }
 }
@@ -51,20 +51,25 @@ void l2norm(float* x, int64_t n) {
   for (int64_t i = 0; i < n; ++i) x[i] *= r;
 }
 
-// Pass 1 over columns [j, j + NV vectors) of w [K, V] (float32, rows V apart): w_i <- a_i w_i, and the columns'
-// sums kk = w'^T k and qq = w'^T q. `last` lanes of the last vector where the block ends inside one (else 0).
+// Pass 1 over columns [j, j + NV vectors) of w [K, V] (float32, rows V apart): first the previous token's update
+// w_i <- w_i + kp_i up where kp is given (the sequence form folds it into this pass), then w_i <- a_i w_i, and the
+// columns' sums kk = w'^T k and qq = w'^T q. `last` lanes of the last vector where the block ends inside one (else 0).
 template <int NV>
-void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* a, int64_t a_step, const float* k,
-                 const float* q, float* kk, float* qq, int64_t last) {
+void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, const float* up, const float* a,
+                 int64_t a_step, const float* k, const float* q, float* kk, float* qq, int64_t last) {
   const int64_t n = Vec::size();
-  Vec ak[NV], aq[NV];
-  for (int x = 0; x < NV; ++x) ak[x] = aq[x] = Vec(0.f);
+  Vec ak[NV], aq[NV], u[NV];
+  for (int x = 0; x < NV; ++x) {
+    ak[x] = aq[x] = Vec(0.f);
+    if (kp != nullptr) u[x] = last && x == NV - 1 ? Vec::loadu(up + j + x * n, last) : Vec::loadu(up + j + x * n);
+  }
   for (int64_t i = 0; i < K; ++i) {
     float* row = w + i * V + j;
     const Vec ai(a[i * a_step]), ki(k[i]), qi(q[i]);
     for (int x = 0; x < NV; ++x) {
       const bool part = last && x == NV - 1;
       Vec s = part ? Vec::loadu(row + x * n, last) : Vec::loadu(row + x * n);
+      if (kp != nullptr) s = at::vec::fmadd(Vec(kp[i]), u[x], s);
       s = s * ai;
       part ? s.store(row + x * n, last) : s.store(row + x * n);
       ak[x] = at::vec::fmadd(s, ki, ak[x]);
@@ -78,12 +83,12 @@ void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* a, int6
   }
 }
 
-void decay(float* w, int64_t K, int64_t V, const float* a, int64_t a_step, const float* k, const float* q, float* kk,
-           float* qq) {
+void decay(float* w, int64_t K, int64_t V, const float* kp, const float* up, const float* a, int64_t a_step,
+           const float* k, const float* q, float* kk, float* qq) {
   const int64_t n = Vec::size();
   int64_t j = 0;
-  for (; j + COLS * n <= V; j += COLS * n) decay_block<COLS>(w, K, V, j, a, a_step, k, q, kk, qq, 0);
-  for (; j < V; j += n) decay_block<1>(w, K, V, j, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
+  for (; j + COLS * n <= V; j += COLS * n) decay_block<COLS>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, 0);
+  for (; j < V; j += n) decay_block<1>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
 }
 
 // Pass 2: w_i <- w_i + k_i u for every row i, each row then stored into the state row (its dtype) unless the state
@@ -106,53 +111,94 @@ int64_t index_at(const at::Tensor& rows, int64_t b) {
                                         : rows.data_ptr<int64_t>()[b * rows.stride(0)];
 }
 
+// One token's small vectors for one value head, float32 (per thread)
+struct Token {
+  std::vector<float> buf;
+  float *q, *k, *a, *v, *kk, *qq, *u, beta = 0.f;
+  Token(int64_t K, int64_t V) : buf(3 * K + 4 * V) {
+    q = buf.data(), k = q + K, a = k + K, v = a + K, kk = v + V, qq = kk + V, u = qq + V;
+  }
+};
+
+// The inputs of the op, read at row b (a token, or a sequence of the step form) for value head h
+struct Inputs {
+  const at::Tensor &q, &k, &v, &g, &beta;
+  int64_t K, V, r;  // r: value heads per q/k head
+  bool per_key, l2;
+
+  void read(int64_t b, int64_t h, Token& t) const {
+    const int64_t hq = h / r;
+    read_any(q, b * q.stride(0) + hq * q.stride(1), q.stride(2), K, t.q);
+    read_any(k, b * k.stride(0) + hq * k.stride(1), k.stride(2), K, t.k);
+    read_any(v, b * v.stride(0) + h * v.stride(1), v.stride(2), V, t.v);
+    read_any(g, b * g.stride(0) + h * g.stride(1), per_key ? g.stride(2) : 0, per_key ? K : 1, t.a);
+    read_any(beta, b * beta.stride(0) + h * beta.stride(1), 0, 1, &t.beta);
+    if (l2) {
+      l2norm(t.q, K);
+      l2norm(t.k, K);
+    }
+    for (int64_t i = 0; i < (per_key ? K : 1); ++i) t.a[i] = std::exp(t.a[i]);
+  }
+};
+
+// One token on the float32 state w [K, V] (nullptr: a zero state, left so): S' = diag(a) S, u = beta (v - S'^T k),
+// t.qq <- the output (S'^T q + (q.k) u) scale, then S = S' + k u^T: its rows stored into `state` of type S,
+// `row_stride` apart, unless that is w itself. With `prev` (the sequence form) that last update is not made
+// here: the next token's pass makes it first (prev->k, prev->u: this token's k and u on return).
 template <typename S>
-void delta_step(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                at::Tensor out) {
-  const int64_t B = v.size(0), Hv = v.size(1), V = v.size(2), H = q.size(1), K = q.size(2), r = Hv / H;
-  const bool per_key = g.dim() == 3;
+void token(float* w, const Inputs& in, Token& t, float scale, S* state, int64_t row_stride, Token* prev = nullptr,
+           bool pending = false) {
+  const int64_t K = in.K, V = in.V;
+  if (w != nullptr)
+    decay(w, K, V, pending ? prev->k : nullptr, pending ? prev->u : nullptr, t.a, in.per_key ? 1 : 0, t.k, t.q, t.kk,
+          t.qq);
+  else
+    std::fill(t.kk, t.kk + 2 * V, 0.f);  // kk and qq
+  const float qk = dot(t.q, t.k, K);
+  for (int64_t j = 0; j < V; ++j) {
+    t.u[j] = t.beta * (t.v[j] - t.kk[j]);
+    t.qq[j] = (t.qq[j] + qk * t.u[j]) * scale;
+  }
+  if (prev != nullptr) {
+    std::copy(t.k, t.k + K, prev->k);
+    std::copy(t.u, t.u + V, prev->u);
+  } else if (w != nullptr) {
+    update<S>(w, K, V, t.k, t.u, state, row_stride);
+  }
+}
+
+// t.qq into out[b, h, :] (out's dtype)
+void emit(const Token& t, at::Tensor& out, int64_t b, int64_t h, int64_t V) {
+  const int64_t off = b * out.stride(0) + h * out.stride(1), step = out.stride(2);
+  switch (out.scalar_type()) {
+    case at::kFloat: return write(t.qq, V, out.data_ptr<float>() + off, step);
+    case at::kBFloat16: return write(t.qq, V, out.data_ptr<at::BFloat16>() + off, step);
+    default: return write(t.qq, V, out.data_ptr<at::Half>() + off, step);
+  }
+}
+
+Inputs inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+              const at::Tensor& beta, bool l2) {
+  return Inputs{q, k, v, g, beta, q.size(2), v.size(2), v.size(1) / q.size(1), g.dim() == 3, l2};
+}
+
+template <typename S>
+void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, float scale, at::Tensor out) {
+  const int64_t B = in.v.size(0), Hv = in.v.size(1), K = in.K, V = in.V;
   S* sp = state.data_ptr<S>();
   const int64_t s0 = state.stride(0), s1 = state.stride(1);
-  const auto o_type = out.scalar_type();
   at::parallel_for(0, B * Hv, 4, [&](int64_t begin, int64_t end) {
-    // per thread: the small vectors as float32, and w, the state [K, V] being updated where it is not updated in place
-    std::vector<float> small(4 * K + 4 * V + 1), scratch(std::is_same_v<S, float> ? 0 : K * V);
-    float *qf = small.data(), *kf = qf + K, *af = kf + K, *vf = af + K, *kk = vf + V, *qq = kk + V, *u = qq + V;
+    Token t(K, V);
+    std::vector<float> scratch(std::is_same_v<S, float> ? 0 : K * V);  // the state being updated, where not in place
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / Hv, h = item % Hv, hq = h / r;
-      read_any(q, b * q.stride(0) + hq * q.stride(1), q.stride(2), K, qf);
-      read_any(k, b * k.stride(0) + hq * k.stride(1), k.stride(2), K, kf);
-      read_any(v, b * v.stride(0) + h * v.stride(1), v.stride(2), V, vf);
-      read_any(g, b * g.stride(0) + h * g.stride(1), per_key ? g.stride(2) : 0, per_key ? K : 1, af);
-      float bt;
-      read_any(beta, b * beta.stride(0) + h * beta.stride(1), 0, 1, &bt);
-      if (l2) {
-        l2norm(qf, K);
-        l2norm(kf, K);
-      }
-      for (int64_t i = 0; i < (per_key ? K : 1); ++i) af[i] = std::exp(af[i]);
-      const int64_t slot = index_at(rows, b);
+      const int64_t b = item / Hv, h = item % Hv, slot = index_at(rows, b);
+      in.read(b, h, t);
       S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
-      float* w = std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
-      if (st != nullptr) {
-        if constexpr (!std::is_same_v<S, float>) at::vec::convert(st, w, K * V);
-        decay(w, K, V, af, per_key ? 1 : 0, kf, qf, kk, qq);
-      } else {
-        std::fill(kk, kk + 2 * V, 0.f);  // kk and qq
-      }
-      const float qk = dot(qf, kf, K);
-      for (int64_t j = 0; j < V; ++j) {  // u = beta (v - S'^T k); o = (S'^T q + (q.k) u) scale
-        u[j] = bt * (vf[j] - kk[j]);
-        qq[j] = (qq[j] + qk * u[j]) * static_cast<float>(scale);
-      }
-      if (st != nullptr) update<S>(w, K, V, kf, u, st, V);
-      const int64_t o_at = b * out.stride(0) + h * out.stride(1);
-      switch (o_type) {
-        case at::kFloat: write(qq, V, out.data_ptr<float>() + o_at, out.stride(2)); break;
-        case at::kBFloat16: write(qq, V, out.data_ptr<at::BFloat16>() + o_at, out.stride(2)); break;
-        default: write(qq, V, out.data_ptr<at::Half>() + o_at, out.stride(2)); break;
-      }
+      float* w = st == nullptr ? nullptr : std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
+      if constexpr (!std::is_same_v<S, float>)
+        if (st != nullptr) at::vec::convert(st, w, K * V);
+      token<S>(w, in, t, scale, st, V);
+      emit(t, out, b, h, V);
     }
   });
 }
@@ -170,10 +216,42 @@ void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
               "delta_step: state [slots, Hv, K, V] with each [K, V] contiguous");
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "delta_step: rows int32 or int64");
   TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_step: out in v's dtype");
+  const Inputs in = inputs(q, k, v, g, beta, l2);
+  const float sc = static_cast<float>(scale);
   switch (state.scalar_type()) {
-    case at::kFloat: return delta_step<float>(q, k, v, g, beta, state, rows, scale, l2, out);
-    case at::kBFloat16: return delta_step<at::BFloat16>(q, k, v, g, beta, state, rows, scale, l2, out);
-    case at::kHalf: return delta_step<at::Half>(q, k, v, g, beta, state, rows, scale, l2, out);
+    case at::kFloat: return delta_step<float>(in, state, rows, sc, out);
+    case at::kBFloat16: return delta_step<at::BFloat16>(in, state, rows, sc, out);
+    case at::kHalf: return delta_step<at::Half>(in, state, rows, sc, out);
     default: TORCH_CHECK(false, "delta_step: a float32, bfloat16 or float16 state, not ", state.scalar_type());
   }
+}
+
+// The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)], beta [T, Hv] as delta_step's (one row per
+// token); cu int64 [S+1] contiguous; states float32 [S, Hv, K, V] contiguous, each sequence's initial state, its
+// final state on return; out [T, Hv, V] of v's dtype. Token by token, each (sequence, head) state kept in the
+// core's cache meanwhile: about 4 K V flops a token, where the chunked matrix form takes about 11 K V (its
+// products at 64-token chunks) and only matrix units make those cheaper.
+void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+               const at::Tensor& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2, at::Tensor out) {
+  TORCH_CHECK(states.scalar_type() == at::kFloat && states.is_contiguous() && cu.scalar_type() == at::kLong &&
+              cu.is_contiguous(), "delta_seq: states float32 [S, Hv, K, V] and cu int64, contiguous");
+  TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_seq: out in v's dtype");
+  const Inputs in = inputs(q, k, v, g, beta, l2);
+  const int64_t Hv = v.size(1), K = in.K, V = in.V;
+  const int64_t* cp = cu.data_ptr<int64_t>();
+  float* sp = states.data_ptr<float>();
+  const float sc = static_cast<float>(scale);
+  at::parallel_for(0, (cu.size(0) - 1) * Hv, 1, [&](int64_t begin, int64_t end) {
+    Token t(K, V), prev(K, V);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t s = item / Hv, h = item % Hv;
+      float* w = sp + item * K * V;
+      for (int64_t b = cp[s]; b < cp[s + 1]; ++b) {  // each token's state update folded into the next one's pass
+        in.read(b, h, t);
+        token<float>(w, in, t, sc, w, V, &prev, b > cp[s]);
+        emit(t, out, b, h, V);
+      }
+      if (cp[s + 1] > cp[s]) update<float>(w, K, V, prev.k, prev.u, w, V);  // the last token's
+    }
+  });
 }

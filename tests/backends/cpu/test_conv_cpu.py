@@ -8,7 +8,7 @@ import torch
 
 import portable_attn as pa
 from portable_attn.conformance import FULL, catalogue, run_case
-from tests.backends.cpu.test_delta_step_cpu import bits, in_nan
+from tests.backends.cpu.test_delta_cpu import bits, in_nan
 from tests.backends.cpu.test_native_cpu import spy_on
 
 CASES = catalogue(FULL, ["causal_conv1d", "causal_conv1d_step"])

@@ -1,5 +1,5 @@
 """The cpu backend's compiled kernels (backends/cpu/native.py): decode (decode.cpp) for paged_attention and
-attention, the softcap pass (softcap.cpp) of the attention ops (the delta-rule step's in test_delta_step_cpu.py),
+attention, the softcap pass (softcap.cpp) of the attention ops (the delta rule's in test_delta_cpu.py, conv1d's in test_conv_cpu.py),
 and the torch paths they replace: both pass the conformance cases, and a machine that cannot build them falls back."""
 import logging
 import math
