@@ -8,7 +8,7 @@ import json
 
 from ..integrations import demo
 
-SIZES = {"full": dict(batch=2, prompt=256, new_tokens=16, repeats=5),
+SIZES = {"full": dict(batch=8, prompt=256, new_tokens=16, repeats=5),
          "quick": dict(batch=2, prompt=32, new_tokens=4, repeats=1, layers=4, hidden=64)}
 
 

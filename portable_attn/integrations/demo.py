@@ -16,17 +16,20 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 # 3 delta-rule layers per attention layer, as Qwen3-Next stacks them
 LAYERS = ["linear_attention", "linear_attention", "linear_attention", "full_attention"]
+# Qwen3-Next-80B-A3B's heads and head dims: its layers' states, caches and kernels at their real sizes (a gated delta
+# rule state of 32 x 128 x 128 per sequence); the hidden size, depth, vocabulary and MLPs are small
+HEADS = dict(num_attention_heads=16, num_key_value_heads=2, head_dim=256, linear_num_key_heads=16,
+             linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128)
 
 
-def build_model(dtype: torch.dtype = torch.float32, layers: int = 8, hidden: int = 256, seed: int = 0,
+def build_model(dtype: torch.dtype = torch.float32, layers: int = 4, hidden: int = 256, seed: int = 0,
                 device: str = "cpu"):
-    """Qwen3-Next with random weights: `layers` layers (3 gated delta rule : 1 attention), dense MLPs, eager path."""
+    """Qwen3-Next with random weights: `layers` layers (3 gated delta rule : 1 attention) with the real model's
+    heads (HEADS), dense MLPs, eager path."""
     import transformers as tf
 
     config = tf.Qwen3NextConfig(
-        vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
-        num_attention_heads=8, num_key_value_heads=2, head_dim=hidden // 8, linear_num_key_heads=4,
-        linear_num_value_heads=8, linear_key_head_dim=hidden // 8, linear_value_head_dim=hidden // 8,
+        vocab_size=1024, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers, **HEADS,
         linear_conv_kernel_dim=4, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=hidden,
         shared_expert_intermediate_size=hidden, mlp_only_layers=list(range(layers)),  # dense MLPs
         layer_types=(LAYERS * layers)[:layers], pad_token_id=0, eos_token_id=None)
@@ -90,7 +93,7 @@ def _summary(runs: list, batch: int) -> Timing:
     return Timing(statistics.median(r[0] for r in runs), batch / statistics.median(r[1] for r in runs), runs[-1][2])
 
 
-def compare(dtype: torch.dtype, backend=None, batch: int = 2, prompt: int = 128, new_tokens: int = 16,
+def compare(dtype: torch.dtype, backend=None, batch: int = 8, prompt: int = 256, new_tokens: int = 16,
             repeats: int = 3, device: str = "cpu", **model_kwargs):
     """(transformers' Timing, portable_attn's Timing, {op: backend}) for the demo model: each repeat runs one
     generate() per path, interleaved, and times every token as it arrives."""
@@ -113,15 +116,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="portable-attn demo", description=__doc__)
     parser.add_argument("--backend", default=None, help="portable_attn backend (default: the best one here)")
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--prompt", type=int, default=128, help="tokens of the longest prompt")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--prompt", type=int, default=256, help="tokens of the longest prompt")
     parser.add_argument("--new-tokens", type=int, default=16)
-    parser.add_argument("--layers", type=int, default=8)
+    parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--device", default="cpu", help="torch device of the model (e.g. cuda)")
     args = parser.parse_args(argv)
     base, ours, used = compare(DTYPES[args.dtype], args.backend, args.batch, args.prompt, args.new_tokens,
                                layers=args.layers, device=args.device)
-    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention), random weights, {args.dtype} on {args.device}, "
+    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention, the real model's heads), random weights, "
+          f"{args.dtype} on {args.device}, "
           f"batch {args.batch}, prompts up to {args.prompt} tokens (left padded), {args.new_tokens} new tokens")
     for op, name in sorted(used.items()):
         print(f"  {op:24s} ran on portable_attn backend {name!r}")
