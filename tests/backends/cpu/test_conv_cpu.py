@@ -1,38 +1,14 @@
-"""The cpu backend's compiled causal conv1d (conv.cpp), sequence and step forms, and the torch paths they replace:
-both pass the conformance cases; the kernels read strided views with NaN around them, update only the state rows
-listed and write nothing else."""
+"""The cpu backend's compiled causal conv1d (conv.cpp), sequence and step forms: strided views with NaN around them,
+only the state rows listed updated, nothing else written. (Their conformance cases with and without the kernels:
+test_native_cpu.py.)"""
 import math
 
 import pytest
 import torch
 
 import portable_attn as pa
-from portable_attn.conformance import FULL, catalogue, run_case
-from tests.backends.cpu.test_delta_cpu import bits, in_nan
+from tests.backends.cpu.test_delta_cpu import bits, in_nan, nan_around
 from tests.backends.cpu.test_native_cpu import spy_on
-
-CASES = catalogue(FULL, ["causal_conv1d", "causal_conv1d_step"])
-KERNEL = {"causal_conv1d": "conv_seq", "causal_conv1d_step": "conv_step"}
-
-
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.name}" for c in CASES])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_torch_path_conforms(case, dtype, monkeypatch):
-    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
-    res = run_case("cpu", case, dtype)
-    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
-
-
-@pytest.mark.parametrize("case", CASES, ids=[f"{c.op}-{c.name}" for c in CASES])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
-def test_cases_reach_kernels(case, dtype, monkeypatch):
-    """The catalogue's cases with the kernels on (a strided layout whose channels are not adjacent takes the
-    torch path of the sequence form; the others reach conv.cpp)."""
-    calls = spy_on(monkeypatch, KERNEL[case.op])
-    res = run_case("cpu", case, dtype)
-    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
-    assert calls or case.layout
-
 
 def _tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
@@ -67,9 +43,7 @@ def test_sequences_match_reference(monkeypatch, width, channels, dtype):
     torch.testing.assert_close(cache.double(), ref_cache.to(dtype).double(), **_tol(dtype))
     assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
     assert torch.equal(bits(xb), bits(before))
-    around = torch.ones_like(ob, dtype=torch.bool)
-    around[1::2, 1::2] = False
-    assert ob[around].isnan().all()
+    assert nan_around(ob)
 
 
 @pytest.mark.parametrize("width", [1, 2, 4])
@@ -97,6 +71,4 @@ def test_step_matches_reference(monkeypatch, width, dtype):
     torch.testing.assert_close(sv.double(), ref_state.to(dtype).double(), **_tol(dtype))
     assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
     assert torch.equal(bits(xb), bits(before))
-    around = torch.ones_like(sb, dtype=torch.bool)
-    around[1::2, 1::2] = False
-    assert sb[around].isnan().all()
+    assert nan_around(sb)
