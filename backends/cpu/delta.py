@@ -20,7 +20,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     hv = v.shape[1]
     y = out if out is not None else v.new_empty(v.shape)
     built = native.kernels()
-    if built is not None:  # delta.cpp, token by token: fewer flops than the chunked products without matrix units
+    if built is not None:  # recurrent.cpp, token by token: fewer flops than the chunked products without matrix units
         cu = torch.tensor([0, n_tok]) if cu_seqlens is None else cu_seqlens.long().contiguous()
         states = initial_states(initial_state, state_indices, has_initial_state, cu.shape[0] - 1,
                                 (hv, kd, v.shape[2]), q.device).contiguous()
@@ -43,7 +43,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
     built = native.kernels()
-    if built is not None and state.stride(-1) == 1 and state.stride(-2) == state.shape[-1]:  # delta.cpp: one pass
+    if built is not None and state.stride(-1) == 1 and state.stride(-2) == state.shape[-1]:  # recurrent.cpp: one pass
         o = out if out is not None else v.new_empty(v.shape)
         built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, o)
         return o

@@ -1,4 +1,4 @@
-"""The cpu backend's compiled kernels (decode.cpp, softcap.cpp, delta.cpp, conv.cpp; bound in kernels.cpp), built
+"""The cpu backend's compiled kernels (decode.cpp, softcap.cpp, recurrent.cpp, conv.cpp; bound in kernels.cpp), built
 on first use with torch's C++ extension builder for the vector width of this machine and kept in torch's
 extension cache (one build per machine and source). Where they cannot be built (no C++ compiler or ninja) or
 PORTABLE_ATTN_CPU_NATIVE=0, `kernels()` is None, `decode` returns None and the callers take their torch paths;
@@ -18,7 +18,7 @@ from portable_attn import envs
 
 log = logging.getLogger("portable_attn")
 
-SOURCES = [pathlib.Path(__file__).with_name(n) for n in ("kernels.cpp", "decode.cpp", "softcap.cpp", "delta.cpp", "conv.cpp")]
+SOURCES = [pathlib.Path(__file__).with_name(n) for n in ("kernels.cpp", "decode.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
 # A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
 # products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
 # 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
@@ -76,6 +76,6 @@ def _built():
                                   extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
         log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode, softcap, "
-                    "the delta-rule step and conv1d take their torch paths. Install a C++ compiler and ninja to build them.",
+                    "the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to build them.",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None

@@ -3,7 +3,8 @@ hands big blocks back to the OS), which at decode sizes costs more than the work
 
 Each thread has its own buffers (calls on two threads never share one), one per (name, dtype), grown
 to the largest size asked for; the least recently used go once they hold more than KEEP_BYTES. A
-buffer is scratch within one call: nothing returned to a caller may alias it.
+buffer is scratch within one call: nothing returned to a caller may alias it. Buffers are made outside
+inference mode: one made inside it could not be written by a later call outside it.
 """
 from __future__ import annotations
 
@@ -31,7 +32,8 @@ def buffer(name: str, shape: tuple, dtype: torch.dtype) -> torch.Tensor:
     if buf is None or buf.numel() < n:
         buf = None  # released before the bigger one is made
         _evict(kept, KEEP_BYTES - size)
-        buf = torch.empty(n, dtype=dtype)
+        with torch.inference_mode(False):
+            buf = torch.empty(n, dtype=dtype)
     kept[key] = buf  # most recently used last
     return buf[:n].view(shape)
 

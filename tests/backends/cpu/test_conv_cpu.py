@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import portable_attn as pa
-from tests.backends.cpu.test_delta_cpu import bits, in_nan, nan_around
+from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around
 from tests.backends.cpu.test_native_cpu import spy_on
 
 def _tol(dtype):

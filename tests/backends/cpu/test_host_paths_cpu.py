@@ -113,6 +113,17 @@ def test_workspace_buffers_are_bounded_and_per_dtype():
     assert sum(b.numel() * b.element_size() for b in kept.values()) <= workspace.KEEP_BYTES
 
 
+def test_buffers_made_in_inference_mode_serve_later_calls():
+    """A dense attention call (kept head-major copies) inside torch.inference_mode(), then the same outside it: the
+    buffers it kept are written again (an inference tensor kept there could not be)."""
+    g = torch.Generator().manual_seed(12)
+    q, k, v = (torch.randn(40, 2, 16, generator=g) for _ in range(3))
+    with torch.inference_mode():
+        inside = pa.attention(q, k, v, causal=True, backend="cpu")
+    outside = pa.attention(q, k, v, causal=True, backend="cpu")
+    assert torch.equal(inside, outside)
+
+
 # ---- step forms: rows in place, buffers across calls ------------------------------------------------
 
 @pytest.mark.parametrize("step", STEPS)

@@ -1,6 +1,7 @@
-"""The cpu backend's chunked recurrent ops against the reference, where conformance does not reach:
-many chunks and blocks with ragged tails, chunk and block boundaries, strong decays, strided inputs
-and caches, large step batches. Inputs are random and never zero."""
+"""The cpu backend's recurrent ops against the reference, where conformance does not reach: many chunks
+and blocks with ragged tails, chunk and block boundaries, strong decays, strided inputs and caches, large
+step batches. Every test runs twice: on the compiled kernels (gated delta rule, SSD step, conv1d) and on
+the torch paths they replace (the chunked forms). Inputs are random and never zero."""
 from __future__ import annotations
 
 import pytest
@@ -14,6 +15,13 @@ F32, BF16, F16 = torch.float32, torch.bfloat16, torch.float16
 C, BLOCK = chunk.CHUNK, chunk.BLOCK
 SEQ_OPS = ("linear_attention", "gated_delta_rule", "ssd", "causal_conv1d")
 TOKEN_ARGS = ("q", "k", "v", "g", "beta", "x", "dt", "B", "C", "z")
+
+
+@pytest.fixture(params=["compiled", "torch"], autouse=True)
+def path(request, monkeypatch):
+    if request.param == "torch":
+        monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
+    return request.param
 
 
 def randn(gen, *shape, scale=1.0, dtype=F32):

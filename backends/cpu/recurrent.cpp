@@ -1,8 +1,9 @@
-// One decode token of the gated delta rule (and KDA) per sequence, the state cache updated in place: each
-// (sequence, value head) state [K, V] read once and written once from memory, where torch's ops made five passes
-// over it (decay, the two products, the rank-one update) and a batched product of two rows ran at a fifth of the
-// copy bandwidth. Pass 1 decays the rows and takes S'^T k and S'^T q while a block of columns sits in registers;
-// pass 2 adds k u^T to the rows (still in L2) and writes them back. Built with decode.cpp by native.py.
+// The recurrent ops on the CPU, one (sequence, head) state at a time: the gated delta rule (and KDA) token by token
+// with the state kept in the core's cache (sequence form) or read and written once (step form), and Mamba-2's SSD
+// step. A gated-delta-rule token decays the state's rows and takes S'^T k and S'^T q while a block of columns sits
+// in registers (pass 1), then adds k u^T (pass 2, folded into the next token's pass 1 in the sequence form).
+// torch's ops made five passes over a step's state, and a batched product of two rows ran at a fifth of the copy
+// bandwidth. Built with decode.cpp by native.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -203,6 +204,91 @@ void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, floa
   });
 }
 
+// Mamba-2's SSD step for one (sequence, head): d = clamp(f(dt + dt_bias), lo, hi) (f = softplus or identity),
+// h = exp(d A) h + d x B^T row by row (P rows of N), y_p = h_p . C + D_p x_p, times silu(z_p) where z is given.
+// w: the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into `state` (type S) unless
+// that is w itself. Returns y in t.qq (P floats).
+struct Ssd {
+  const at::Tensor &x, &dt, &A, &B, &C;
+  const c10::optional<at::Tensor> &D, &z, &dt_bias;
+  bool softplus;
+  float lo, hi;
+  int64_t P, N, r;  // r: heads per B/C group
+
+  float step_size(int64_t b, int64_t h) const {
+    float d;
+    read_any(dt, b * dt.stride(0) + h * dt.stride(1), 0, 1, &d);
+    if (dt_bias.has_value()) {
+      float bias;
+      read_any(*dt_bias, h * dt_bias->stride(0), 0, 1, &bias);
+      d += bias;
+    }
+    if (softplus) d = std::max(d, 0.f) + std::log1p(std::exp(-std::abs(d)));  // log(1 + e^d), no overflow
+    return std::min(std::max(d, lo), hi);
+  }
+
+  template <typename S>
+  void run(float* w, S* state, int64_t b, int64_t h, std::vector<float>& buf) const {
+    float *xf = buf.data(), *Bf = xf + P, *Cf = Bf + N, *y = Cf + N, *extra = y + P;
+    read_any(x, b * x.stride(0) + h * x.stride(1), x.stride(2), P, xf);
+    read_any(B, b * B.stride(0) + h / r * B.stride(1), B.stride(2), N, Bf);
+    read_any(C, b * C.stride(0) + h / r * C.stride(1), C.stride(2), N, Cf);
+    const float d = step_size(b, h);
+    float a_log;
+    read_any(A, h * A.stride(0), 0, 1, &a_log);
+    const Vec a(std::exp(d * a_log));
+    const int64_t n = Vec::size();
+    for (int64_t p = 0; p < P; ++p) {
+      float* row = w != nullptr ? w + p * N : extra;  // a zero state: the row built in scratch, not kept
+      const Vec dx(d * xf[p]);
+      Vec acc(0.f);
+      for (int64_t j = 0; j < N; j += n) {
+        const int64_t m = std::min(n, N - j);
+        const Vec old = w != nullptr ? Vec::loadu(row + j, m) : Vec(0.f);
+        const Vec s = at::vec::fmadd(dx, Vec::loadu(Bf + j, m), old * a);
+        s.store(row + j, m);
+        acc = at::vec::fmadd(s, Vec::loadu(Cf + j, m), acc);
+      }
+      y[p] = at::vec::vec_reduce_all<float>([](Vec& u, Vec& v) { return u + v; }, acc);
+      if constexpr (!std::is_same_v<S, float>)
+        if (w != nullptr) at::vec::convert(row, state + p * N, N);
+    }
+    if (D.has_value()) {  // D [H] or [H, P]
+      read_any(*D, h * D->stride(0), D->dim() == 2 ? D->stride(1) : 0, P, extra);
+      for (int64_t p = 0; p < P; ++p) y[p] += extra[p] * xf[p];
+    }
+    if (z.has_value()) {
+      read_any(*z, b * z->stride(0) + h * z->stride(1), z->stride(2), P, extra);
+      for (int64_t p = 0; p < P; ++p) y[p] *= extra[p] / (1.f + std::exp(-extra[p]));
+    }
+  }
+};
+
+template <typename S>
+void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tensor out) {
+  const int64_t B = in.x.size(0), H = in.x.size(1), P = in.P, N = in.N;
+  S* sp = state.data_ptr<S>();
+  const int64_t s0 = state.stride(0), s1 = state.stride(1);
+  at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
+    std::vector<float> buf(3 * P + 2 * N + std::max(P, N)), scratch(std::is_same_v<S, float> ? 0 : P * N);
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / H, h = item % H, slot = index_at(rows, b);
+      S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
+      float* w = st == nullptr ? nullptr : std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
+      if constexpr (!std::is_same_v<S, float>)
+        if (st != nullptr) at::vec::convert(st, w, P * N);
+      in.run<S>(w, st, b, h, buf);
+      const int64_t off = b * out.stride(0) + h * out.stride(1), step = out.stride(2);
+      const float* y = buf.data() + P + 2 * N;
+      switch (out.scalar_type()) {
+        case at::kFloat: write(y, P, out.data_ptr<float>() + off, step); break;
+        case at::kBFloat16: write(y, P, out.data_ptr<at::BFloat16>() + off, step); break;
+        default: write(y, P, out.data_ptr<at::Half>() + off, step); break;
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // q, k [B, H, K], v [B, Hv, V] (float32, bfloat16 or float16, any strides); g [B, Hv] or [B, Hv, K] (log-decay), beta
@@ -254,4 +340,25 @@ void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       if (cp[s + 1] > cp[s]) update<float>(w, K, V, prev.k, prev.u, w, V);  // the last token's
     }
   });
+}
+
+// Mamba-2's SSD step: x [B, H, P], dt [B, H], A [H], B and C [B, G, N], D [H] or [H, P], z [B, H, P], dt_bias [H]
+// (any strides; float32, bfloat16 or float16), state [slots, H, P, N] float32 or x's dtype with each [P, N]
+// contiguous, rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice), out [B, H, P] of x's dtype.
+void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                  const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                  const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
+                  const at::Tensor& rows, at::Tensor out) {
+  TORCH_CHECK(state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3),
+              "ssd_step: state [slots, H, P, N] with each [P, N] contiguous");
+  TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "ssd_step: rows int32 or int64");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ssd_step: out in x's dtype");
+  const Ssd in{x, dt, A, B, C, D, z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
+               x.size(2), B.size(2), x.size(1) / B.size(1)};
+  switch (state.scalar_type()) {
+    case at::kFloat: return ssd_step<float>(in, state, rows, out);
+    case at::kBFloat16: return ssd_step<at::BFloat16>(in, state, rows, out);
+    case at::kHalf: return ssd_step<at::Half>(in, state, rows, out);
+    default: TORCH_CHECK(false, "ssd_step: a float32, bfloat16 or float16 state, not ", state.scalar_type());
+  }
 }

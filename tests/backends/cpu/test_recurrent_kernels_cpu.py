@@ -1,6 +1,6 @@
-"""The cpu backend's compiled gated delta rule (delta.cpp), sequence and step forms: strided views with NaN around
-them, only the state rows listed updated, nothing else written. (Their conformance cases with and without the
-kernels: test_native_cpu.py.)"""
+"""The cpu backend's compiled recurrences (recurrent.cpp): the gated delta rule, sequence and step forms, and the SSD
+step: strided views with NaN around them, only the state rows listed updated, nothing else written. (Their
+conformance cases with and without the kernels: test_native_cpu.py.)"""
 import math
 
 import pytest
@@ -108,3 +108,41 @@ def test_sequences_match_reference(monkeypatch, h, hv, kd, vd, dtype, state_dtyp
     assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
     assert nan_around(ob)
+
+
+@pytest.mark.parametrize("heads,p,n,groups", [(4, 16, 40, 2), (3, 64, 128, 1)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_ssd_step_matches_reference(monkeypatch, heads, p, n, groups, dtype, state_dtype, gated):
+    """The SSD step on strided inputs between NaN (x every other element), D per head or per head and channel, z and
+    dt_bias, softplus and limits, a state cache between NaN rows, rows out of order with a -1: out and the listed rows
+    as the reference's, the other rows and every NaN untouched."""
+    calls = spy_on(monkeypatch, "ssd_step")
+    gen = torch.Generator().manual_seed(heads * p + n + gated)
+    bsz = 3
+    x = torch.randn(bsz, heads, p, generator=gen).to(dtype)
+    dt = torch.randn(bsz, heads, 1, generator=gen)
+    b_, c_ = (torch.randn(bsz, groups, n, generator=gen).to(dtype) for _ in range(2))
+    z = torch.randn(bsz, heads, p, generator=gen).to(dtype)
+    A, bias = -torch.rand(heads, generator=gen), torch.randn(heads, generator=gen)
+    D = torch.randn(heads, p, generator=gen) if gated else torch.randn(heads, generator=gen)
+    state = torch.randn(5, heads, p, n, generator=gen).to(state_dtype)
+    rows = torch.tensor([3, -1, 0], dtype=torch.int32)
+    (xv, xb), (dv, db), (bv, bb), (cv, cb), (zv, zb) = (in_nan(t, every_other=t is x) for t in (x, dt, b_, c_, z))
+    sv, sb = in_nan(state, every_other=False)
+    out, ob = in_nan(torch.full((bsz, heads, p), math.nan, dtype=dtype), every_other=False)
+    bufs = (xb, db, bb, cb, zb)
+    before = [b.clone() for b in bufs]
+    kwargs = dict(D=D, dt_bias=bias, dt_softplus=True, dt_limit=(0.05, 1.5), state_indices=rows)
+    got = pa.ssd_step(xv, dv[..., 0], A, bv, cv, state=sv, z=zv if gated else None, out=out, backend="cpu", **kwargs)
+    assert got is out and len(calls) == 1
+    ref_state = state.double()
+    ref = pa.ssd_step(x.double(), dt[..., 0].double(), A.double(), b_.double(), c_.double(), state=ref_state,
+                      z=z.double() if gated else None, backend="reference",
+                      **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()})
+    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
+    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **_tol(dtype))
+    assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
+    assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
+    assert nan_around(sb) and nan_around(ob)
