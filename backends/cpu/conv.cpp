@@ -39,7 +39,8 @@ void conv_row(const T* const* src, const float* taps, const float* bias, int64_t
   for (int64_t c = 0; c < C; c += n) {
     const int64_t m = std::min(n, C - c);
     Vec acc = bias != nullptr ? Vec::loadu(bias + c, m) : Vec(0.f);
-    for (int64_t j = 0; j < taps_n; ++j) acc = at::vec::fmadd(load(src[j] + c, m), Vec::loadu(taps + j * C + c, m), acc);
+    for (int64_t j = 0; j < taps_n; ++j)
+      acc = at::vec::fmadd(load(src[j] + c, m), Vec::loadu(taps + j * C + c, m), acc);
     if (act) acc = silu(acc);
     if constexpr (std::is_same_v<T, float>)
       acc.store(dst + c, m);
@@ -61,7 +62,9 @@ void conv_seq(const at::Tensor& x, const at::Tensor& taps, const c10::optional<a
   const int64_t* cp = cu.data_ptr<int64_t>();
   const int64_t xs = x.stride(0), ys = y.stride(0);
   // sequence s's input row at position pos of its tokens; pos < 0: its state rows in head [S, W-1, C]
-  const auto input = [&](int64_t s, int64_t pos) { return pos >= 0 ? xp + (cp[s] + pos) * xs : hp + (s * w + w + pos) * C; };
+  const auto input = [&](int64_t s, int64_t pos) {
+    return pos >= 0 ? xp + (cp[s] + pos) * xs : hp + (s * w + w + pos) * C;
+  };
   // rows of tokens in parallel (no recurrence): each chunk finds its sequence once, then walks on
   at::parallel_for(0, T_, 16, [&](int64_t begin, int64_t end) {
     std::vector<float> row(std::is_same_v<T, float> ? 0 : C);
@@ -128,10 +131,12 @@ void conv_step(const at::Tensor& x, const at::Tensor& taps, const c10::optional<
   at::parallel_for(0, B, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> row(C);
     for (int64_t b = begin; b < end; ++b) {
-      const int64_t slot = wide ? rows.data_ptr<int64_t>()[b * rows.stride(0)] : rows.data_ptr<int32_t>()[b * rows.stride(0)];
+      const int64_t slot =
+          wide ? rows.data_ptr<int64_t>()[b * rows.stride(0)] : rows.data_ptr<int32_t>()[b * rows.stride(0)];
       T* st = slot >= 0 ? sp + slot * s0 : nullptr;
       if (packed)
-        step_row<T, W, (W > 1 ? W - 1 : 1), 1>(xp + b * x0, x1, tp, bp, C, w, st, s1, s2, act, row.data(), op + b * o0, o1);
+        step_row<T, W, (W > 1 ? W - 1 : 1), 1>(xp + b * x0, x1, tp, bp, C, w, st, s1, s2, act, row.data(),
+                                               op + b * o0, o1);
       else
         step_row<T, W, 0, 0>(xp + b * x0, x1, tp, bp, C, w, st, s1, s2, act, row.data(), op + b * o0, o1);
     }

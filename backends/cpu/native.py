@@ -18,7 +18,8 @@ from portable_attn import envs
 
 log = logging.getLogger("portable_attn")
 
-SOURCES = [pathlib.Path(__file__).with_name(n) for n in ("kernels.cpp", "decode.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
+SOURCES = [pathlib.Path(__file__).with_name(n)
+           for n in ("kernels.cpp", "decode.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
 # A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
 # products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
 # 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
@@ -76,6 +77,7 @@ def _built():
                                   extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
         log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode, softcap, "
-                    "the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to build them.",
+                    "the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to build "
+                    "them.",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None

@@ -124,8 +124,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     base, ours, used = compare(DTYPES[args.dtype], args.backend, args.batch, args.prompt, args.new_tokens,
                                layers=args.layers, device=args.device)
-    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention, the real model's heads), random weights, "
-          f"{args.dtype} on {args.device}, "
+    print(f"Qwen3-Next, {args.layers} layers (3 gated delta rule : 1 attention, the real model's heads), random "
+          f"weights, {args.dtype} on {args.device}, "
           f"batch {args.batch}, prompts up to {args.prompt} tokens (left padded), {args.new_tokens} new tokens")
     for op, name in sorted(used.items()):
         print(f"  {op:24s} ran on portable_attn backend {name!r}")

@@ -1,7 +1,8 @@
 """The cpu backend's compiled kernels (backends/cpu/native.py): decode (decode.cpp) for paged_attention and
 attention, the softcap pass (softcap.cpp) of the attention ops, the gated delta rule and the SSD step
 (recurrent.cpp), conv1d (conv.cpp), and the torch paths they replace: both pass the conformance cases, and a machine
-that cannot build them falls back. (The recurrent kernels' own tests: test_recurrent_kernels_cpu.py, test_conv_cpu.py.)"""
+that cannot build them falls back. (The recurrent kernels' own tests: test_recurrent_kernels_cpu.py and
+test_conv_cpu.py.)"""
 import logging
 import math
 import os

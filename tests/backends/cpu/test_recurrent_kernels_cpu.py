@@ -140,7 +140,8 @@ def test_ssd_step_matches_reference(monkeypatch, heads, p, n, groups, dtype, sta
     ref_state = state.double()
     ref = pa.ssd_step(x.double(), dt[..., 0].double(), A.double(), b_.double(), c_.double(), state=ref_state,
                       z=z.double() if gated else None, backend="reference",
-                      **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()})
+                      **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
+                         for k, v in kwargs.items()})
     torch.testing.assert_close(got.double(), ref, **_tol(dtype))
     torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **_tol(dtype))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
