@@ -31,13 +31,22 @@ void read_any(const at::Tensor& t, int64_t off, int64_t stride, int64_t n, float
     case at::kFloat: return read(t.data_ptr<float>() + off, stride, n, dst);
     case at::kBFloat16: return read(t.data_ptr<at::BFloat16>() + off, stride, n, dst);
     case at::kHalf: return read(t.data_ptr<at::Half>() + off, stride, n, dst);
-    default: TORCH_CHECK(false, "delta_step: float32, bfloat16 or float16 tensors, not ", t.scalar_type());
+    default: TORCH_CHECK(false, "recurrent kernels: float32, bfloat16 or float16 tensors, not ", t.scalar_type());
   }
 }
 
 template <typename T>
 void write(const float* src, int64_t n, T* x, int64_t stride) {
   for (int64_t i = 0; i < n; ++i) x[i * stride] = static_cast<T>(src[i]);
+}
+
+// n floats into t from element `off` of its data, `stride` apart, in t's dtype (an output row)
+void write_any(const float* src, int64_t n, at::Tensor& t, int64_t off, int64_t stride) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return write(src, n, t.data_ptr<float>() + off, stride);
+    case at::kBFloat16: return write(src, n, t.data_ptr<at::BFloat16>() + off, stride);
+    default: return write(src, n, t.data_ptr<at::Half>() + off, stride);
+  }
 }
 
 float dot(const float* a, const float* b, int64_t n) {
@@ -168,14 +177,9 @@ void token(float* w, const Inputs& in, Token& t, float scale, S* state, int64_t 
   }
 }
 
-// t.qq into out[b, h, :] (out's dtype)
-void emit(const Token& t, at::Tensor& out, int64_t b, int64_t h, int64_t V) {
-  const int64_t off = b * out.stride(0) + h * out.stride(1), step = out.stride(2);
-  switch (out.scalar_type()) {
-    case at::kFloat: return write(t.qq, V, out.data_ptr<float>() + off, step);
-    case at::kBFloat16: return write(t.qq, V, out.data_ptr<at::BFloat16>() + off, step);
-    default: return write(t.qq, V, out.data_ptr<at::Half>() + off, step);
-  }
+// y into out[b, h, :] (n values, out's dtype)
+void emit(const float* y, at::Tensor& out, int64_t b, int64_t h, int64_t n) {
+  write_any(y, n, out, b * out.stride(0) + h * out.stride(1), out.stride(2));
 }
 
 Inputs inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
@@ -199,15 +203,15 @@ void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, floa
       if constexpr (!std::is_same_v<S, float>)
         if (st != nullptr) at::vec::convert(st, w, K * V);
       token<S>(w, in, t, scale, st, V);
-      emit(t, out, b, h, V);
+      emit(t.qq, out, b, h, V);
     }
   });
 }
 
 // Mamba-2's SSD step for one (sequence, head): d = clamp(f(dt + dt_bias), lo, hi) (f = softplus or identity),
 // h = exp(d A) h + d x B^T row by row (P rows of N), y_p = h_p . C + D_p x_p, times silu(z_p) where z is given.
-// w: the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into `state` (type S) unless
-// that is w itself. Returns y in t.qq (P floats).
+// run(): w is the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into `state` (type S)
+// unless that is w itself; returns y (P floats in `buf`).
 struct Ssd {
   const at::Tensor &x, &dt, &A, &B, &C;
   const c10::optional<at::Tensor> &D, &z, &dt_bias;
@@ -228,7 +232,7 @@ struct Ssd {
   }
 
   template <typename S>
-  void run(float* w, S* state, int64_t b, int64_t h, std::vector<float>& buf) const {
+  const float* run(float* w, S* state, int64_t b, int64_t h, std::vector<float>& buf) const {
     float *xf = buf.data(), *Bf = xf + P, *Cf = Bf + N, *y = Cf + N, *extra = y + P;
     read_any(x, b * x.stride(0) + h * x.stride(1), x.stride(2), P, xf);
     read_any(B, b * B.stride(0) + h / r * B.stride(1), B.stride(2), N, Bf);
@@ -261,6 +265,7 @@ struct Ssd {
       read_any(*z, b * z->stride(0) + h * z->stride(1), z->stride(2), P, extra);
       for (int64_t p = 0; p < P; ++p) y[p] *= extra[p] / (1.f + std::exp(-extra[p]));
     }
+    return y;
   }
 };
 
@@ -277,14 +282,7 @@ void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tenso
       float* w = st == nullptr ? nullptr : std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
       if constexpr (!std::is_same_v<S, float>)
         if (st != nullptr) at::vec::convert(st, w, P * N);
-      in.run<S>(w, st, b, h, buf);
-      const int64_t off = b * out.stride(0) + h * out.stride(1), step = out.stride(2);
-      const float* y = buf.data() + P + 2 * N;
-      switch (out.scalar_type()) {
-        case at::kFloat: write(y, P, out.data_ptr<float>() + off, step); break;
-        case at::kBFloat16: write(y, P, out.data_ptr<at::BFloat16>() + off, step); break;
-        default: write(y, P, out.data_ptr<at::Half>() + off, step); break;
-      }
+      emit(in.run<S>(w, st, b, h, buf), out, b, h, P);
     }
   });
 }
@@ -335,7 +333,7 @@ void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
       for (int64_t b = cp[s]; b < cp[s + 1]; ++b) {  // each token's state update folded into the next one's pass
         in.read(b, h, t);
         token<float>(w, in, t, sc, w, V, &prev, b > cp[s]);
-        emit(t, out, b, h, V);
+        emit(t.qq, out, b, h, V);
       }
       if (cp[s + 1] > cp[s]) update<float>(w, K, V, prev.k, prev.u, w, V);  // the last token's
     }
