@@ -1,4 +1,5 @@
-"""The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): chunked, see `chunk.delta`."""
+"""The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): token by token in the compiled kernel
+(recurrent.cpp) where it is built, else chunked (see `chunk.delta`); the step form likewise."""
 from __future__ import annotations
 
 import torch

@@ -1,5 +1,6 @@
 """Mamba-2 SSD (SPEC `ssd`): linear attention with q = C, k = B, v = d x, log-decay d A (state [P, N]
-is the transposed linear-attention state [N, P]); chunked, see `chunk.linear`."""
+is the transposed linear-attention state [N, P]); chunked, see `chunk.linear`. The step form runs in the
+compiled kernel (recurrent.cpp) where it is built."""
 from __future__ import annotations
 
 import torch
