@@ -16,9 +16,9 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 
-// n <= Vec::size() elements from p as float32 (the rest of the lanes 0)
 Vec silu(Vec y) { return y / (Vec(1.f) + y.neg().exp_u20()); }
 
+// n <= Vec::size() elements from p as float32 (the rest of the lanes 0)
 template <typename T>
 Vec load(const T* p, int64_t n) {
   if constexpr (std::is_same_v<T, float>) {
@@ -143,12 +143,21 @@ void conv_step(const at::Tensor& x, const at::Tensor& taps, const c10::optional<
   });
 }
 
+// f(T{}, std::integral_constant<int, W>{}) for x's dtype T and the tap count W: 2-4 unrolled, others 0 (run time)
 template <typename F>
-void by_dtype(at::ScalarType t, const char* what, F f) {
+void by_kind(at::ScalarType t, int64_t taps, const char* what, F f) {
+  const auto width = [&](auto x) {
+    switch (taps) {
+      case 2: return f(x, std::integral_constant<int, 2>{});
+      case 3: return f(x, std::integral_constant<int, 3>{});
+      case 4: return f(x, std::integral_constant<int, 4>{});
+      default: return f(x, std::integral_constant<int, 0>{});
+    }
+  };
   switch (t) {
-    case at::kFloat: return f(float{});
-    case at::kBFloat16: return f(at::BFloat16{});
-    case at::kHalf: return f(at::Half{});
+    case at::kFloat: return width(float{});
+    case at::kBFloat16: return width(at::BFloat16{});
+    case at::kHalf: return width(at::Half{});
     default: TORCH_CHECK(false, what, ": float32, bfloat16 or float16 tensors, not ", t);
   }
 }
@@ -166,14 +175,8 @@ void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::option
   TORCH_CHECK(taps.is_contiguous() && head.is_contiguous() && cu.is_contiguous() && finals.is_contiguous() &&
               cu.scalar_type() == at::kLong && head.scalar_type() == x.scalar_type(),
               "conv_seq: taps and finals float32, head of x's dtype, cu int64, contiguous");
-  by_dtype(x.scalar_type(), "conv_seq", [&](auto t) {
-    using T = decltype(t);
-    switch (taps.size(0)) {  // the usual widths unrolled
-      case 2: return conv_seq<T, 2>(x, taps, bias, head, cu, act, y, finals);
-      case 3: return conv_seq<T, 3>(x, taps, bias, head, cu, act, y, finals);
-      case 4: return conv_seq<T, 4>(x, taps, bias, head, cu, act, y, finals);
-      default: return conv_seq<T, 0>(x, taps, bias, head, cu, act, y, finals);
-    }
+  by_kind(x.scalar_type(), taps.size(0), "conv_seq", [&](auto t, auto w) {
+    conv_seq<decltype(t), decltype(w)::value>(x, taps, bias, head, cu, act, y, finals);
   });
 }
 
@@ -186,13 +189,7 @@ void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optio
               "conv_step: x, state and out of one dtype");
   TORCH_CHECK(taps.is_contiguous() && (rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong),
               "conv_step: taps contiguous, rows int32 or int64");
-  by_dtype(x.scalar_type(), "conv_step", [&](auto t) {
-    using T = decltype(t);
-    switch (taps.size(0)) {
-      case 2: return conv_step<T, 2>(x, taps, bias, state, rows, act, out);
-      case 3: return conv_step<T, 3>(x, taps, bias, state, rows, act, out);
-      case 4: return conv_step<T, 4>(x, taps, bias, state, rows, act, out);
-      default: return conv_step<T, 0>(x, taps, bias, state, rows, act, out);
-    }
+  by_kind(x.scalar_type(), taps.size(0), "conv_step", [&](auto t, auto w) {
+    conv_step<decltype(t), decltype(w)::value>(x, taps, bias, state, rows, act, out);
   });
 }

@@ -121,6 +121,30 @@ int64_t index_at(const at::Tensor& rows, int64_t b) {
                                         : rows.data_ptr<int64_t>()[b * rows.stride(0)];
 }
 
+// A step form's working copy of one listed state row st (n floats): the row itself where S is float32, else st
+// converted into `scratch`; nullptr where the row is -1 (st nullptr: a zero state).
+template <typename S>
+float* working(S* st, std::vector<float>& scratch, int64_t n) {
+  if (st == nullptr) return nullptr;
+  if constexpr (std::is_same_v<S, float>) {
+    return st;
+  } else {
+    at::vec::convert(st, scratch.data(), n);
+    return scratch.data();
+  }
+}
+
+// f(S{}) for the state's dtype S
+template <typename F>
+void by_state_dtype(const at::Tensor& state, const char* what, F f) {
+  switch (state.scalar_type()) {
+    case at::kFloat: return f(float{});
+    case at::kBFloat16: return f(at::BFloat16{});
+    case at::kHalf: return f(at::Half{});
+    default: TORCH_CHECK(false, what, ": a float32, bfloat16 or float16 state, not ", state.scalar_type());
+  }
+}
+
 // One token's small vectors for one value head, float32 (per thread)
 struct Token {
   std::vector<float> buf;
@@ -199,10 +223,7 @@ void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, floa
       const int64_t b = item / Hv, h = item % Hv, slot = index_at(rows, b);
       in.read(b, h, t);
       S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
-      float* w = st == nullptr ? nullptr : std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
-      if constexpr (!std::is_same_v<S, float>)
-        if (st != nullptr) at::vec::convert(st, w, K * V);
-      token<S>(w, in, t, scale, st, V);
+      token<S>(working(st, scratch, K * V), in, t, scale, st, V);
       emit(t.qq, out, b, h, V);
     }
   });
@@ -279,10 +300,7 @@ void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tenso
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H, slot = index_at(rows, b);
       S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
-      float* w = st == nullptr ? nullptr : std::is_same_v<S, float> ? reinterpret_cast<float*>(st) : scratch.data();
-      if constexpr (!std::is_same_v<S, float>)
-        if (st != nullptr) at::vec::convert(st, w, P * N);
-      emit(in.run<S>(w, st, b, h, buf), out, b, h, P);
+      emit(in.run<S>(working(st, scratch, P * N), st, b, h, buf), out, b, h, P);
     }
   });
 }
@@ -302,12 +320,7 @@ void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& 
   TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_step: out in v's dtype");
   const Inputs in = inputs(q, k, v, g, beta, l2);
   const float sc = static_cast<float>(scale);
-  switch (state.scalar_type()) {
-    case at::kFloat: return delta_step<float>(in, state, rows, sc, out);
-    case at::kBFloat16: return delta_step<at::BFloat16>(in, state, rows, sc, out);
-    case at::kHalf: return delta_step<at::Half>(in, state, rows, sc, out);
-    default: TORCH_CHECK(false, "delta_step: a float32, bfloat16 or float16 state, not ", state.scalar_type());
-  }
+  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, out); });
 }
 
 // The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)], beta [T, Hv] as delta_step's (one row per
@@ -353,10 +366,5 @@ void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A
   TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ssd_step: out in x's dtype");
   const Ssd in{x, dt, A, B, C, D, z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
                x.size(2), B.size(2), x.size(1) / B.size(1)};
-  switch (state.scalar_type()) {
-    case at::kFloat: return ssd_step<float>(in, state, rows, out);
-    case at::kBFloat16: return ssd_step<at::BFloat16>(in, state, rows, out);
-    case at::kHalf: return ssd_step<at::Half>(in, state, rows, out);
-    default: TORCH_CHECK(false, "ssd_step: a float32, bfloat16 or float16 state, not ", state.scalar_type());
-  }
+  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, out); });
 }

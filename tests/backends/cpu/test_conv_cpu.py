@@ -7,12 +7,8 @@ import pytest
 import torch
 
 import portable_attn as pa
-from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around
+from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around, tol
 from tests.backends.cpu.test_native_cpu import spy_on
-
-def _tol(dtype):
-    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
-
 
 @pytest.mark.parametrize("width", [1, 2, 4])
 @pytest.mark.parametrize("channels", [8, 37, 64])
@@ -39,8 +35,8 @@ def test_sequences_match_reference(monkeypatch, width, channels, dtype):
     ref_cache = cache_before.double()
     ref, _ = pa.causal_conv1d(x.double(), weight.double(), bias.double(), activation="silu", initial_state=ref_cache,
                               state_indices=rows, has_initial_state=has, cu_seqlens=cu, backend="reference")
-    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
-    torch.testing.assert_close(cache.double(), ref_cache.to(dtype).double(), **_tol(dtype))
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(cache.double(), ref_cache.to(dtype).double(), **tol(dtype))
     assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
     assert torch.equal(bits(xb), bits(before))
     assert nan_around(ob)
@@ -67,8 +63,8 @@ def test_step_matches_reference(monkeypatch, width, dtype):
     ref_state = state.double()
     ref = pa.causal_conv1d_step(x[:, 0].double(), weight.double(), bias.double(), state=ref_state, state_indices=rows,
                                 activation="silu", backend="reference")
-    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
-    torch.testing.assert_close(sv.double(), ref_state.to(dtype).double(), **_tol(dtype))
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(sv.double(), ref_state.to(dtype).double(), **tol(dtype))
     assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
     assert torch.equal(bits(xb), bits(before))
     assert nan_around(sb)

@@ -48,7 +48,7 @@ def _reference(op, plain, **kwargs):
     return getattr(pa, op)(*(x.double() for x in plain), use_qk_l2norm=True, backend="reference", **kwargs)
 
 
-def _tol(dtype):
+def tol(dtype):
     return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
 
 
@@ -74,8 +74,8 @@ def test_step_matches_reference(monkeypatch, h, hv, kd, vd, dtype, state_dtype, 
     assert got is out and len(calls) == 1
     ref_state = state.double()
     ref = _reference("gated_delta_rule_step", plain, state=ref_state, state_indices=rows)
-    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
-    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **_tol(dtype))
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **tol(dtype))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))  # inputs untouched, NaN included
     assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
     assert nan_around(sb) and nan_around(ob)
@@ -103,8 +103,8 @@ def test_sequences_match_reference(monkeypatch, h, hv, kd, vd, dtype, state_dtyp
     ref_cache = cache_before.double()
     ref, _ = _reference("gated_delta_rule", plain, initial_state=ref_cache, state_indices=rows, has_initial_state=has,
                         cu_seqlens=cu)
-    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
-    torch.testing.assert_close(cache.double(), ref_cache.to(state_dtype).double(), **_tol(dtype))
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(cache.double(), ref_cache.to(state_dtype).double(), **tol(dtype))
     assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
     assert nan_around(ob)
@@ -142,8 +142,8 @@ def test_ssd_step_matches_reference(monkeypatch, heads, p, n, groups, dtype, sta
                       z=z.double() if gated else None, backend="reference",
                       **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v
                          for k, v in kwargs.items()})
-    torch.testing.assert_close(got.double(), ref, **_tol(dtype))
-    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **_tol(dtype))
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **tol(dtype))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
     assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
     assert nan_around(sb) and nan_around(ob)
