@@ -1,5 +1,7 @@
-"""attention on the CPU: per sequence, tiles of queries over only the keys their causal/window band and
-block mask leave visible, one fused flash-attention call per tile (or per run of identical tiles).
+"""attention on the CPU: prefill without block mask or softcap by the compiled flash kernel (flash.cpp: key blocks
+of each query block's causal/window band); else (and where the kernel is not built) per sequence, tiles of queries
+over only the keys their causal/window band and block mask leave visible, one call of torch's fused flash-attention
+kernel per tile (or per run of identical tiles).
 A sliding window of W costs O(T*W); nothing of size T x T is ever built."""
 from __future__ import annotations
 
@@ -38,6 +40,10 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
         if (cu_seqlens_q is None and out is None and softcap == 0
                 and not 0 <= window_size[0] < k.shape[0] - 1):  # without it, one query that sees every key
             return _one_query(q, k, v, softmax_scale, sinks, return_lse)
+    if block_mask is None and softcap == 0 and q.shape[0] > FEW_QUERIES:  # prefill: the compiled flash kernel
+        done = native.flash(q, k, v, opts, return_lse, out, cu_seqlens_q, cu_seqlens_k)
+        if done is not None:
+            return done
     o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     if cu_seqlens_q is None and cu_seqlens_k is None:  # one sequence: no slicing (decode-sized calls count us)

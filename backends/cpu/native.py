@@ -1,4 +1,4 @@
-"""The cpu backend's compiled kernels (decode.cpp, softcap.cpp, recurrent.cpp, conv.cpp; bound in kernels.cpp), built
+"""The cpu backend's compiled kernels (decode.cpp, flash.cpp, softcap.cpp, recurrent.cpp, conv.cpp; bound in kernels.cpp), built
 on first use with torch's C++ extension builder for the vector width of this machine and kept in torch's
 extension cache (one build per machine and source). Where they cannot be built (no C++ compiler or ninja) or
 PORTABLE_ATTN_CPU_NATIVE=0, `kernels()` is None, `decode` returns None and the callers take their torch paths;
@@ -19,7 +19,7 @@ from portable_attn import envs
 log = logging.getLogger("portable_attn")
 
 SOURCES = [pathlib.Path(__file__).with_name(n)
-           for n in ("kernels.cpp", "decode.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
+           for n in ("kernels.cpp", "decode.cpp", "flash.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
 # A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
 # products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
 # 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
@@ -55,6 +55,25 @@ def decode(q, k_cache, v_cache, opts, return_lse: bool, out, block_table=None, s
     return (o, lse) if return_lse else o
 
 
+def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=None):
+    """Attention over packed sequences (q [Tq, Hq, D], k/v [Tk, Hkv, D|Dv], cu_seqlens int32 [S + 1] or None: one
+    sequence) by the compiled flash kernel: causal, window and sinks (`opts`: attention.Options, no block mask or
+    softcap). o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel
+    is not built."""
+    built = kernels()
+    if built is None:
+        return None
+    o = out if out is not None and out.stride(-1) == 1 else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
+    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
+    sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
+    built.flash(q if q.stride(-1) == 1 else q.contiguous(), k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
+                causal=opts.causal, left=opts.window[0], right=opts.window[1], scale=opts.scale, sinks=sinks, out=o,
+                lse=lse)
+    if out is not None and o is not out:  # an out= whose last axis is strided
+        o = out.copy_(o)
+    return (o, lse) if return_lse else o
+
+
 @functools.cache
 def _built():
     from torch.utils import cpp_extension
@@ -76,7 +95,7 @@ def _built():
         return cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
-        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); decode, softcap, "
+        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); attention, decode, softcap, "
                     "the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to build "
                     "them.",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)

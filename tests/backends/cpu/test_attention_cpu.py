@@ -57,8 +57,10 @@ def pairs(calls):
 # ---- work follows the pattern ---------------------------------------------------------------
 
 @pytest.mark.parametrize("softcap", [0.0, 5.0])
-def test_window_work_is_linear(kernel_calls, softcap):
-    """A window of W computes O(T * (W + tile)) pairs, each call O(tile * (W + tile)) of them."""
+def test_window_work_is_linear(kernel_calls, softcap, monkeypatch):
+    """A window of W computes O(T * (W + tile)) pairs, each call O(tile * (W + tile)) of them (the torch path; the
+    compiled kernel's band: test_flash_cpu.py)."""
+    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")
     t, w, hq, hkv = 2048, 64, 4, 2
     g = gen(1)
     q, k, v = rand(t, hq, 16, gen=g), rand(t, hkv, 16, gen=g), rand(t, hkv, 16, gen=g)
@@ -88,7 +90,8 @@ def test_block_mask_work_is_the_visible_blocks(kernel_calls):
     assert pairs(kernel_calls) < 2 * t * t / 8
 
 
-def test_dense_causal_uses_one_kernel_call(kernel_calls):
+def test_dense_causal_uses_one_kernel_call(kernel_calls, monkeypatch):
+    monkeypatch.setenv("PORTABLE_ATTN_CPU_NATIVE", "0")  # the torch path (else flash.cpp)
     g = gen(3)
     q, k, v = rand(300, 4, 32, gen=g), rand(300, 2, 32, gen=g), rand(300, 2, 32, gen=g)
     pa.attention(q, k, v, causal=True, backend="cpu")

@@ -1,5 +1,5 @@
 """The cpu backend's compiled kernels (backends/cpu/native.py): decode (decode.cpp) for paged_attention and
-attention, the softcap pass (softcap.cpp) of the attention ops, the gated delta rule and the SSD step
+attention, prefill attention (flash.cpp), the softcap pass (softcap.cpp) of the attention ops, the gated delta rule and the SSD step
 (recurrent.cpp), conv1d (conv.cpp), and the torch paths they replace: both pass the conformance cases, and a machine
 that cannot build them falls back. (The recurrent kernels' own tests: test_recurrent_kernels_cpu.py and
 test_conv_cpu.py.)"""
@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import portable_attn as pa
-from portable_attn.backends.cpu import native
+from portable_attn.backends.cpu import attention, native
 from portable_attn.conformance import FULL, catalogue, run_case
 from tests.backends.cpu.test_host_paths_cpu import nan_padded
 
@@ -26,7 +26,17 @@ DECODES_AND_PAGED = [c for c in catalogue(FULL, ["paged_attention", "attention"]
 KERNELS = {"gated_delta_rule": "delta_seq", "gated_delta_rule_step": "delta_step", "ssd_step": "ssd_step",
            "causal_conv1d": "conv_seq", "causal_conv1d_step": "conv_step"}
 RECURRENT = catalogue(FULL, list(KERNELS))
-CASES = DECODES_AND_PAGED + [c for c in SOFTCAPPED if c not in DECODES_AND_PAGED] + RECURRENT
+
+
+def _prefill(case) -> bool:
+    """Whether an attention case's call reaches flash.cpp: more than FEW_QUERIES queries, no block mask or softcap."""
+    args = case.make(np.random.default_rng(0))
+    return (case.op == "attention" and args["q"].shape[0] > attention.FEW_QUERIES and args.get("block_mask") is None
+            and args.get("softcap", 0) == 0)
+
+
+PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window and dense prefill cases
+CASES = DECODES_AND_PAGED + [c for c in SOFTCAPPED if c not in DECODES_AND_PAGED] + RECURRENT + PREFILLS
 
 
 def spy_on(monkeypatch, *kernels: str) -> list:
@@ -42,9 +52,9 @@ def spy_on(monkeypatch, *kernels: str) -> list:
             return getattr(built, name)
 
     def counted(kernel):
-        def call(*args):
-            calls.append(args)
-            return getattr(built, kernel)(*args)
+        def call(*args, **kwargs):
+            calls.append((*args, *kwargs.values()))
+            return getattr(built, kernel)(*args, **kwargs)
         return call
 
     spy = Spy()
@@ -78,6 +88,17 @@ def test_recurrent_cases_reach_kernels(case, dtype, monkeypatch):
     res = run_case("cpu", case, dtype)
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
     assert calls or (case.layout and case.op in ("gated_delta_rule_step", "ssd_step", "causal_conv1d"))
+
+
+@pytest.mark.parametrize("case", PREFILLS, ids=[c.name for c in PREFILLS])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_prefill_cases_reach_flash(case, dtype, monkeypatch):
+    """The prefill cases (causal, windows, dense, chunked, varlen, sinks) conform with the kernels on, and reach
+    flash.cpp."""
+    calls = spy_on(monkeypatch, "flash")
+    res = run_case("cpu", case, dtype)
+    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
+    assert calls
 
 
 @pytest.mark.parametrize("case", SOFTCAPPED, ids=[f"{c.op}-{c.name}" for c in SOFTCAPPED])

@@ -1,0 +1,449 @@
+// Prefill attention on the CPU, flash style: per (sequence, query head, block of BQ queries), only the key blocks
+// of BK keys its causal/window band reaches, an online softmax over them and P V accumulated in float32. Keys and
+// values are packed once per call and kv head (each key block serves every query block and query head that sees
+// it): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
+// or for bfloat16 on a CPU with the AVX512-BF16 unit, pairs for `vdpbf16ps` (K [D/2, BK, 2], V [BK/2, Dv', 2],
+// P rounded to bfloat16). Blocks wholly inside the band skip masking. Built by native.py with decode.cpp.
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/functional.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+namespace {
+
+using Vec = at::vec::Vectorized<float>;
+constexpr int64_t W = Vec::size();
+constexpr int RB = 4;                        // query rows per micro-kernel
+constexpr int NV = W == 16 ? 4 : 2;          // vectors of keys (scores) or of columns (P V) per micro-kernel:
+constexpr int64_t BK = NV * W;               // RB x NV accumulators fit AVX-512's 32 registers, AVX2's 16
+constexpr int64_t BQ = 64;                   // query rows per work item
+static_assert(BQ % RB == 0 && RB <= W, "blocks of whole micro-kernels");
+const float LOWEST = std::numeric_limits<float>::lowest();  // the running max before any key: exp(LOWEST - m) = 0
+const float NEG_INF = -std::numeric_limits<float>::infinity();
+
+bool bf16_unit() {
+#if defined(CPU_CAPABILITY_AVX512)
+  static const bool has = __builtin_cpu_supports("avx512bf16");
+  return has;
+#else
+  return false;
+#endif
+}
+
+// The keys query position p sees, [a, b) (b <= a: none), for a sequence of lk keys.
+struct Band {
+  bool causal;
+  int64_t left, right, lk;
+  int64_t lo(int64_t p) const { return left >= 0 ? std::max<int64_t>(0, p - left) : 0; }
+  int64_t hi(int64_t p) const {
+    int64_t b = lk;
+    if (causal) b = std::min(b, p + 1);
+    if (right >= 0) b = std::min(b, p + right + 1);
+    return b;
+  }
+};
+
+// 2^x for x <= 0 (-inf: 0) to float32's precision: x clamped to -200 (2^-200 underflows to 0), a Taylor polynomial
+// of 2^f on [-1/2, 1/2] (relative error 1.2e-7) scaled by 2^n; half the instructions of Vec::exp_u20
+Vec exp2_neg(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512 y = _mm512_max_ps(x, _mm512_set1_ps(-200.f));
+  const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const __m512 f = _mm512_sub_ps(y, n);
+  constexpr float c[] = {1.f, 0.6931472f, 0.2402265f, 0.05550411f, 0.009618129f, 0.001333356f, 0.0001540353f};
+  __m512 p = _mm512_set1_ps(c[6]);
+  for (int k = 5; k >= 0; --k) p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(c[k]));
+  return _mm512_scalef_ps(p, n);
+#else
+  return (x * Vec(float(M_LN2))).exp_u20();
+#endif
+}
+
+using Block = Vec[RB][NV];  // scores of RB query rows x BK keys, in registers
+
+// ---- float32 products: a = q [RB, D] . a packed key block kt [D, BK]; acc [RB, Dv'] = acc * c + p [RB, BK] @ v
+// [BK, Dv'] for NC vectors of columns from e0.
+void scores_f32(const float* q, int64_t d, const float* kt, Block& out) {
+  Vec a[RB][NV];  // local: accumulators in registers (out may alias q and kt for the compiler)
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NV; ++x) a[i][x] = Vec(0.f);
+  for (int64_t e = 0; e < d; ++e) {
+    Vec k[NV];
+    for (int x = 0; x < NV; ++x) k[x] = Vec::loadu(kt + e * BK + x * W);
+    for (int i = 0; i < RB; ++i) {
+      const Vec qv(q[i * d + e]);
+      for (int x = 0; x < NV; ++x) a[i][x] = at::vec::fmadd(qv, k[x], a[i][x]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NV; ++x) out[i][x] = a[i][x];
+}
+
+template <int NC>
+void values_f32(float* acc, int64_t dv, const float* c, const float* p, const float* v, int64_t e0) {
+  Vec a[RB][NC];
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NC; ++x) a[i][x] = Vec::loadu(acc + i * dv + e0 + x * W) * Vec(c[i]);
+  for (int64_t j = 0; j < BK; ++j) {
+    Vec vv[NC];
+    for (int x = 0; x < NC; ++x) vv[x] = Vec::loadu(v + j * dv + e0 + x * W);
+    for (int i = 0; i < RB; ++i) {
+      const Vec pv(p[i * BK + j]);
+      for (int x = 0; x < NC; ++x) a[i][x] = at::vec::fmadd(pv, vv[x], a[i][x]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NC; ++x) a[i][x].store(acc + i * dv + e0 + x * W);
+}
+
+#if defined(CPU_CAPABILITY_AVX512)
+// ---- bfloat16 pairs in the AVX512-BF16 unit: q [RB, D'] (D' even), kp [D'/2, BK, 2]; p [RB, BK] bfloat16,
+// vp [BK/2, Dv', 2].
+__attribute__((target("avx512bf16"))) void scores_bf16(const at::BFloat16* q, int64_t d, const at::BFloat16* kp,
+                                                      Block& out) {
+  __m512 a[RB][NV];
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NV; ++x) a[i][x] = _mm512_setzero_ps();
+  for (int64_t e = 0; e < d; e += 2) {
+    __m512bh k[NV];
+    for (int x = 0; x < NV; ++x) k[x] = (__m512bh)_mm512_loadu_si512(kp + (e * BK + 2 * x * W));
+    for (int i = 0; i < RB; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, q + i * d + e, sizeof(pair));
+      const __m512bh qv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int x = 0; x < NV; ++x) a[i][x] = _mm512_dpbf16_ps(a[i][x], qv, k[x]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NV; ++x) out[i][x] = a[i][x];
+}
+
+template <int NC>
+__attribute__((target("avx512bf16"))) void values_bf16(float* acc, int64_t dv, const float* c, const at::BFloat16* p,
+                                                      const at::BFloat16* vp, int64_t e0) {
+  __m512 a[RB][NC];
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NC; ++x) a[i][x] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * dv + e0 + x * W), _mm512_set1_ps(c[i]));
+  for (int64_t j = 0; j < BK; j += 2) {
+    __m512bh vv[NC];
+    for (int x = 0; x < NC; ++x) vv[x] = (__m512bh)_mm512_loadu_si512(vp + 2 * (j / 2 * dv + e0 + x * W));
+    for (int i = 0; i < RB; ++i) {
+      int32_t pair;
+      std::memcpy(&pair, p + i * BK + j, sizeof(pair));
+      const __m512bh pv = (__m512bh)_mm512_set1_epi32(pair);
+      for (int x = 0; x < NC; ++x) a[i][x] = _mm512_dpbf16_ps(a[i][x], pv, vv[x]);
+    }
+  }
+  for (int i = 0; i < RB; ++i)
+    for (int x = 0; x < NC; ++x) _mm512_storeu_ps(acc + i * dv + e0 + x * W, a[i][x]);
+}
+
+// p [RB, BK] float32 -> bfloat16, rounded to nearest even
+__attribute__((target("avx512bf16"))) void to_bf16(const float* p, at::BFloat16* dst) {
+  for (int64_t j = 0; j < RB * BK; j += 2 * W)
+    _mm512_storeu_si512(dst + j, (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(p + j + W), _mm512_loadu_ps(p + j)));
+}
+#endif
+
+// f(std::integral_constant<int, NC>, e0) over dv columns (a multiple of W) in chunks of NV vectors, the rest in one
+template <typename F>
+void in_columns(int64_t dv, F f) {
+  int64_t e = 0;
+  for (; e + NV * W <= dv; e += NV * W) f(std::integral_constant<int, NV>{}, e);
+  switch ((dv - e) / W) {  // 1 .. NV - 1 vectors left
+    case 1: f(std::integral_constant<int, 1>{}, e); break;
+    case 2: f(std::integral_constant<int, 2>{}, e); break;
+    case 3: f(std::integral_constant<int, 3>{}, e); break;
+    default: break;
+  }
+}
+
+struct Layout {  // a [T, H, X] tensor read through its strides (last one 1)
+  const void* data;
+  int64_t row, head;
+};
+
+// One call's geometry: sequences, heads, head dims (padded: dp even, dvp a multiple of W), the packed blocks.
+struct Call {
+  int64_t S, Hq, Hkv, D, Dv, dp, dvp;
+  bool pairs;                        // bfloat16 pairs in the AVX512-BF16 unit
+  Band band;                         // lk set per sequence
+  std::vector<int64_t> q0, lq, k0, lk, blk0;  // per sequence: first query / key row, counts, first packed block
+  int64_t kbytes, vbytes;            // per packed (block, kv head)
+};
+
+int64_t cu_at(const c10::optional<at::Tensor>& cu, int64_t s, int64_t total) {
+  if (!cu.has_value()) return s == 0 ? 0 : total;
+  return cu->data_ptr<int32_t>()[s * cu->stride(0)];
+}
+
+// The keys some query of sequence s sees: [first, last).
+std::pair<int64_t, int64_t> seen_keys(const Call& c, int64_t s) {
+  Band b = c.band;
+  b.lk = c.lk[s];
+  const int64_t off = c.lk[s] - c.lq[s];
+  if (c.lq[s] == 0) return {0, 0};
+  const int64_t first = b.lo(off), last = b.hi(c.lq[s] - 1 + off);
+  return {first, std::max(first, last)};
+}
+
+// Packs key block kb of sequence s, kv head h into dst: keys outside [first, last) (never seen; memory there may hold
+// anything) and beyond the head dims as zeros.
+template <typename T>
+void pack(const Call& c, const Layout& k, const Layout& v, int64_t s, int64_t kb, int64_t h, char* dst) {
+  const auto [first, last] = seen_keys(c, s);
+  const T* kbase = static_cast<const T*>(k.data) + c.k0[s] * k.row + h * k.head;
+  const T* vbase = static_cast<const T*>(v.data) + c.k0[s] * v.row + h * v.head;
+  std::memset(dst, 0, c.kbytes + c.vbytes);
+  const int64_t j0 = std::max(first, kb * BK), j1 = std::min(last, (kb + 1) * BK);
+  for (int64_t j = j0; j < j1; ++j) {
+    const T* kr = kbase + j * k.row;
+    const T* vr = vbase + j * v.row;
+    const int64_t jj = j - kb * BK;
+    if (c.pairs) {  // [dp/2, BK, 2] and [BK/2, dvp, 2]
+      T* kp = reinterpret_cast<T*>(dst);
+      T* vp = reinterpret_cast<T*>(dst + c.kbytes);
+      for (int64_t e = 0; e < c.D; ++e) kp[(e / 2 * BK + jj) * 2 + e % 2] = kr[e];
+      for (int64_t e = 0; e < c.Dv; ++e) vp[(jj / 2 * c.dvp + e) * 2 + jj % 2] = vr[e];
+    } else {  // [D, BK] and [BK, dvp] float32
+      float* kt = reinterpret_cast<float*>(dst);
+      float* vf = reinterpret_cast<float*>(dst + c.kbytes) + jj * c.dvp;
+      for (int64_t e = 0; e < c.D; ++e) kt[e * BK + jj] = static_cast<float>(kr[e]);
+      for (int64_t e = 0; e < c.Dv; ++e) vf[e] = static_cast<float>(vr[e]);
+    }
+  }
+}
+
+// A thread's working rows for one query block: queries, the running max m and sums l (a vector of partial sums
+// per row) in log2 units, the accumulators' rescale c, the weights p of a key block.
+struct Rows {
+  std::vector<float> qf, acc, m, c, p;
+  std::vector<Vec> l;
+  std::vector<at::BFloat16> qb, pb;
+  explicit Rows(const Call& k)
+      : qf(k.pairs ? 0 : BQ * k.D, 0.f), acc(BQ * k.dvp), m(BQ), c(BQ), p(BQ * BK, 0.f), l(BQ),
+        qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)) {}
+};
+
+// The online-softmax update of RB rows (query positions p0 + i) by key block [k0, k0 + BK), scores a (times mul:
+// log2 units): keys outside a row's band hidden unless `full`, the running max m and sums l, c = 2^(m_old - m),
+// p [RB, BK] = 2^(a - m).
+void update(Block& a, float mul, const Band& band, int64_t p0, int64_t k0, bool full, float* m, Vec* l, float* c,
+            float* p) {
+  float top[W];
+  for (int i = 0; i < RB; ++i) {
+    if (mul != 1.f)
+      for (int x = 0; x < NV; ++x) a[i][x] = a[i][x] * Vec(mul);
+    if (!full) {
+      const Vec lo(float(band.lo(p0 + i) - k0)), hi(float(band.hi(p0 + i) - k0));
+      for (int x = 0; x < NV; ++x) {
+        const Vec j = Vec::arange(float(x * W), 1.f);
+        a[i][x] = Vec::blendv(a[i][x], Vec(NEG_INF), (j < lo) | (j >= hi));
+      }
+    }
+    Vec mx = a[i][0];
+    for (int x = 1; x < NV; ++x) mx = at::vec::maximum(mx, a[i][x]);
+    top[i] = std::max(m[i], at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return at::vec::maximum(u, w); }, mx));
+  }
+  exp2_neg(Vec::loadu(m, RB) - Vec::loadu(top, RB)).store(c, RB);
+  for (int i = 0; i < RB; ++i) {
+    Vec sum(0.f);
+    for (int x = 0; x < NV; ++x) {
+      const Vec e = exp2_neg(a[i][x] - Vec(top[i]));
+      e.store(p + i * BK + x * W);
+      sum = sum + e;
+    }
+    l[i] = at::vec::fmadd(l[i], Vec(c[i]), sum);
+    m[i] = top[i];
+  }
+}
+
+template <typename T>
+struct Kernel {
+  const Call& c;
+  Layout q;
+  const char* packed;
+  const float* sinks;
+  float scale;         // softmax scale x log2(e): scores in log2 units
+  T* o;
+  int64_t o0, o1;      // out's row and head strides (its last one 1)
+  float* lse;
+  int64_t l0, l1;
+
+  const char* block(int64_t s, int64_t kb, int64_t h) const {
+    return packed + ((c.blk0[s] + kb) * c.Hkv + h) * (c.kbytes + c.vbytes);
+  }
+
+  // Query rows t0 .. t0 + n of sequence s, head hq.
+  void run(Rows& r, int64_t s, int64_t hq, int64_t t0, int64_t n) const {
+    Band band = c.band;
+    band.lk = c.lk[s];
+    const int64_t off = c.lk[s] - c.lq[s], p0 = t0 + off, h = hq / (c.Hq / c.Hkv);
+    load_queries(r, s, hq, t0, n);
+    std::fill(r.acc.begin(), r.acc.end(), 0.f);
+    std::fill(r.m.begin(), r.m.end(), LOWEST);
+    std::fill(r.l.begin(), r.l.end(), Vec(0.f));
+    const int64_t lo = band.lo(p0), hi = band.hi(p0 + n - 1);
+    for (int64_t kb = lo / BK; lo < hi && kb * BK < hi; ++kb) {
+      const bool full = band.lo(p0 + n - 1) <= kb * BK && band.hi(p0) >= (kb + 1) * BK;
+      step(r, (n + RB - 1) / RB * RB, band, p0, kb, full, block(s, kb, h));
+    }
+    write(r, s, hq, t0, n);
+  }
+
+  void load_queries(Rows& r, int64_t s, int64_t hq, int64_t t0, int64_t n) const {
+    const T* base = static_cast<const T*>(q.data) + (c.q0[s] + t0) * q.row + hq * q.head;
+    for (int64_t i = 0; i < BQ; ++i)
+      for (int64_t e = 0; e < c.D; ++e) {
+        const float x = i < n ? static_cast<float>(base[i * q.row + e]) : 0.f;
+        if (c.pairs)  // bfloat16 as it came (scaled in update)
+          r.qb[i * c.dp + e] = at::BFloat16(x);
+        else
+          r.qf[i * c.D + e] = x * scale;
+      }
+  }
+
+  // Key block kb for the first `rows` rows, RB at a time: scores and softmax update for all rows, then P V (K and
+  // V blocks of float32 together fill L1: one at a time).
+  void step(Rows& r, int64_t rows, const Band& band, int64_t p0, int64_t kb, bool full, const char* blk) const {
+    Block a;
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      if (c.pairs) {
+        for (int64_t i = 0; i < rows; i += RB) {
+          scores_bf16(r.qb.data() + i * c.dp, c.dp, reinterpret_cast<const at::BFloat16*>(blk), a);
+          update(a, scale, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i,
+                 r.p.data() + i * BK);
+          to_bf16(r.p.data() + i * BK, r.pb.data() + i * BK);
+        }
+        for (int64_t i = 0; i < rows; i += RB)
+          in_columns(c.dvp, [&](auto NC, int64_t e0) {
+            values_bf16<decltype(NC)::value>(r.acc.data() + i * c.dvp, c.dvp, r.c.data() + i, r.pb.data() + i * BK,
+                                             reinterpret_cast<const at::BFloat16*>(blk + c.kbytes), e0);
+          });
+        return;
+      }
+#endif
+    for (int64_t i = 0; i < rows; i += RB) {
+      scores_f32(r.qf.data() + i * c.D, c.D, reinterpret_cast<const float*>(blk), a);
+      update(a, 1.f, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
+    }
+    for (int64_t i = 0; i < rows; i += RB)
+      in_columns(c.dvp, [&](auto NC, int64_t e0) {
+        values_f32<decltype(NC)::value>(r.acc.data() + i * c.dvp, c.dvp, r.c.data() + i, r.p.data() + i * BK,
+                                        reinterpret_cast<const float*>(blk + c.kbytes), e0);
+      });
+  }
+
+  // o = acc / l (the sink joining the denominator), lse = m + log l; a row that saw nothing: o = 0, lse = -inf.
+  void write(const Rows& r, int64_t s, int64_t hq, int64_t t0, int64_t n) const {
+    for (int64_t i = 0; i < n; ++i) {
+      const float l = at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return u + w; }, r.l[i]);
+      float total = l > 0 ? (r.m[i] + std::log2(l)) * float(M_LN2) : NEG_INF, weight = l > 0 ? 1.f / l : 0.f;
+      if (sinks != nullptr) {
+        const float z = sinks[hq], both = std::max(total, z);
+        const float joined = both == NEG_INF ? NEG_INF : both + std::log(std::exp(total - both) + std::exp(z - both));
+        weight = l > 0 ? std::exp(total - joined) / l : 0.f;
+        total = joined;
+      }
+      const int64_t t = c.q0[s] + t0 + i;
+      T* dst = o + t * o0 + hq * o1;
+      for (int64_t e = 0; e < c.Dv; ++e) dst[e] = static_cast<T>(r.acc[i * c.dvp + e] * weight);
+      if (lse != nullptr) lse[hq * l0 + t * l1] = total;
+    }
+  }
+};
+
+template <typename T>
+void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
+           const c10::optional<at::Tensor>& cu_k, bool causal, int64_t left, int64_t right, double scale,
+           const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse) {
+  Call c;
+  c.S = cu_q.has_value() ? cu_q->size(0) - 1 : 1;
+  c.Hq = q.size(1), c.Hkv = k.size(1), c.D = q.size(2), c.Dv = v.size(2);
+  c.pairs = std::is_same_v<T, at::BFloat16> && bf16_unit();
+  c.dp = (c.D + 1) / 2 * 2, c.dvp = (c.Dv + W - 1) / W * W;
+  c.band = Band{causal, left, right, 0};
+  c.kbytes = c.pairs ? c.dp * BK * 2 : c.D * BK * 4;
+  c.vbytes = c.pairs ? BK * c.dvp * 2 : BK * c.dvp * 4;
+  int64_t blocks = 0;
+  for (int64_t s = 0; s < c.S; ++s) {
+    c.q0.push_back(cu_at(cu_q, s, q.size(0)));
+    c.lq.push_back(cu_at(cu_q, s + 1, q.size(0)) - c.q0[s]);
+    c.k0.push_back(cu_at(cu_k, s, k.size(0)));
+    c.lk.push_back(cu_at(cu_k, s + 1, k.size(0)) - c.k0[s]);
+    c.blk0.push_back(blocks);
+    blocks += (c.lk[s] + BK - 1) / BK;
+  }
+  // pack every (key block, kv head) some query sees; kept per calling thread (fresh pages cost their faults)
+  thread_local std::vector<char> store;
+  const size_t need = size_t(blocks * c.Hkv * (c.kbytes + c.vbytes)) + 64;
+  if (store.size() < need) store.resize(need);
+  char* packed = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63));
+  std::vector<std::pair<int64_t, int64_t>> jobs;  // (sequence, block) to pack
+  for (int64_t s = 0; s < c.S; ++s) {
+    const auto [first, last] = seen_keys(c, s);
+    for (int64_t kb = first / BK; first < last && kb * BK < last; ++kb) jobs.emplace_back(s, kb);
+  }
+  const Layout kl{k.data_ptr(), k.stride(0), k.stride(1)}, vl{v.data_ptr(), v.stride(0), v.stride(1)};
+  at::parallel_for(0, int64_t(jobs.size()) * c.Hkv, 8, [&](int64_t b, int64_t e) {
+    for (int64_t w = b; w < e; ++w) {
+      const auto [s, kb] = jobs[w / c.Hkv];
+      const int64_t h = w % c.Hkv;
+      pack<T>(c, kl, vl, s, kb, h, packed + ((c.blk0[s] + kb) * c.Hkv + h) * (c.kbytes + c.vbytes));
+    }
+  });
+  // work items (sequence, query head, query block), the costly last blocks of a head first; threads take them in
+  // turn (causal blocks cost unlike)
+  std::vector<std::array<int64_t, 3>> items;
+  for (int64_t s = 0; s < c.S; ++s)
+    for (int64_t hq = 0; hq < c.Hq; ++hq)
+      for (int64_t qb = (c.lq[s] + BQ - 1) / BQ - 1; qb >= 0; --qb) items.push_back({s, hq, qb});
+  const Kernel<T> kern{c, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed,
+                       sinks.has_value() ? sinks->data_ptr<float>() : nullptr, static_cast<float>(scale / M_LN2),
+                       out.data_ptr<T>(), out.stride(0), out.stride(1),
+                       lse.has_value() ? lse->data_ptr<float>() : nullptr,
+                       lse.has_value() ? lse->stride(0) : 0, lse.has_value() ? lse->stride(1) : 0};
+  std::atomic<int64_t> next{0};
+  const int64_t n_items = items.size();
+  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+    Rows r(c);
+    for (int64_t w = next++; w < n_items; w = next++) {
+      const auto [s, hq, qb] = items[w];
+      kern.run(r, s, hq, qb * BQ, std::min(BQ, c.lq[s] - qb * BQ));
+    }
+  });
+}
+
+}  // namespace
+
+// q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (last axes contiguous), cu_seqlens_q/k int32 [S + 1] or both none
+// (one sequence), window (left, right) with -1 unbounded, sinks [Hq] float32 contiguous or none -> out [Tq, Hq, Dv]
+// (q's dtype, last axis contiguous), lse [Hq, Tq] float32 or none.
+void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+               const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
+               const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse) {
+  const auto unit = [](const at::Tensor& x) { return x.stride(2) == 1 || x.size(2) <= 1 || x.numel() == 0; };
+  TORCH_CHECK(unit(q) && unit(k) && unit(v) && unit(out), "flash: last axes contiguous");
+  TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "flash: cu_seqlens_q and _k, both or neither");
+  switch (q.scalar_type()) {
+    case at::kFloat:
+      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+    case at::kBFloat16:
+      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+    case at::kHalf:
+      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+    default:
+      TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
+  }
+}

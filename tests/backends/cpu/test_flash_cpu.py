@@ -1,0 +1,76 @@
+"""The cpu backend's compiled prefill attention (flash.cpp): causal/window bands, GQA, head dims on and off the vector
+width, Dv != D, chunked prefill, varlen with empty and one-token sequences, sinks and lse, against the float64
+reference; strided views with NaN around them, a NaN-filled out=, nothing else written. (Its conformance cases with
+and without the kernels: test_native_cpu.py.)"""
+import math
+
+import pytest
+import torch
+
+import portable_attn as pa
+from tests.backends.cpu.test_native_cpu import spy_on
+from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around, tol
+
+# name: (query and key counts per sequence, causal, window, (Hq, Hkv), D, Dv, sinks)
+CASES = {
+    "causal": ([150], [150], True, (-1, -1), (4, 2), 64, 64, False),
+    "dense": ([130], [130], False, (-1, -1), (4, 4), 16, 16, True),
+    "left": ([200], [200], True, (37, -1), (6, 2), 80, 48, False),
+    "left_only": ([150], [150], False, (20, -1), (2, 1), 128, 128, True),
+    "right_only": ([140], [140], False, (-1, 9), (4, 2), 64, 80, False),
+    "both": ([160], [160], False, (25, 17), (4, 2), 256, 64, False),
+    "wider_than_sequence": ([90], [90], True, (500, 500), (4, 2), 64, 64, True),
+    "chunked_prefill": ([70], [230], True, (100, -1), (4, 2), 64, 64, False),
+    "unseen_queries": ([120], [40], True, (-1, -1), (4, 2), 16, 16, True),  # the first 80 see no key
+    "varlen": ([0, 1, 40, 90, 17, 5], [0, 1, 60, 90, 5, 0], True, (30, -1), (4, 2), 64, 32, True),
+    "varlen_dense": ([33, 0, 1], [20, 5, 1], False, (-1, -1), (2, 2), 256, 256, False),
+}
+
+
+def _call(name, dtype, gen):
+    lq, lk, causal, window, (hq, hkv), d, dv, sinks = CASES[name]
+    q = torch.randn(sum(lq), hq, d, generator=gen).to(dtype)
+    k = torch.randn(sum(lk), hkv, d, generator=gen).to(dtype)
+    v = torch.randn(sum(lk), hkv, dv, generator=gen).to(dtype)
+    kw = dict(causal=causal, window_size=window, softmax_scale=0.7 / math.sqrt(d), return_lse=True,
+              sinks=torch.randn(hq, generator=gen) if sinks else None)
+    if len(lq) > 1:
+        kw.update({f"cu_seqlens_{n}": torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
+                   for n, lens in (("q", lq), ("k", lk))})
+    return (q, k, v), kw
+
+
+@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("every_other", [False, True])
+def test_matches_reference(monkeypatch, name, dtype, every_other):
+    """q, k, v between NaN rows and heads (with `every_other`, also every other element: copied before the kernel), a
+    NaN-filled out= view: one kernel call, out and lse as the reference's, every byte around the views unchanged."""
+    calls = spy_on(monkeypatch, "flash")
+    (q, k, v), kw = _call(name, dtype, torch.Generator().manual_seed(len(name) + 7 * every_other))
+    views, bufs = zip(*(in_nan(x, every_other) for x in (q, k, v)))
+    out, ob = in_nan(torch.full((q.shape[0], q.shape[1], v.shape[2]), math.nan, dtype=dtype), every_other)
+    before = [b.clone() for b in bufs]
+    o, lse = pa.attention(*views, **kw, out=out, backend="cpu")
+    assert o is out and len(calls) == 1
+    ro, rlse = pa.attention(q.double(), k.double(), v.double(), **kw, backend="reference")
+    torch.testing.assert_close(o.double(), ro, **tol(dtype))
+    torch.testing.assert_close(lse.double(), rlse.double(), **tol(dtype))
+    assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))  # inputs untouched, NaN included
+    assert nan_around(ob)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_reads_only_visible_keys(monkeypatch, dtype):
+    """Chunked prefill with a window: the keys no query sees (before the first one's window) NaN, the output as
+    without them, bit for bit; lse not asked for."""
+    calls = spy_on(monkeypatch, "flash")
+    gen = torch.Generator().manual_seed(11)
+    q = torch.randn(100, 4, 64, generator=gen).to(dtype)
+    k, v = (torch.randn(400, 2, 64, generator=gen).to(dtype) for _ in range(2))
+    kw = dict(causal=True, window_size=(50, 0), backend="cpu")
+    expected = pa.attention(q, k, v, **kw)
+    k[:249], v[:249] = math.nan, math.nan  # query 0 sits at 300 and sees 250 ..
+    got = pa.attention(q, k, v, **kw)
+    assert len(calls) == 2 and torch.isfinite(got).all()
+    assert torch.equal(bits(got), bits(expected))
