@@ -69,6 +69,25 @@ Vec exp2_neg(Vec x) {
 #endif
 }
 
+// max without ATen's NaN propagation (four instructions a vector where the CPU's own max is one)
+Vec vmax(Vec a, Vec b) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_max_ps(a, b);
+#elif defined(CPU_CAPABILITY_AVX2)
+  return _mm256_max_ps(a, b);
+#else
+  return at::vec::maximum(a, b);
+#endif
+}
+
+float hmax(Vec x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_reduce_max_ps(x);
+#else
+  return at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return vmax(u, w); }, x);
+#endif
+}
+
 using Block = Vec[RB][NV];  // scores of RB query rows x BK keys, in registers
 
 // ---- float32 products: a = q [RB, D] . a packed key block kt [D, BK]; acc [RB, Dv'] = acc * c + p [RB, BK] @ v
@@ -197,6 +216,23 @@ std::pair<int64_t, int64_t> seen_keys(const Call& c, int64_t s) {
   return {first, std::max(first, last)};
 }
 
+#if defined(CPU_CAPABILITY_AVX512)
+// One key row into the bfloat16 pair layouts: its K pairs (32 bits each) BK apart from kp, its V elements every other
+// 16 bits of vp's pair rows (`odd`: the second of its pair), 16 at a time as 32-bit lanes under a 16-bit mask.
+void pack_pairs(const at::BFloat16* kr, const at::BFloat16* vr, int64_t d, int64_t dv, bool odd, uint32_t* kp,
+                at::BFloat16* vp) {
+  for (int64_t e = 0; e + 1 < d; e += 2) std::memcpy(kp + e / 2 * BK, kr + e, 4);
+  if (d % 2) kp[d / 2 * BK] = kr[d - 1].x;  // the pad half stays 0
+  const __mmask32 half = odd ? 0xAAAAAAAAu : 0x55555555u;
+  int64_t e = 0;
+  for (; e + W <= dv; e += W) {
+    const __m512i x = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(vr + e)));
+    _mm512_mask_storeu_epi16(vp + 2 * e, half, odd ? _mm512_slli_epi32(x, 16) : x);
+  }
+  for (; e < dv; ++e) vp[2 * e + odd] = vr[e];
+}
+#endif
+
 // Packs key block kb of sequence s, kv head h into dst: keys outside [first, last) (never seen; memory there may hold
 // anything) and beyond the head dims as zeros.
 template <typename T>
@@ -210,17 +246,18 @@ void pack(const Call& c, const Layout& k, const Layout& v, int64_t s, int64_t kb
     const T* kr = kbase + j * k.row;
     const T* vr = vbase + j * v.row;
     const int64_t jj = j - kb * BK;
-    if (c.pairs) {  // [dp/2, BK, 2] and [BK/2, dvp, 2]
-      T* kp = reinterpret_cast<T*>(dst);
-      T* vp = reinterpret_cast<T*>(dst + c.kbytes);
-      for (int64_t e = 0; e < c.D; ++e) kp[(e / 2 * BK + jj) * 2 + e % 2] = kr[e];
-      for (int64_t e = 0; e < c.Dv; ++e) vp[(jj / 2 * c.dvp + e) * 2 + jj % 2] = vr[e];
-    } else {  // [D, BK] and [BK, dvp] float32
-      float* kt = reinterpret_cast<float*>(dst);
-      float* vf = reinterpret_cast<float*>(dst + c.kbytes) + jj * c.dvp;
-      for (int64_t e = 0; e < c.D; ++e) kt[e * BK + jj] = static_cast<float>(kr[e]);
-      for (int64_t e = 0; e < c.Dv; ++e) vf[e] = static_cast<float>(vr[e]);
-    }
+#if defined(CPU_CAPABILITY_AVX512)
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      if (c.pairs) {  // [dp/2, BK, 2] and [BK/2, dvp, 2]
+        pack_pairs(kr, vr, c.D, c.Dv, jj % 2, reinterpret_cast<uint32_t*>(dst) + jj,
+                   reinterpret_cast<at::BFloat16*>(dst + c.kbytes) + jj / 2 * c.dvp * 2);
+        continue;
+      }
+#endif
+    float* kt = reinterpret_cast<float*>(dst);  // [D, BK] and [BK, dvp] float32
+    float* vf = reinterpret_cast<float*>(dst + c.kbytes) + jj * c.dvp;
+    for (int64_t e = 0; e < c.D; ++e) kt[e * BK + jj] = static_cast<float>(kr[e]);
+    for (int64_t e = 0; e < c.Dv; ++e) vf[e] = static_cast<float>(vr[e]);
   }
 }
 
@@ -252,8 +289,8 @@ void update(Block& a, float mul, const Band& band, int64_t p0, int64_t k0, bool 
       }
     }
     Vec mx = a[i][0];
-    for (int x = 1; x < NV; ++x) mx = at::vec::maximum(mx, a[i][x]);
-    top[i] = std::max(m[i], at::vec::vec_reduce_all<float>([](Vec& u, Vec& w) { return at::vec::maximum(u, w); }, mx));
+    for (int x = 1; x < NV; ++x) mx = vmax(mx, a[i][x]);
+    top[i] = std::max(m[i], hmax(mx));
   }
   exp2_neg(Vec::loadu(m, RB) - Vec::loadu(top, RB)).store(c, RB);
   for (int i = 0; i < RB; ++i) {
@@ -303,14 +340,14 @@ struct Kernel {
 
   void load_queries(Rows& r, int64_t s, int64_t hq, int64_t t0, int64_t n) const {
     const T* base = static_cast<const T*>(q.data) + (c.q0[s] + t0) * q.row + hq * q.head;
-    for (int64_t i = 0; i < BQ; ++i)
-      for (int64_t e = 0; e < c.D; ++e) {
-        const float x = i < n ? static_cast<float>(base[i * q.row + e]) : 0.f;
-        if (c.pairs)  // bfloat16 as it came (scaled in update)
-          r.qb[i * c.dp + e] = at::BFloat16(x);
-        else
-          r.qf[i * c.D + e] = x * scale;
+    if constexpr (std::is_same_v<T, at::BFloat16>)
+      if (c.pairs) {  // bfloat16 as it came (scaled in update)
+        for (int64_t i = 0; i < n; ++i) std::memcpy(&r.qb[i * c.dp], base + i * q.row, c.D * sizeof(T));
+        std::fill(r.qb.begin() + n * c.dp, r.qb.end(), T(0.f));
+        return;
       }
+    for (int64_t i = 0; i < BQ; ++i)
+      for (int64_t e = 0; e < c.D; ++e) r.qf[i * c.D + e] = i < n ? static_cast<float>(base[i * q.row + e]) * scale : 0.f;
   }
 
   // Key block kb for the first `rows` rows, RB at a time: scores and softmax update for all rows, then P V (K and

@@ -24,6 +24,7 @@ CASES = {
     "unseen_queries": ([120], [40], True, (-1, -1), (4, 2), 16, 16, True),  # the first 80 see no key
     "varlen": ([0, 1, 40, 90, 17, 5], [0, 1, 60, 90, 5, 0], True, (30, -1), (4, 2), 64, 32, True),
     "varlen_dense": ([33, 0, 1], [20, 5, 1], False, (-1, -1), (2, 2), 256, 256, False),
+    "odd_head_dims": ([50], [50], True, (-1, -1), (3, 1), 17, 9, False),
 }
 
 
