@@ -1,7 +1,8 @@
 // Prefill attention on the CPU, flash style: per (sequence, query head, block of BQ queries), only the key blocks
-// of BK keys its causal/window band reaches, an online softmax over them and P V accumulated in float32. Keys and
-// values are packed once per call and kv head (each key block serves every query block and query head that sees
-// it): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
+// of BK keys its causal/window band reaches, an online softmax over them and P V accumulated in float32; threads take
+// work items in turn, a head's costly (causal: last) blocks first. Keys and values are packed once per call and kv
+// head (each key block serves every query block and query head that sees it; kv heads in groups whose packs fit a
+// kept buffer): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
 // or for bfloat16 on a CPU with the AVX512-BF16 unit, pairs for `vdpbf16ps` (K [D/2, BK, 2], V [BK/2, Dv', 2],
 // P rounded to bfloat16). Blocks wholly inside the band skip masking. Built by native.py with decode.cpp.
 #include <torch/extension.h>
@@ -309,7 +310,8 @@ template <typename T>
 struct Kernel {
   const Call& c;
   Layout q;
-  const char* packed;
+  const char* packed;  // blocks of kv heads h0 .. h0 + nh
+  int64_t h0, nh;
   const float* sinks;
   float scale;         // softmax scale x log2(e): scores in log2 units
   T* o;
@@ -318,7 +320,7 @@ struct Kernel {
   int64_t l0, l1;
 
   const char* block(int64_t s, int64_t kb, int64_t h) const {
-    return packed + ((c.blk0[s] + kb) * c.Hkv + h) * (c.kbytes + c.vbytes);
+    return packed + ((c.blk0[s] + kb) * nh + h - h0) * (c.kbytes + c.vbytes);
   }
 
   // Query rows t0 .. t0 + n of sequence s, head hq.
@@ -404,7 +406,8 @@ struct Kernel {
 template <typename T>
 void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
            const c10::optional<at::Tensor>& cu_k, bool causal, int64_t left, int64_t right, double scale,
-           const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse) {
+           const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+           int64_t keep_bytes) {
   Call c;
   c.S = cu_q.has_value() ? cu_q->size(0) - 1 : 1;
   c.Hq = q.size(1), c.Hkv = k.size(1), c.D = q.size(2), c.Dv = v.size(2);
@@ -422,9 +425,14 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
     c.blk0.push_back(blocks);
     blocks += (c.lk[s] + BK - 1) / BK;
   }
-  // pack every (key block, kv head) some query sees; kept per calling thread (fresh pages cost their faults)
-  thread_local std::vector<char> store;
-  const size_t need = size_t(blocks * c.Hkv * (c.kbytes + c.vbytes)) + 64;
+  // kv heads in groups whose packed blocks fit keep_bytes (kept per calling thread: fresh pages cost their faults;
+  // a group of one head that does not fit gets a fresh buffer), each group's blocks packed, then its query heads run
+  const int64_t per_head = std::max<int64_t>(1, blocks * (c.kbytes + c.vbytes));
+  const int64_t group = std::clamp<int64_t>(keep_bytes / per_head, 1, std::max<int64_t>(1, c.Hkv));
+  const size_t need = size_t(group * per_head) + 64;
+  thread_local std::vector<char> kept;
+  std::vector<char> fresh;
+  std::vector<char>& store = group * per_head <= keep_bytes ? kept : fresh;
   if (store.size() < need) store.resize(need);
   char* packed = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(store.data()) + 63) & ~uintptr_t(63));
   std::vector<std::pair<int64_t, int64_t>> jobs;  // (sequence, block) to pack
@@ -433,53 +441,58 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
     for (int64_t kb = first / BK; first < last && kb * BK < last; ++kb) jobs.emplace_back(s, kb);
   }
   const Layout kl{k.data_ptr(), k.stride(0), k.stride(1)}, vl{v.data_ptr(), v.stride(0), v.stride(1)};
-  at::parallel_for(0, int64_t(jobs.size()) * c.Hkv, 8, [&](int64_t b, int64_t e) {
-    for (int64_t w = b; w < e; ++w) {
-      const auto [s, kb] = jobs[w / c.Hkv];
-      const int64_t h = w % c.Hkv;
-      pack<T>(c, kl, vl, s, kb, h, packed + ((c.blk0[s] + kb) * c.Hkv + h) * (c.kbytes + c.vbytes));
-    }
-  });
-  // work items (sequence, query head, query block), the costly last blocks of a head first; threads take them in
-  // turn (causal blocks cost unlike)
-  std::vector<std::array<int64_t, 3>> items;
-  for (int64_t s = 0; s < c.S; ++s)
-    for (int64_t hq = 0; hq < c.Hq; ++hq)
-      for (int64_t qb = (c.lq[s] + BQ - 1) / BQ - 1; qb >= 0; --qb) items.push_back({s, hq, qb});
-  const Kernel<T> kern{c, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed,
-                       sinks.has_value() ? sinks->data_ptr<float>() : nullptr, static_cast<float>(scale / M_LN2),
-                       out.data_ptr<T>(), out.stride(0), out.stride(1),
-                       lse.has_value() ? lse->data_ptr<float>() : nullptr,
-                       lse.has_value() ? lse->stride(0) : 0, lse.has_value() ? lse->stride(1) : 0};
-  std::atomic<int64_t> next{0};
-  const int64_t n_items = items.size();
-  at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
-    Rows r(c);
-    for (int64_t w = next++; w < n_items; w = next++) {
-      const auto [s, hq, qb] = items[w];
-      kern.run(r, s, hq, qb * BQ, std::min(BQ, c.lq[s] - qb * BQ));
-    }
-  });
+  const int64_t g = c.Hkv > 0 ? c.Hq / c.Hkv : 0;
+  for (int64_t h0 = 0; h0 < c.Hkv; h0 += group) {
+    const int64_t nh = std::min(group, c.Hkv - h0);
+    at::parallel_for(0, int64_t(jobs.size()) * nh, 8, [&](int64_t b, int64_t e) {
+      for (int64_t w = b; w < e; ++w) {
+        const auto [s, kb] = jobs[w / nh];
+        pack<T>(c, kl, vl, s, kb, h0 + w % nh, packed + ((c.blk0[s] + kb) * nh + w % nh) * (c.kbytes + c.vbytes));
+      }
+    });
+    // work items (sequence, query head, query block), the costly last blocks of a head first; threads take them in
+    // turn (causal blocks cost unlike)
+    std::vector<std::array<int64_t, 3>> items;
+    for (int64_t s = 0; s < c.S; ++s)
+      for (int64_t hq = h0 * g; hq < (h0 + nh) * g; ++hq)
+        for (int64_t qb = (c.lq[s] + BQ - 1) / BQ - 1; qb >= 0; --qb) items.push_back({s, hq, qb});
+    const Kernel<T> kern{c, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed, h0, nh,
+                         sinks.has_value() ? sinks->data_ptr<float>() : nullptr, static_cast<float>(scale / M_LN2),
+                         out.data_ptr<T>(), out.stride(0), out.stride(1),
+                         lse.has_value() ? lse->data_ptr<float>() : nullptr,
+                         lse.has_value() ? lse->stride(0) : 0, lse.has_value() ? lse->stride(1) : 0};
+    std::atomic<int64_t> next{0};
+    const int64_t n_items = items.size();
+    at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
+      Rows r(c);
+      for (int64_t w = next++; w < n_items; w = next++) {
+        const auto [s, hq, qb] = items[w];
+        kern.run(r, s, hq, qb * BQ, std::min(BQ, c.lq[s] - qb * BQ));
+      }
+    });
+  }
 }
 
 }  // namespace
 
 // q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (last axes contiguous), cu_seqlens_q/k int32 [S + 1] or both none
 // (one sequence), window (left, right) with -1 unbounded, sinks [Hq] float32 contiguous or none -> out [Tq, Hq, Dv]
-// (q's dtype, last axis contiguous), lse [Hq, Tq] float32 or none.
+// (q's dtype, last axis contiguous), lse [Hq, Tq] float32 or none. Packed keys and values take at most keep_bytes
+// kept across calls (more kv heads than fit are packed and run a group at a time).
 void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
                const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
-               const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse) {
+               const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
+               int64_t keep_bytes) {
   const auto unit = [](const at::Tensor& x) { return x.stride(2) == 1 || x.size(2) <= 1 || x.numel() == 0; };
   TORCH_CHECK(unit(q) && unit(k) && unit(v) && unit(out), "flash: last axes contiguous");
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "flash: cu_seqlens_q and _k, both or neither");
   switch (q.scalar_type()) {
     case at::kFloat:
-      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
     case at::kBFloat16:
-      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
     case at::kHalf:
-      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse);
+      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
     default:
       TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }

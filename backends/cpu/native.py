@@ -16,6 +16,8 @@ import torch
 
 from portable_attn import envs
 
+from . import workspace
+
 log = logging.getLogger("portable_attn")
 
 SOURCES = [pathlib.Path(__file__).with_name(n)
@@ -68,7 +70,7 @@ def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=
     sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
     built.flash(q if q.stride(-1) == 1 else q.contiguous(), k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
                 causal=opts.causal, left=opts.window[0], right=opts.window[1], scale=opts.scale, sinks=sinks, out=o,
-                lse=lse)
+                lse=lse, keep_bytes=workspace.KEEP_BYTES)
     if out is not None and o is not out:  # an out= whose last axis is strided
         o = out.copy_(o)
     return (o, lse) if return_lse else o

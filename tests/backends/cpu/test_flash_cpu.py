@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import portable_attn as pa
+from portable_attn.backends.cpu import workspace
 from tests.backends.cpu.test_native_cpu import spy_on
 from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around, tol
 
@@ -47,6 +48,19 @@ def _call(name, dtype, gen):
 def test_matches_reference(monkeypatch, name, dtype, every_other):
     """q, k, v between NaN rows and heads (with `every_other`, also every other element: copied before the kernel), a
     NaN-filled out= view: one kernel call, out and lse as the reference's, every byte around the views unchanged."""
+    _check(monkeypatch, name, dtype, every_other)
+
+
+@pytest.mark.parametrize("keep", [1, 20_000])
+@pytest.mark.parametrize("name", ["left", "varlen"])
+def test_kv_head_groups(monkeypatch, keep, name):
+    """Packed keys and values over workspace.KEEP_BYTES: kv heads packed and run a group at a time (one head each in a
+    fresh buffer; or a few)."""
+    monkeypatch.setattr(workspace, "KEEP_BYTES", keep)
+    _check(monkeypatch, name, torch.bfloat16, False)
+
+
+def _check(monkeypatch, name, dtype, every_other):
     calls = spy_on(monkeypatch, "flash")
     (q, k, v), kw = _call(name, dtype, torch.Generator().manual_seed(len(name) + 7 * every_other))
     views, bufs = zip(*(in_nan(x, every_other) for x in (q, k, v)))
