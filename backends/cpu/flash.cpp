@@ -1,5 +1,5 @@
 // Prefill attention on the CPU, flash style: per (sequence, query head, block of BQ queries), only the key blocks
-// of BK keys its causal/window band reaches, an online softmax over them and P V accumulated in float32; threads take
+// of BK keys its causal/window band reaches, an online softmax over them (scores softcapped where asked) and P V accumulated in float32; threads take
 // work items in turn, a head's costly (causal: last) blocks first. Keys and values are packed once per call and kv
 // head (each key block serves every query block and query head that sees it; kv heads in groups whose packs fit a
 // kept buffer): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
@@ -273,15 +273,22 @@ struct Rows {
         qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)) {}
 };
 
+// cap * tanh(a / cap) as cap - 2 cap / (exp(2 a / cap) + 1), one exponential (as softcap.cpp)
+Vec capped(Vec a, float cap) {
+  return Vec(cap) - Vec(2.f * cap) / ((a * Vec(2.f / cap)).exp_u20() + Vec(1.f));
+}
+
 // The online-softmax update of RB rows (query positions p0 + i) by key block [k0, k0 + BK), scores a (times mul:
-// log2 units): keys outside a row's band hidden unless `full`, the running max m and sums l, c = 2^(m_old - m),
-// p [RB, BK] = 2^(a - m).
-void update(Block& a, float mul, const Band& band, int64_t p0, int64_t k0, bool full, float* m, Vec* l, float* c,
-            float* p) {
+// log2 units), capped at `cap` (0: not): keys outside a row's band hidden unless `full`, the running max m and sums
+// l, c = 2^(m_old - m), p [RB, BK] = 2^(a - m).
+void update(Block& a, float mul, float cap, const Band& band, int64_t p0, int64_t k0, bool full, float* m, Vec* l,
+            float* c, float* p) {
   float top[W];
   for (int i = 0; i < RB; ++i) {
     if (mul != 1.f)
       for (int x = 0; x < NV; ++x) a[i][x] = a[i][x] * Vec(mul);
+    if (cap > 0.f)
+      for (int x = 0; x < NV; ++x) a[i][x] = capped(a[i][x], cap);
     if (!full) {
       const Vec lo(float(band.lo(p0 + i) - k0)), hi(float(band.hi(p0 + i) - k0));
       for (int x = 0; x < NV; ++x) {
@@ -314,6 +321,7 @@ struct Kernel {
   int64_t h0, nh;
   const float* sinks;
   float scale;         // softmax scale x log2(e): scores in log2 units
+  float cap;           // softcap x log2(e), 0: none
   T* o;
   int64_t o0, o1;      // out's row and head strides (its last one 1)
   float* lse;
@@ -361,7 +369,7 @@ struct Kernel {
       if (c.pairs) {
         for (int64_t i = 0; i < rows; i += RB) {
           scores_bf16(r.qb.data() + i * c.dp, c.dp, reinterpret_cast<const at::BFloat16*>(blk), a);
-          update(a, scale, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i,
+          update(a, scale, cap, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i,
                  r.p.data() + i * BK);
           to_bf16(r.p.data() + i * BK, r.pb.data() + i * BK);
         }
@@ -375,7 +383,7 @@ struct Kernel {
 #endif
     for (int64_t i = 0; i < rows; i += RB) {
       scores_f32(r.qf.data() + i * c.D, c.D, reinterpret_cast<const float*>(blk), a);
-      update(a, 1.f, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
+      update(a, 1.f, cap, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
     }
     for (int64_t i = 0; i < rows; i += RB)
       in_columns(c.dvp, [&](auto NC, int64_t e0) {
@@ -406,7 +414,7 @@ struct Kernel {
 template <typename T>
 void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
            const c10::optional<at::Tensor>& cu_k, bool causal, int64_t left, int64_t right, double scale,
-           const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+           double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse,
            int64_t keep_bytes) {
   Call c;
   c.S = cu_q.has_value() ? cu_q->size(0) - 1 : 1;
@@ -458,6 +466,7 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
         for (int64_t qb = (c.lq[s] + BQ - 1) / BQ - 1; qb >= 0; --qb) items.push_back({s, hq, qb});
     const Kernel<T> kern{c, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed, h0, nh,
                          sinks.has_value() ? sinks->data_ptr<float>() : nullptr, static_cast<float>(scale / M_LN2),
+                         static_cast<float>(softcap / M_LN2),
                          out.data_ptr<T>(), out.stride(0), out.stride(1),
                          lse.has_value() ? lse->data_ptr<float>() : nullptr,
                          lse.has_value() ? lse->stride(0) : 0, lse.has_value() ? lse->stride(1) : 0};
@@ -476,23 +485,23 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
 }  // namespace
 
 // q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (last axes contiguous), cu_seqlens_q/k int32 [S + 1] or both none
-// (one sequence), window (left, right) with -1 unbounded, sinks [Hq] float32 contiguous or none -> out [Tq, Hq, Dv]
+// (one sequence), window (left, right) with -1 unbounded, softcap (0: none), sinks [Hq] float32 contiguous or none -> out [Tq, Hq, Dv]
 // (q's dtype, last axis contiguous), lse [Hq, Tq] float32 or none. Packed keys and values take at most keep_bytes
 // kept across calls (more kv heads than fit are packed and run a group at a time).
 void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
                const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
-               const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
+               double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
                int64_t keep_bytes) {
   const auto unit = [](const at::Tensor& x) { return x.stride(2) == 1 || x.size(2) <= 1 || x.numel() == 0; };
   TORCH_CHECK(unit(q) && unit(k) && unit(v) && unit(out), "flash: last axes contiguous");
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "flash: cu_seqlens_q and _k, both or neither");
   switch (q.scalar_type()) {
     case at::kFloat:
-      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
+      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
     case at::kBFloat16:
-      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
+      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
     case at::kHalf:
-      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, sinks, out, lse, keep_bytes);
+      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
     default:
       TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }

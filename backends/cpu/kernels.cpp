@@ -8,7 +8,7 @@ void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor
                 int64_t copy_bytes);
 void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
                const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
-               const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
+               double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
                int64_t keep_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
@@ -32,7 +32,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("flash", &flash_any, "prefill attention over packed sequences, key blocks of each query block's band (flash.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("causal"), py::arg("left"), py::arg("right"), py::arg("scale"),
-        py::arg("sinks") = py::none(), py::arg("out"), py::arg("lse") = py::none(), py::arg("keep_bytes"));
+        py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("out"), py::arg("lse") = py::none(), py::arg("keep_bytes"));
   m.def("softcap_softmax", &softcap_softmax, "capped scores to softmax weights, row max and sum (softcap.cpp)");
   m.def("delta_step", &delta_step_any, "one gated-delta-rule token per sequence, the state rows in place (recurrent.cpp)");
   m.def("delta_seq", &delta_seq, "the gated delta rule over packed sequences, token by token in cache (recurrent.cpp)");

@@ -59,8 +59,8 @@ def decode(q, k_cache, v_cache, opts, return_lse: bool, out, block_table=None, s
 
 def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=None):
     """Attention over packed sequences (q [Tq, Hq, D], k/v [Tk, Hkv, D|Dv], cu_seqlens int32 [S + 1] or None: one
-    sequence) by the compiled flash kernel: causal, window and sinks (`opts`: attention.Options, no block mask or
-    softcap). o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel
+    sequence) by the compiled flash kernel: causal, window, softcap and sinks (`opts`: attention.Options, no block
+    mask). o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel
     is not built."""
     built = kernels()
     if built is None:
@@ -69,7 +69,8 @@ def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
     sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
     built.flash(q if q.stride(-1) == 1 else q.contiguous(), k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                causal=opts.causal, left=opts.window[0], right=opts.window[1], scale=opts.scale, sinks=sinks, out=o,
+                causal=opts.causal, left=opts.window[0], right=opts.window[1], scale=opts.scale,
+                softcap=float(opts.softcap), sinks=sinks, out=o,
                 lse=lse, keep_bytes=workspace.KEEP_BYTES)
     if out is not None and o is not out:  # an out= whose last axis is strided
         o = out.copy_(o)

@@ -187,8 +187,10 @@ def test_low_precision_varlen_mask_softcap(dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_softcap_steps(monkeypatch, budget, dtype):
     """The explicit (softcap) path cut into steps of rows and key chunks, merged by lse, rows that see
-    nothing in a chunk included; dense, windowed and GQA calls."""
+    nothing in a chunk included; dense, windowed and GQA calls (prefill-sized: FEW_QUERIES raised to keep them off
+    flash.cpp, which caps scores itself)."""
     monkeypatch.setattr(tiles, "SCORE_BUDGET", budget)
+    monkeypatch.setattr(cpu_attention, "FEW_QUERIES", 1 << 30)
     g = gen(13)
     q, k, v = (rand(150, h, 16, dtype=dtype, gen=g) for h in (6, 2, 2))
     for kw in ({"causal": True}, {"causal": True, "window_size": (20, 0)}, {"window_size": (5, 9)}):

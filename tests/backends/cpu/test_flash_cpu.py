@@ -1,6 +1,6 @@
 """The cpu backend's compiled prefill attention (flash.cpp): causal/window bands, GQA, head dims on and off the vector
-width, Dv != D, chunked prefill, varlen with empty and one-token sequences, sinks and lse, against the float64
-reference; strided views with NaN around them, a NaN-filled out=, nothing else written. (Its conformance cases with
+width, Dv != D, chunked prefill, varlen with empty and one-token sequences, softcap, sinks and lse, against the
+float64 reference; strided views with NaN around them, a NaN-filled out=, nothing else written. (Its conformance cases with
 and without the kernels: test_native_cpu.py.)"""
 import math
 
@@ -29,13 +29,16 @@ CASES = {
 }
 
 
+SOFTCAP = {"left": 20.0, "dense": 5.0, "varlen": 30.0}  # cases whose scores are capped
+
+
 def _call(name, dtype, gen):
     lq, lk, causal, window, (hq, hkv), d, dv, sinks = CASES[name]
     q = torch.randn(sum(lq), hq, d, generator=gen).to(dtype)
     k = torch.randn(sum(lk), hkv, d, generator=gen).to(dtype)
     v = torch.randn(sum(lk), hkv, dv, generator=gen).to(dtype)
     kw = dict(causal=causal, window_size=window, softmax_scale=0.7 / math.sqrt(d), return_lse=True,
-              sinks=torch.randn(hq, generator=gen) if sinks else None)
+              sinks=torch.randn(hq, generator=gen) if sinks else None, softcap=SOFTCAP.get(name, 0.0))
     if len(lq) > 1:
         kw.update({f"cu_seqlens_{n}": torch.tensor([0, *lens]).cumsum(0).to(torch.int32)
                    for n, lens in (("q", lq), ("k", lk))})

@@ -29,14 +29,13 @@ RECURRENT = catalogue(FULL, list(KERNELS))
 
 
 def _prefill(case) -> bool:
-    """Whether an attention case's call reaches flash.cpp: more than FEW_QUERIES queries, no block mask or softcap."""
+    """Whether an attention case's call reaches flash.cpp: more than FEW_QUERIES queries, no block mask."""
     args = case.make(np.random.default_rng(0))
-    return (case.op == "attention" and args["q"].shape[0] > attention.FEW_QUERIES and args.get("block_mask") is None
-            and args.get("softcap", 0) == 0)
+    return args["q"].shape[0] > attention.FEW_QUERIES and args.get("block_mask") is None
 
 
-PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window and dense prefill cases
-CASES = DECODES_AND_PAGED + [c for c in SOFTCAPPED if c not in DECODES_AND_PAGED] + RECURRENT + PREFILLS
+PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window, dense, softcap prefill cases
+CASES = list({id(c): c for c in DECODES_AND_PAGED + SOFTCAPPED + RECURRENT + PREFILLS}.values())
 
 
 def spy_on(monkeypatch, *kernels: str) -> list:
@@ -93,8 +92,8 @@ def test_recurrent_cases_reach_kernels(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", PREFILLS, ids=[c.name for c in PREFILLS])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_prefill_cases_reach_flash(case, dtype, monkeypatch):
-    """The prefill cases (causal, windows, dense, chunked, varlen, sinks) conform with the kernels on, and reach
-    flash.cpp."""
+    """The prefill cases (causal, windows, dense, chunked, varlen, softcap, sinks) conform with the kernels on, and
+    reach flash.cpp."""
     calls = spy_on(monkeypatch, "flash")
     res = run_case("cpu", case, dtype)
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
@@ -104,9 +103,9 @@ def test_prefill_cases_reach_flash(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", SOFTCAPPED, ids=[f"{c.op}-{c.name}" for c in SOFTCAPPED])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_softcap_runs_compiled_pass(case, dtype, monkeypatch):
-    """The softcap cases conform with their score rows through softcap.cpp (or decode.cpp's own softcap for a
-    decode), and do reach them."""
-    calls = spy_on(monkeypatch, "softcap_softmax", "decode")
+    """The softcap cases conform with their score rows through softcap.cpp (or decode.cpp's, flash.cpp's own softcap
+    for a decode, a prefill), and do reach them."""
+    calls = spy_on(monkeypatch, "softcap_softmax", "decode", "flash")
     res = run_case("cpu", case, dtype)
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
     assert calls
