@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec.h"
+
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -19,6 +21,7 @@
 
 namespace {
 
+using portable_attn_cpu::bf16_unit;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t TILE = Vec::size();  // keys per softmax update: one vector of scores per query head
 const float NEG_INF = -std::numeric_limits<float>::infinity();
@@ -136,10 +139,6 @@ __attribute__((target("avx512bf16"))) void scores_bf16(const at::BFloat16* q, co
   }
 }
 
-bool bf16_unit() {
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-}
 #endif
 
 // Accumulator rows acc[i] (dv apart) = acc[i] * c[i] + sum_j p[i * TILE + j] v_j over the tile's t keys, for

@@ -10,6 +10,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <array>
 #include <atomic>
@@ -22,6 +24,7 @@
 
 namespace {
 
+using portable_attn_cpu::bf16_unit;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t W = Vec::size();
 constexpr int RB = 4;                        // query rows per micro-kernel
@@ -31,15 +34,6 @@ constexpr int64_t BQ = 64;                   // query rows per work item
 static_assert(BQ % RB == 0 && RB <= W, "blocks of whole micro-kernels");
 const float LOWEST = std::numeric_limits<float>::lowest();  // the running max before any key: exp(LOWEST - m) = 0
 const float NEG_INF = -std::numeric_limits<float>::infinity();
-
-bool bf16_unit() {
-#if defined(CPU_CAPABILITY_AVX512)
-  static const bool has = __builtin_cpu_supports("avx512bf16");
-  return has;
-#else
-  return false;
-#endif
-}
 
 // The keys query position p sees, [a, b) (b <= a: none), for a sequence of lk keys.
 struct Band {
@@ -273,11 +267,6 @@ struct Rows {
         qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)) {}
 };
 
-// cap * tanh(a / cap) as cap - 2 cap / (exp(2 a / cap) + 1), one exponential (as softcap.cpp)
-Vec capped(Vec a, float cap) {
-  return Vec(cap) - Vec(2.f * cap) / ((a * Vec(2.f / cap)).exp_u20() + Vec(1.f));
-}
-
 // The online-softmax update of RB rows (query positions p0 + i) by key block [k0, k0 + BK), scores a (times mul:
 // log2 units), capped at `cap` (0: not): keys outside a row's band hidden unless `full`, the running max m and sums
 // l, c = 2^(m_old - m), p [RB, BK] = 2^(a - m).
@@ -288,7 +277,7 @@ void update(Block& a, float mul, float cap, const Band& band, int64_t p0, int64_
     if (mul != 1.f)
       for (int x = 0; x < NV; ++x) a[i][x] = a[i][x] * Vec(mul);
     if (cap > 0.f)
-      for (int x = 0; x < NV; ++x) a[i][x] = capped(a[i][x], cap);
+      for (int x = 0; x < NV; ++x) a[i][x] = portable_attn_cpu::cap_tanh(a[i][x] * Vec(1.f / cap), cap);
     if (!full) {
       const Vec lo(float(band.lo(p0 + i) - k0)), hi(float(band.hi(p0 + i) - k0));
       for (int x = 0; x < NV; ++x) {

@@ -22,6 +22,7 @@ log = logging.getLogger("portable_attn")
 
 SOURCES = [pathlib.Path(__file__).with_name(n)
            for n in ("kernels.cpp", "decode.cpp", "flash.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
+HEADERS = [pathlib.Path(__file__).with_name("vec.h")]  # included by the sources: hashed into the build's name with them
 # A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
 # products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
 # 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
@@ -84,7 +85,7 @@ def _built():
     capability = torch.backends.cpu.get_cpu_capability()
     # one build per vector width, torch release and source (venvs of two torch versions, or two releases of this
     # package, share torch's cache folder: one name for both would rebuild it at each switch)
-    source = hashlib.sha1(b"".join(f.read_bytes() for f in SOURCES)).hexdigest()[:10]
+    source = hashlib.sha1(b"".join(f.read_bytes() for f in SOURCES + HEADERS)).hexdigest()[:10]
     name = re.sub(r"\W", "_", f"portable_attn_cpu_{capability.lower()}_torch{torch.__version__}_{source}")
     try:
         where = cpp_extension._get_build_directory(name, verbose=False)  # torch's own folder for it (made if new)

@@ -6,6 +6,8 @@
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec.h"
+
 #include <algorithm>
 #include <array>
 #include <limits>
@@ -14,12 +16,6 @@ namespace {
 
 using Vec = at::vec::Vectorized<float>;
 const float NEG_INF = -std::numeric_limits<float>::infinity();
-
-// softcap * tanh(x) as softcap - 2 softcap / (exp(2x) + 1): one exponential (torch's tanh costs two of them); the
-// cancellation near 0 leaves an absolute error of about softcap * 1e-7, far below the products' own rounding
-Vec capped(Vec x, float cap) {
-  return Vec(cap) - Vec(2.f * cap) / ((x * Vec(2.f)).exp_u20() + Vec(1.f));
-}
 
 }  // namespace
 
@@ -51,8 +47,8 @@ void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, doub
     for (int64_t row = begin; row < end; ++row) {
       float* x = sp + row * K;
       int64_t j = 0;
-      for (; j + n <= K; j += n) capped(Vec::loadu(x + j), cap).store(x + j);
-      if (j < K) capped(Vec::loadu(x + j, K - j), cap).store(x + j, K - j);
+      for (; j + n <= K; j += n) portable_attn_cpu::cap_tanh(Vec::loadu(x + j), cap).store(x + j);
+      if (j < K) portable_attn_cpu::cap_tanh(Vec::loadu(x + j, K - j), cap).store(x + j, K - j);
       if (hp != nullptr) {  // vectorised by the compiler where the key stride is 1
         const bool* hr = hp + row / (H * R) * hs[0] + row / R % H * hs[1] + row % R * hs[2];
         const int64_t step = hs[3];
