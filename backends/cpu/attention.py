@@ -32,7 +32,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     if block_mask is None and one_query_each(q, cu_seqlens_q, max_seqlen_q):  # decode: the compiled kernel
-        done = native.decode(q, k[:, None], v[:, None], opts, return_lse, out, cu_seqlens_k=cu_seqlens_k)
+        done = native.decode(q, k, v, opts, return_lse, out, cu_seqlens_k=cu_seqlens_k)
         if done is not None:
             return done
         if (cu_seqlens_q is None and out is None and softcap == 0

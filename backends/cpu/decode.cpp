@@ -356,20 +356,32 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
 
 }  // namespace
 
-void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
-                const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, const c10::optional<at::Tensor>& lse,
-                int64_t copy_bytes) {
+// The binding: packed keys [T, Hkv, D] read as T blocks of one row; o made here unless `out` is given (an
+// allocation costs a fraction of Python's), lse [Hq, S] float32 made when wanted (else undefined: None).
+std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& block_table,
+                                              const c10::optional<at::Tensor>& seqused_k,
+                                              const c10::optional<at::Tensor>& cu_seqlens_k,
+                                              const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
+                                              double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
+                                              int64_t copy_bytes) {
+  const at::Tensor kc = k.dim() == 3 ? k.unsqueeze(1) : k, vc = v.dim() == 3 ? v.unsqueeze(1) : v;
+  at::Tensor o = out.has_value() ? *out : at::empty({q.size(0), q.size(1), vc.size(3)}, q.options());
+  const c10::optional<at::Tensor> lse =
+      want_lse ? c10::optional<at::Tensor>(at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))) : c10::nullopt;
+  const c10::optional<at::Tensor> sink = sinks.has_value() ? c10::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : c10::nullopt;
   switch (q.scalar_type()) {  // the types as_float reads
     case at::kFloat:
-      return decode<float>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse, copy_bytes);
+      decode<float>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      break;
     case at::kBFloat16:
-      return decode<at::BFloat16>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap,
-                                  out, lse, copy_bytes);
+      decode<at::BFloat16>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      break;
     case at::kHalf:
-      return decode<at::Half>(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out, lse, copy_bytes);
+      decode<at::Half>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      break;
     default:
       TORCH_CHECK(false, "decode: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }
+  return {o, lse.has_value() ? *lse : at::Tensor()};
 }

@@ -6,7 +6,7 @@ import torch
 
 from . import native
 from .chunk import delta, split, sweep
-from .states import emit, finish, initial_states, rows_contiguous, run_sequences, update_rows
+from .states import emit, finish, initial_states, run_sequences, update_rows
 
 
 def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -44,9 +44,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
     built = native.kernels()
-    if built is not None and rows_contiguous(state):  # recurrent.cpp: one pass
-        o = out if out is not None else v.new_empty(v.shape)
-        built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, o)
+    o = None if built is None else built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, out)
+    if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
         return o
     hv = v.shape[1]
     q, k = (_l2norm(q), _l2norm(k)) if use_qk_l2norm else (q.float(), k.float())

@@ -1,26 +1,28 @@
 // The cpu backend's compiled module: one binding per kernel (native.py builds this file with the kernels' own).
 #include <torch/extension.h>
 
-void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
-                const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, const c10::optional<at::Tensor>& lse,
-                int64_t copy_bytes);
+std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& block_table,
+                                              const c10::optional<at::Tensor>& seqused_k,
+                                              const c10::optional<at::Tensor>& cu_seqlens_k,
+                                              const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
+                                              double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
+                                              int64_t copy_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
-void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                    const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                    at::Tensor out);
+at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                          const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
+                          const c10::optional<at::Tensor>& out);
 void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
                const at::Tensor& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2, at::Tensor out);
-void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                  const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
-                  const at::Tensor& rows, at::Tensor out);
-void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
+at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
+                        const at::Tensor& rows, const c10::optional<at::Tensor>& out);
+void conv_seq_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals);
-void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                   at::Tensor state, const at::Tensor& rows, bool act, at::Tensor out);
+at::Tensor conv_step_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::Tensor state, const at::Tensor& rows, bool act, const c10::optional<at::Tensor>& out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");

@@ -305,22 +305,36 @@ void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tenso
   });
 }
 
+// Whether each state of a cache [slots, H, M, N] is one contiguous [M, N] block (what the step kernels read).
+bool rows_contiguous(const at::Tensor& state) {
+  return state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3);
+}
+
+// A step's output: `out` where given, else a new contiguous tensor shaped and typed like `like` (made here: an
+// allocation from Python costs several times as much).
+at::Tensor output(const c10::optional<at::Tensor>& out, const at::Tensor& like, const char* what) {
+  if (!out.has_value()) return at::empty(like.sizes(), like.options());
+  TORCH_CHECK(out->scalar_type() == like.scalar_type(), what, ": out in the activation dtype");
+  return *out;
+}
+
 }  // namespace
 
 // q, k [B, H, K], v [B, Hv, V] (float32, bfloat16 or float16, any strides); g [B, Hv] or [B, Hv, K] (log-decay), beta
 // [B, Hv]; state [slots, Hv, K, V] float32 or the activation dtype, each [K, V] contiguous; rows int32 or int64 [B]
-// (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of the activation dtype. The state rows listed
-// are updated in place; out gets scale * (S^T q) of the updated state.
-void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                    const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                    at::Tensor out) {
-  TORCH_CHECK(state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3),
-              "delta_step: state [slots, Hv, K, V] with each [K, V] contiguous");
+// (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of the activation dtype or None (made here). The
+// state rows listed are updated in place; returns out with scale * (S^T q) of the updated state, or None where the
+// states are not each contiguous (the caller's torch path).
+at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
+                          const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
+                          const c10::optional<at::Tensor>& out) {
+  if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "delta_step: rows int32 or int64");
-  TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_step: out in v's dtype");
+  at::Tensor o = output(out, v, "delta_step");
   const Inputs in = inputs(q, k, v, g, beta, l2);
   const float sc = static_cast<float>(scale);
-  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, out); });
+  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, o); });
+  return o;
 }
 
 // The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)], beta [T, Hv] as delta_step's (one row per
@@ -355,16 +369,17 @@ void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 
 // Mamba-2's SSD step: x [B, H, P], dt [B, H], A [H], B and C [B, G, N], D [H] or [H, P], z [B, H, P], dt_bias [H]
 // (any strides; float32, bfloat16 or float16), state [slots, H, P, N] float32 or x's dtype with each [P, N]
-// contiguous, rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice), out [B, H, P] of x's dtype.
-void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                  const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
-                  const at::Tensor& rows, at::Tensor out) {
-  TORCH_CHECK(state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3),
-              "ssd_step: state [slots, H, P, N] with each [P, N] contiguous");
+// contiguous, rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice), out [B, H, P] of x's dtype
+// or None (made here). Returns out, or None where the states are not each contiguous (the caller's torch path).
+at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
+                        const at::Tensor& rows, const c10::optional<at::Tensor>& out) {
+  if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "ssd_step: rows int32 or int64");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ssd_step: out in x's dtype");
+  at::Tensor o = output(out, x, "ssd_step");
   const Ssd in{x, dt, A, B, C, D, z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
                x.size(2), B.size(2), x.size(1) / B.size(1)};
-  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, out); });
+  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, o); });
+  return o;
 }
