@@ -10,8 +10,9 @@ backend's own function) round by round: all rows of a point run round-robin, eac
 consecutive calls, and the overhead is the median over rounds of the row's sample minus the `vs` row's
 sample of the same round (a shared machine's slow spells hit both). Rows whose `vs` is one function
 (`_inner`) also measure it inside each call: while the point runs that function is wrapped by a timer, and
-a row's in-call overhead is its sample minus the time spent inside it in the same calls, exact where a
-multi-millisecond kernel's run-to-run spread hides tens of microseconds between rows.
+a row's in-call overhead is its sample minus the time spent inside it in the same calls and the timer's own
+cost (measured on a no-op), exact where a multi-millisecond kernel's run-to-run spread hides tens of
+microseconds between rows.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import functools
 import os
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,9 @@ NOTES = {
                   "kernel it ends in, else the backend's own function): binding, checks, backend selection and the "
                   "backend's wrapper work",
     "in_call_s": "the median over samples of this row's per-call time minus the time its calls spent inside the "
-                 "`vs` function (wrapped by a timer while the point runs; the wrapper's own cost is counted in "
-                 "the overhead); in_call_times_s: that difference per sample",
+                 "`vs` function (wrapped by a timer while the point runs) minus the timer's own cost outside that "
+                 "span (`timer_s` of the call, measured on a no-op in the same run); in_call_times_s: that "
+                 "difference per sample",
     "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
     "clock": "on the CPU with one torch thread, the calling thread's CPU time (time.thread_time): all the work "
              "runs on that thread, and time spent descheduled on a shared machine is not counted; else wall time",
@@ -172,9 +175,9 @@ class Inside:
         self.owner, self.attr, self.clock, self.seconds = owner, attr, clock, 0.0
         self.original = getattr(owner, attr)
 
-    @contextlib.contextmanager
-    def wrapped(self):
-        fn, clk = self.original, self.clock
+    def timer(self, fn):
+        """`fn` with the seconds of each call between two reads of the clock added to `seconds`."""
+        clk = self.clock
 
         def timed(*args, **kwargs):
             t0 = clk()
@@ -182,13 +185,46 @@ class Inside:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += clk() - t0
-        setattr(self.owner, self.attr, timed)
+        return timed
+
+    @contextlib.contextmanager
+    def wrapped(self):
+        fn = self.original
+        setattr(self.owner, self.attr, self.timer(fn))
         checkmemo.forget()  # remembered calls hold the op's function: they take the wrapper from here on
         try:
             yield self
         finally:
             setattr(self.owner, self.attr, fn)
             checkmemo.forget()
+
+
+def timer_cost(clock, calls: int = 1000, repeat: int = 9) -> float:
+    """Seconds per call that `Inside.timer` adds outside the span it measures (its frame, the parts of the two
+    clock reads outside it: thread CPU time is a system call, about 0.5 us here): a no-op called through the
+    timer, less the time inside, less the no-op called plainly; the median of `repeat` pairs."""
+    def noop():
+        return None
+    probe = Inside(types.SimpleNamespace(noop=noop), "noop", clock)
+    timed = probe.timer(noop)
+
+    def plain():
+        for _ in range(calls):
+            noop()
+
+    def through():
+        for _ in range(calls):
+            timed()
+    costs = []
+    for _ in range(repeat):
+        base = timing.timed(plain, _no_sync, calls, clock)
+        before = probe.seconds
+        costs.append(timing.timed(through, _no_sync, calls, clock) - (probe.seconds - before) / calls - base)
+    return statistics.median(costs)
+
+
+def _no_sync():
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -271,15 +307,16 @@ def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
         with contextlib.suppress(Exception):  # a backend that is not here: its rows report why below
             insides[vs] = Inside(*_inner(vs, op), clk)
     entries, times, in_calls = _sample(grouped, args, point, settings, sync, clk, insides)
+    timer = timer_cost(clk) if insides else 0.0
     for e in entries.values():
         raw = entries.get(e["vs"])
         ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
         e["overhead_s"] = _paired(times[e["name"]], times[e["vs"]]) if ok else None
-        kept = in_calls[e["name"]][settings.warmup:] if ok else []
+        kept = [t - timer for t in in_calls[e["name"]][settings.warmup:]] if ok else []
         e["in_call_times_s"], e["in_call_s"] = kept, statistics.median(kept) if kept else None
     log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
                          else f"{e['name']} {e['status']}" for e in entries.values()))
-    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
+    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes), timer_s=timer,
                 impls=list(entries.values()))
 
 
@@ -357,7 +394,7 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
 
 CAPTION = ("overhead: the median over rounds of this row's sample - the `vs` row's sample of the same round; samples "
            "of consecutive calls, interleaved; in-call: the median over samples of this row's time per call minus "
-           "the time its calls spent inside the `vs` function")
+           "the time its calls spent inside the `vs` function and the timer's own cost")
 
 
 def _caption(case: dict) -> str:
