@@ -17,6 +17,7 @@ no availability probe), chosen without a fallback.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -64,14 +65,14 @@ def _value(v):
 
 # The key of one argument by its declared type (optable.Arg.type), items of its name `{x}`: a tensor's type,
 # shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its sign (-0.0 is
-# not 0.0); a HINTS int's type and sign; an int list's types and values (the checks take ints only), a float
-# list's `_value`. An argument of another type than declared gives another key or raises (then the call takes
+# not 0.0); a HINTS int's type and sign; a list's type, its items' types and values, and for a float list their
+# signs (a nested list raises: the full checks). An argument of another type than declared gives another key or raises (then the call takes
 # the full checks). A required argument's items lie flat in the signature (a tuple each costs its allocation
 # and its hash), an optional one's in a tuple of their own, or None.
 _TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad"
 _ITEMS = {"Tensor": _TENSOR, "bool": "type({x}), {x}", "float": "type({x}), {x}, _copysign(1.0, {x})",
           "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "type({x}), *map(type, {x}), *{x}",
-          "float[]": "_value({x})"}
+          "float[]": "type({x}), *map(type, {x}), *{x}, *map(_sign, {x})"}
 
 
 def _arg_key(arg) -> str:
@@ -113,7 +114,7 @@ def key_source(decl, indent: str = "    ") -> list[str]:
 
 
 # The names `key_source`'s statements use.
-SCOPE = dict(_value=_value, _copysign=math.copysign, _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled,
+SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0), _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled,
              _texts=envs.texts, _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
              _index_checks_enabled=checks.index_checks_enabled)
 
