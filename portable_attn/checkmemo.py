@@ -66,13 +66,13 @@ def _value(v):
 # The key of one argument by its declared type (optable.Arg.type), items of its name `{x}`: a tensor's type,
 # shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its sign (-0.0 is
 # not 0.0); a HINTS int's type and sign; a list's type, its items' types and values, and for a float list their
-# signs (a nested list raises: the full checks). An argument of another type than declared gives another key or raises (then the call takes
-# the full checks). A required argument's items lie flat in the signature (a tuple each costs its allocation
-# and its hash), an optional one's in a tuple of their own, or None.
+# signs. An argument of another type than declared gives another key or raises (then the call takes the full
+# checks). A required argument's items lie flat in the signature (a tuple each costs its allocation and its
+# hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None.
 _TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad"
 _ITEMS = {"Tensor": _TENSOR, "bool": "type({x}), {x}", "float": "type({x}), {x}, _copysign(1.0, {x})",
-          "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "type({x}), *map(type, {x}), *{x}",
-          "float[]": "type({x}), *map(type, {x}), *{x}, *map(_sign, {x})"}
+          "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "(type({x}), *map(type, {x}), *{x})",
+          "float[]": "(type({x}), *map(type, {x}), *{x}, *map(_sign, {x}))"}
 
 
 def _arg_key(arg) -> str:
@@ -89,33 +89,33 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
-    lines = ["_key = None"]
-    # a mask's tensors: the full checks
-    lines.append(f"if {' and '.join(f'{m} is None' for m in masks) if masks else 'True'}:")
-    lines.append("    try:")
-    lines.append(f"        _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-                 "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),")
-    lines += [f"                {p}," for p in parts]
-    lines.append("        )")
-    lines.append("    except (AttributeError, TypeError):  # not the declared type: the full checks say what")
-    lines.append("        pass")
+    body = ["try:",
+            f"    _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
+            "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),",
+            *(f"            {p}," for p in parts),
+            "    )",
+            "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
+            "    pass"]
     if index:
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
                  else " or ".join(f"{a.name} is not None" for a in index))
-        lines.append(f"    if _key is not None and ({given}):  # index values: unchecked, or checked by the "
-                     "op's `values` on every call")
+        body.append(f"if _key is not None and ({given}):  # index values: unchecked, or checked by the op's "
+                    "`values` on every call")
         primary = decl.primary
-        lines.append(f"        _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
+        body.append(f"    _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
         if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
-            lines.append("        _key = None if _values else (*_key, None)")
+            body.append("    _key = None if _values else (*_key, None)")
         else:
-            lines.append("        _key = (*_key, _VALUES if _values else None)")
-    return [indent + line for line in lines]
+            body.append("    _key = (*_key, _VALUES if _values else None)")
+    if masks:  # a mask's tensors: the full checks
+        body = [f"if {' and '.join(f'{m} is None' for m in masks)}:", *("    " + line for line in body)]
+    return [indent + line for line in ["_key = None", *body]]
 
 
 # The names `key_source`'s statements use.
-SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0), _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled,
-             _texts=envs.texts, _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
+SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0),
+             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts,
+             _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
              _index_checks_enabled=checks.index_checks_enabled)
 
 
