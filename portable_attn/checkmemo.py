@@ -17,6 +17,7 @@ no availability probe), chosen without a fallback.
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import NamedTuple
 
@@ -45,12 +46,12 @@ class Passed(NamedTuple):
     run: object | None       # the op's function of the backend chosen for this signature, where kept
 
 
-_PASSED: dict = {}  # signature -> Passed, oldest first
+PASSED: dict = {}  # signature -> Passed, oldest first (the public ops read it inline)
 
 
 def forget() -> None:
     """Drop every signature (registry.rediscover: the backends may have changed)."""
-    _PASSED.clear()
+    PASSED.clear()
 
 
 def _value(v):
@@ -62,52 +63,66 @@ def _value(v):
     return type(v), v
 
 
-# The key of one argument by its declared type (optable.Arg.type), an expression of its name `{x}`: a tensor's
-# type, shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its
-# sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's `_value`. An argument of another type
-# than declared gives another key or raises (then the call takes the full checks).
-_TENSOR = "(type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad)"
-_FLOAT = "(type({x}), {x}, _copysign(1.0, {x}))"
-_EXPR = {"Tensor": _TENSOR, "bool": "(type({x}), {x})", "float": _FLOAT, "str": "(type({x}), {x})",
-         "int": "(type({x}), {x})", "int[]": "_value({x})", "float[]": "_value({x})"}
+# The key of one argument by its declared type (optable.Arg.type), items of its name `{x}`: a tensor's type,
+# shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its sign (-0.0 is
+# not 0.0); a HINTS int's type and sign; a list's type, its items' types and values, and for a float list their
+# signs. An argument of another type than declared gives another key or raises (then the call takes the full
+# checks). A required argument's items lie flat in the signature (a tuple each costs its allocation and its
+# hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None.
+_TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad"
+_ITEMS = {"Tensor": _TENSOR, "bool": "type({x}), {x}", "float": "type({x}), {x}, _copysign(1.0, {x})",
+          "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "(type({x}), *map(type, {x}), *{x})",
+          "float[]": "(type({x}), *map(type, {x}), *{x}, *map(_sign, {x}))"}
 
 
 def _arg_key(arg) -> str:
     optional = arg.type.endswith("?")
     kind = arg.type.rstrip("?")
-    expr = ("(type({x}), {x} >= 0)" if arg.name in HINTS else _EXPR[kind]).format(x=arg.name)
-    return f"None if {arg.name} is None else {expr}" if optional else expr
+    items = ("type({x}), {x} >= 0" if arg.name in HINTS else _ITEMS[kind]).format(x=arg.name)
+    return f"None if {arg.name} is None else ({items},)" if optional else items
 
 
-def _keyer(decl):
-    """The signature function of op `decl`, generated once from its declaration: its arguments in order
-    then `backend`, positional or by name; one tuple expression, no loop over the arguments. Helper names
-    start with `_` (no argument's name does)."""
+def key_source(decl, indent: str = "    ") -> list[str]:
+    """Statements that set `_key` to the signature of a call of op `decl` from its arguments (local names)
+    and `backend`: one tuple expression, no loop over the arguments; None where the checks must run in full.
+    Helper names start with `_` (no argument's name does); `SCOPE` holds them."""
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
-    lines = [f"def signature({', '.join(decl.names)}, backend):"]
-    lines += [f"    if {m} is not None:\n        return None" for m in masks]  # a mask's tensors: full checks
-    lines.append("    try:")
-    lines.append(f"        _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-                 "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),")
-    lines += [f"                {p}," for p in parts]
-    lines.append("        )")
-    lines.append("    except (AttributeError, TypeError):  # not the declared type: the full checks say what")
-    lines.append("        return None")
+    body = ["try:",
+            f"    _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
+            "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),",
+            *(f"            {p}," for p in parts),
+            "    )",
+            "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
+            "    pass"]
     if index:
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
                  else " or ".join(f"{a.name} is not None" for a in index))
-        lines.append(f"    if {given}:  # index values: unchecked, or checked by the op's `values` on every call")
+        body.append(f"if _key is not None and ({given}):  # index values: unchecked, or checked by the op's "
+                    "`values` on every call")
         primary = decl.primary
-        lines.append(f"        _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
+        body.append(f"    _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
         if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
-            lines += ["        if _values:", "            return None"]
-        lines.append("        return (*_key, _VALUES if _values else None)")
-    lines.append("    return _key")
-    scope = dict(_value=_value, _copysign=math.copysign, _NO_SELECTION=NO_SELECTION,
-                 _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts, _SELECTION_VARS=SELECTION_VARS,
-                 _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES, _index_checks_enabled=checks.index_checks_enabled)
+            body.append("    _key = None if _values else (*_key, None)")
+        else:
+            body.append("    _key = (*_key, _VALUES if _values else None)")
+    if masks:  # a mask's tensors: the full checks
+        body = [f"if {' and '.join(f'{m} is None' for m in masks)}:", *("    " + line for line in body)]
+    return [indent + line for line in ["_key = None", *body]]
+
+
+# The names `key_source`'s statements use.
+SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0),
+             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts,
+             _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
+             _index_checks_enabled=checks.index_checks_enabled)
+
+
+def _keyer(decl):
+    """The signature function of op `decl`: its arguments in order then `backend`, positional or by name."""
+    lines = [f"def signature({', '.join(decl.names)}, backend):", *key_source(decl), "    return _key"]
+    scope = dict(SCOPE)
     exec("\n".join(lines), scope)  # noqa: S102 - source built above from the op table, nothing from a caller
     return scope["signature"]
 
@@ -149,7 +164,7 @@ def _plain(v) -> bool:
 
 def lookup(key) -> Passed | None:
     try:
-        return None if key is None else _PASSED.get(key)
+        return None if key is None else PASSED.get(key)
     except TypeError:  # an unhashable argument (an array, a dict): never remembered
         return None
 
@@ -181,9 +196,9 @@ def keeps_choice(backend: Backend) -> bool:
 
 
 def remember_backend(key, backend: Backend) -> None:
-    passed = _PASSED.get(key)
+    passed = PASSED.get(key)
     if passed is not None:
-        _PASSED[key] = passed._replace(run=getattr(backend.impl(), key[0]))
+        PASSED[key] = passed._replace(run=getattr(backend.impl(), key[0]))
 
 
 def _remember(key, given: dict, checked: dict) -> None:
@@ -201,6 +216,6 @@ def _remember(key, given: dict, checked: dict) -> None:
         hash(key)
     except TypeError:  # an argument the checks accepted but a key cannot hold
         return
-    if len(_PASSED) >= LIMIT:
-        del _PASSED[next(iter(_PASSED))]
-    _PASSED[key] = Passed(normalised, rows, None)
+    if len(PASSED) >= LIMIT:
+        del PASSED[next(iter(PASSED))]
+    PASSED[key] = Passed(normalised, rows, None)

@@ -203,6 +203,15 @@ def extent(idx: np.ndarray) -> tuple[int, int]:
     return min(values), max(values)
 
 
+def within(idx: np.ndarray, high: int) -> bool:
+    """Whether every value of a non-empty signed index array lies in [0, high): one reduction of its unsigned
+    view, where a negative value is a huge one (a min and a max of a block table cost twice as much)."""
+    return int(idx.view(_UNSIGNED[idx.dtype.itemsize]).max()) < high
+
+
+_UNSIGNED = {4: np.dtype(np.uint32), 8: np.dtype(np.uint64)}  # the index dtypes' unsigned views, by width
+
+
 def index_range(name: str, idx: np.ndarray, low: int, high: int, what: str) -> tuple[int, int] | None:
     """Every value in [low, high); returns (min, max), None when `idx` is empty."""
     if idx.size == 0:
@@ -465,8 +474,7 @@ def paged_values(a: dict) -> int | None:
         if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
             raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
                              f"({lk_max})")
-        low, high = extent(hbt) if hbt.size else (0, -1)
-        if low < 0 or high >= kc.shape[0]:  # some id out of range: check only the entries in use
+        if hbt.size and not within(hbt, kc.shape[0]):  # some id out of range: check only the entries in use
             used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
             index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
     max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)

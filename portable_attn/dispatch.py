@@ -56,26 +56,28 @@ _ENTRIES: dict = {}  # op name -> its public function
 def entry(fn, compiled):
     """The public op declared as `fn` (its name, signature and docstring; its body is not run), generated
     from the op table: under torch.compile `compiled(op, args)` (one custom op, library.compiled); a call
-    whose signature passed before on a kept backend (checkmemo.py) its signature, the replayed checks and
-    the backend's function, no other Python between; any other call `_run`. Helper names start with `_`
-    (no argument's name does)."""
+    whose signature passed before on a kept backend (checkmemo.py) its signature (computed inline: a call
+    with every argument costs a microsecond), the replayed checks and the backend's function, no other
+    Python between; any other call `_run`. Helper names start with `_` (no argument's name does)."""
     decl = OPS[fn.__name__]
     positional = [a.name for a in decl.args if not a.keyword]  # the declaration lists them first
     keyword = [a.name for a in decl.args if a.keyword]
-    names = ", ".join(decl.names)
+    args = ", ".join(f"{n!r}: {n}" for n in decl.names)
     source = "\n".join([
         f"def {decl.name}({', '.join(positional + ['*'] + keyword + ['backend'])}):",
-        "    _a = {" + ", ".join(f"{n!r}: {n}" for n in decl.names) + "}",
         "    if _is_compiling():  # dynamo records one custom op; the dispatch below runs inside it",
-        f"        return _compiled({decl.name!r}, {{**_a, 'backend': backend}})",
-        f"    _key = _signature({names}, backend)",
-        "    _passed = _lookup(_key)",
+        f"        return _compiled({decl.name!r}, {{{args}, 'backend': backend}})",
+        *checkmemo.key_source(decl),
+        "    try:",
+        "        _passed = _PASSED.get(_key)",
+        "    except TypeError:  # an unhashable argument: never remembered",
+        "        _passed = None",
         "    if _passed is not None and _passed.run is not None:  # Backend.run, on the backend chosen before",
-        "        return _passed.run(**_check(_decl, _a, _key, _passed))",
-        "    return _run(_decl, _a, backend, _key, _passed)",
+        f"        return _passed.run(**_check(_decl, {{{args}}}, _key, _passed))",
+        f"    return _run(_decl, {{{args}}}, backend, _key, _passed)",
     ])
-    scope = dict(_is_compiling=torch.compiler.is_compiling, _compiled=compiled, _signature=checkmemo.keyer(decl),
-                 _lookup=checkmemo.lookup, _check=checkmemo.check, _run=_run, _decl=decl)
+    scope = dict(checkmemo.SCOPE, _is_compiling=torch.compiler.is_compiling, _compiled=compiled,
+                 _PASSED=checkmemo.PASSED, _check=checkmemo.check, _run=_run, _decl=decl)
     exec(source, scope)  # noqa: S102 - source built above from the op table, nothing from a caller
     public = scope[decl.name]
     public.__defaults__, public.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__

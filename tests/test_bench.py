@@ -269,12 +269,13 @@ def test_fla_step_mappings_refuse_a_state_cache_out_of_order():
 
 # The host case: each op at decode sizes beside the kernel it ends in, checks on and off.
 
-HOST_KERNELS = {"attention": ["decode.cpp", "aten-flash", "sdpa"], "paged_attention": ["decode.cpp", "gather+flash"]}
+HOST_KERNELS = {"attention": ["decode.cpp", "aten-flash", "sdpa"], "paged_attention": ["decode.cpp", "gather+flash"],
+                "gated_delta_rule_step": ["recurrent.cpp"], "ssd_step": ["recurrent.cpp"], "causal_conv1d_step": ["conv.cpp"]}
 
 
 def host_rows(op: str) -> dict:
     """{row name: (PORTABLE_ATTN_CHECK it runs with, the row its overhead is against)} of --backend cpu reference:
-    the cpu backend against the torch kernel where there is one, every other row against the backend's function."""
+    the cpu backend against its compiled kernel, every other row against the backend's function."""
     kernels = HOST_KERNELS.get(op, [])
     rows = {k: (None, None) for k in kernels}
     for b in ("cpu", "reference"):
@@ -295,7 +296,7 @@ def test_host_case_rows_and_overheads(tmp_path):
     points = cases.host_case(quick=True).points
     assert [c["op"] for c in case["calls"]] == [p.x for p in points] == list(cases.HOST_CALLS)
     for call, point in zip(case["calls"], points):
-        assert call["sizes"] == point.sizes and call["flops"] > 0
+        assert call["sizes"] == point.sizes and call["flops"] > 0 and call["timer_s"] > 0
         rows, want = {e["name"]: e for e in call["impls"]}, host_rows(call["op"])
         assert list(rows) == list(want)
         for name, e in rows.items():
@@ -308,7 +309,8 @@ def test_host_case_rows_and_overheads(tmp_path):
                 assert e["overhead_s"] is None and e["in_call_s"] is None
             else:
                 assert e["overhead_s"] == pytest.approx(e["median_s"] - rows[e["vs"]]["median_s"])
-                assert 0 <= e["in_call_s"] < e["median_s"]  # the time inside the `vs` function was counted
+                # the time inside the `vs` function and the timer's own cost were counted
+                assert 0 <= e["in_call_s"] + call["timer_s"] < e["median_s"]
                 per_sample = e["in_call_times_s"]
                 assert len(per_sample) == 2 and e["in_call_s"] == pytest.approx(np.median(per_sample))
     assert all(getattr(registry.get(b).impl(), op) is fn for (b, op), fn in before.items())  # the wrappers are gone
@@ -320,14 +322,22 @@ def test_host_case_rows_and_overheads(tmp_path):
 @pytest.mark.parametrize("quick", [True, False])
 @pytest.mark.parametrize("op", sorted(HOST_KERNELS))
 def test_host_kernels_compute_the_op(op, quick):
-    """Each kernel row computes the point's output (so the overhead against it is of the same work)."""
+    """Each kernel row computes the point's output and state update (so the overhead against it is of the same
+    work); each call on its own copy of the point's tensors."""
     point = next(p for p in cases.host_case(quick).points if p.x == op)
     args = cases.HOST_CALLS[op][0](point.sizes, "cpu")
-    want = getattr(portable_attn, op)(**args, backend="reference")  # [S, Hq, D]
+
+    def fresh():
+        return {n: x.clone() if isinstance(x, torch.Tensor) else x for n, x in args.items()}
+    ref = fresh()
+    want = getattr(portable_attn, op)(**ref, backend="reference")
     for impl in host.KERNELS[op]:
-        got = impl.prepare(args, point.sizes)()
-        o = got[0] if isinstance(got, tuple) else got  # the aten kernel returns (o, lse)
+        mine = fresh()
+        got = impl.prepare(mine, point.sizes)()
+        o = got[0] if isinstance(got, tuple) else got  # the aten kernel returns (o, lse), decode.cpp (o, None)
         _close(o.reshape(want.shape), want)
+        if "state" in args:
+            _close(mine["state"], ref["state"])
 
 
 @pytest.mark.parametrize("before", [None, "0", "1"])

@@ -74,7 +74,7 @@ def test_a_remembered_signature_gives_the_same_arguments(name, checked, monkeypa
     op, make = VALID[name]
     args = make()
     first = make_call(op, args).args
-    assert checkmemo._PASSED, "the signature was not remembered"
+    assert checkmemo.PASSED, "the signature was not remembered"
     again = make_call(op, args).args
     assert again.keys() == first.keys()
     for n, v in first.items():
@@ -167,7 +167,7 @@ def test_a_warm_memo_gives_the_same_errors(name, via):
     spoil(bad)
     cold = error(lambda: call(bad))
     call(make())  # the valid call of the same shapes, remembered
-    assert checkmemo._PASSED
+    assert checkmemo.PASSED
     assert error(lambda: call(bad)) == cold
 
 
@@ -211,14 +211,14 @@ def test_a_remembered_choice_follows_the_environment(monkeypatch):
 def test_rediscovering_backends_forgets_signatures():
     make_call("attention", attn_args())
     registry.rediscover()
-    assert not checkmemo._PASSED
+    assert not checkmemo.PASSED
 
 
 def test_the_memo_keeps_its_newest_signatures(monkeypatch):
     monkeypatch.setattr(checkmemo, "LIMIT", 2)
     for t in (4, 5, 6):
         make_call("attention", attn_args() | dict(q=torch.randn(t, 4, 16)))
-    assert [key[4][1][0] for key in checkmemo._PASSED] == [5, 6]  # q's shape, the first argument's
+    assert [key[5][0] for key in checkmemo.PASSED] == [5, 6]  # q's shape, after its type: the first argument's
 
 
 @pytest.mark.parametrize("checked", ["1", "0"])
@@ -227,7 +227,7 @@ def test_a_growing_max_seqlen_keeps_the_signature_and_its_value(checked, monkeyp
     for longest in (12, 13, 14):
         args = paged_args() | dict(max_seqlen_k=longest)
         assert make_call("paged_attention", args).args["max_seqlen_k"] == longest
-    assert len(checkmemo._PASSED) == 1
+    assert len(checkmemo.PASSED) == 1
     short = paged_args() | dict(max_seqlen_k=11)
     if checked == "1":
         with pytest.raises(ValueError, match=r"max_seqlen_k: 11 is shorter than the longest sequence \(12\)"):
@@ -242,7 +242,7 @@ def test_values_of_undeclared_types_are_checked_but_not_remembered():
     np = pytest.importorskip("numpy")
     args = attn_args(softcap=np.float64(2.0))
     got = pa.attention(**args, backend="cpu")
-    assert not checkmemo._PASSED
+    assert not checkmemo.PASSED
     torch.testing.assert_close(got, pa.attention(**attn_args(softcap=2.0), backend="cpu"))
 
 

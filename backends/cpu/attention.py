@@ -31,15 +31,17 @@ class Options(NamedTuple):
 def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None, max_seqlen_k=None,
               causal=False, window_size=(-1, -1), softcap=0.0, sinks=None, softmax_scale=None, block_mask=None,
               return_lse=False, out=None):
-    k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
-    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
-    if block_mask is None and one_query_each(q, cu_seqlens_q, max_seqlen_q):  # decode: the compiled kernel
-        done = native.decode(q, k[:, None], v[:, None], opts, return_lse, out, cu_seqlens_k=cu_seqlens_k)
+    decode = block_mask is None and one_query_each(q, cu_seqlens_q, max_seqlen_q)
+    if decode:  # the compiled kernel (any strides)
+        done = native.decode(q, k, v, sinks, softmax_scale, window_size[0], softcap, return_lse, out,
+                             cu_seqlens_k=cu_seqlens_k)
         if done is not None:
             return done
-        if (cu_seqlens_q is None and out is None and softcap == 0
-                and not 0 <= window_size[0] < k.shape[0] - 1):  # without it, one query that sees every key
-            return _one_query(q, k, v, softmax_scale, sinks, return_lse)
+    k, v = unit(k), unit(v)  # once here, rather than per (overlapping) tile view
+    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
+    if (decode and cu_seqlens_q is None and out is None and softcap == 0
+            and not 0 <= window_size[0] < k.shape[0] - 1):  # no compiled kernel: one query that sees every key
+        return _one_query(q, k, v, softmax_scale, sinks, return_lse)
     if block_mask is None and q.shape[0] > FEW_QUERIES:  # prefill: the compiled flash kernel
         done = native.flash(q, k, v, opts, return_lse, out, cu_seqlens_q, cu_seqlens_k)
         if done is not None:

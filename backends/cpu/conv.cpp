@@ -162,34 +162,47 @@ void by_kind(at::ScalarType t, int64_t taps, const char* what, F f) {
   }
 }
 
+// The kernels' float32 taps [W, C] of a weight [C, W] (any dtype and strides), and a float32 bias [C]: converted
+// here, where two ATen calls cost a fraction of the same from Python.
+at::Tensor taps_of(const at::Tensor& weight) { return weight.to(at::kFloat).t().contiguous(); }
+
+c10::optional<at::Tensor> bias_of(const c10::optional<at::Tensor>& bias) {
+  return bias.has_value() ? c10::optional<at::Tensor>(bias->to(at::kFloat).contiguous()) : c10::nullopt;
+}
+
 }  // namespace
 
-// x [T, C] (channels contiguous), taps [W, C] float32 contiguous (the weight transposed), bias float32 [C] or None,
-// head [S, W-1, C] of x's dtype, contiguous (each sequence's initial state, oldest row first), cu int64 [S+1]
-// contiguous, y [T, C] of x's dtype (channels contiguous), finals [S, W-1, C] float32 contiguous (written: each
-// sequence's last W-1 inputs).
-void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
+// x [T, C] (channels contiguous), weight [C, W] and bias [C] or None (any dtype and strides), head [S, W-1, C] of
+// x's dtype, contiguous (each sequence's initial state, oldest row first), cu int64 [S+1] contiguous, y [T, C] of
+// x's dtype (channels contiguous), finals [S, W-1, C] float32 contiguous (written: each sequence's last W-1 inputs).
+void conv_seq_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals) {
   TORCH_CHECK(x.stride(1) == 1 && y.stride(1) == 1 && y.scalar_type() == x.scalar_type(),
               "conv_seq: x and y [T, C] of one dtype, channels contiguous");
-  TORCH_CHECK(taps.is_contiguous() && head.is_contiguous() && cu.is_contiguous() && finals.is_contiguous() &&
-              cu.scalar_type() == at::kLong && head.scalar_type() == x.scalar_type(),
-              "conv_seq: taps and finals float32, head of x's dtype, cu int64, contiguous");
+  TORCH_CHECK(head.is_contiguous() && cu.is_contiguous() && finals.is_contiguous() && cu.scalar_type() == at::kLong &&
+              head.scalar_type() == x.scalar_type(),
+              "conv_seq: finals float32, head of x's dtype, cu int64, contiguous");
+  const at::Tensor taps = taps_of(weight);
+  const c10::optional<at::Tensor> b = bias_of(bias);
   by_kind(x.scalar_type(), taps.size(0), "conv_seq", [&](auto t, auto w) {
-    conv_seq<decltype(t), decltype(w)::value>(x, taps, bias, head, cu, act, y, finals);
+    conv_seq<decltype(t), decltype(w)::value>(x, taps, b, head, cu, act, y, finals);
   });
 }
 
-// x [B, C], state [slots, C, W-1] of x's dtype (any strides), rows int32 or int64 [B] (-1: a zero state, nothing
-// written; no row twice), out [B, C] of x's dtype; taps and bias as conv_seq's. The listed state rows shift by one
-// in place, x their newest input.
-void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                   at::Tensor state, const at::Tensor& rows, bool act, at::Tensor out) {
-  TORCH_CHECK(state.scalar_type() == x.scalar_type() && out.scalar_type() == x.scalar_type(),
-              "conv_step: x, state and out of one dtype");
-  TORCH_CHECK(taps.is_contiguous() && (rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong),
-              "conv_step: taps contiguous, rows int32 or int64");
+// x [B, C], state [slots, C, W-1] (any strides), rows int32 or int64 [B] (-1: a zero state, nothing written; no row
+// twice), out [B, C] of x's dtype or None (made here); weight and bias as conv_seq's. The listed state rows shift by
+// one in place, x their newest input. Returns out, or None where the state's dtype is not x's (the caller's torch
+// path).
+at::Tensor conv_step_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::Tensor state, const at::Tensor& rows, bool act, const c10::optional<at::Tensor>& out) {
+  if (state.scalar_type() != x.scalar_type()) return at::Tensor();
+  TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "conv_step: rows int32 or int64");
+  at::Tensor o = out.has_value() ? *out : at::empty(x.sizes(), x.options());
+  TORCH_CHECK(o.scalar_type() == x.scalar_type(), "conv_step: out of x's dtype");
+  const at::Tensor taps = taps_of(weight);
+  const c10::optional<at::Tensor> b = bias_of(bias);
   by_kind(x.scalar_type(), taps.size(0), "conv_step", [&](auto t, auto w) {
-    conv_step<decltype(t), decltype(w)::value>(x, taps, bias, state, rows, act, out);
+    conv_step<decltype(t), decltype(w)::value>(x, taps, b, state, rows, act, o);
   });
+  return o;
 }

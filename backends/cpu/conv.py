@@ -11,15 +11,6 @@ from . import native
 from .states import emit, finish, initial_states, update_rows
 
 
-def _taps(weight):
-    """[C, W] -> the kernels' float32 [W, C]."""
-    return weight.float().T.contiguous()
-
-
-def _bias(bias):
-    return None if bias is None else bias.float().contiguous()
-
-
 def _act(y, bias, activation):
     """act(y + bias) in place for a fresh y [*, C], float32 (fresh buffers cost page faults)."""
     if bias is not None:
@@ -38,7 +29,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     if built is not None and x.stride(1) == 1:
         y = out if out is not None and out.stride(1) == 1 else x.new_empty(x.shape)
         finals = states.new_empty(nseq, w, ch)                               # [S, W-1, C]
-        built.conv_seq(x, _taps(weight), _bias(bias), states.transpose(1, 2).to(x.dtype).contiguous(), cu.contiguous(),
+        built.conv_seq(x, weight, bias, states.transpose(1, 2).to(x.dtype).contiguous(), cu.contiguous(),
                        activation == "silu", y, finals)
         y = y if out is None or y is out else out.copy_(y)
         return y, finish(finals.transpose(1, 2), initial_state, state_indices, output_final_state, x.dtype)
@@ -64,9 +55,8 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
 
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None):
     built = native.kernels()
-    if built is not None and state.dtype == x.dtype:
-        o = out if out is not None else x.new_empty(x.shape)
-        built.conv_step(x, _taps(weight), _bias(bias), state, state_indices, activation == "silu", o)
+    o = None if built is None else built.conv_step(x, weight, bias, state, state_indices, activation == "silu", out)
+    if o is not None:  # conv.cpp (None: a state dtype other than x's)
         return o
 
     def step(s):                                                             # [bsz, C, W-1], in place

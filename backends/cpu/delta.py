@@ -1,18 +1,30 @@
 """The gated delta rule (SPEC `gated_delta_rule`; KDA with per-key-dim g): token by token in the compiled kernel
-(recurrent.cpp) where it is built, else chunked (see `chunk.delta`); the step form likewise."""
+(recurrent.cpp, which linear attention shares) where it is built, else chunked (see `chunk.delta`); the step form
+likewise."""
 from __future__ import annotations
 
 import torch
 
 from . import native
 from .chunk import delta, split, sweep
-from .states import emit, finish, initial_states, rows_contiguous, run_sequences, update_rows
+from .states import emit, finish, initial_states, run_sequences, update_rows
 
 
 def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
     """scale x rsqrt(sum x^2 + 1e-6) over the last axis, float32."""
     x = x.float()
     return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).square_().add_(1e-6).rsqrt_().mul_(scale)
+
+
+def token_by_token(built, q, k, v, g, beta, scale, l2: bool, y, initial_state, output_final_state, state_indices,
+                   has_initial_state, cu_seqlens):
+    """The sequence form in the compiled kernel (recurrent.cpp: beta None is linear attention, g None no decay),
+    its outputs into y; returns the op's final state."""
+    cu = torch.tensor([0, q.shape[0]]) if cu_seqlens is None else cu_seqlens.long().contiguous()
+    states = initial_states(initial_state, state_indices, has_initial_state, cu.shape[0] - 1,
+                            (v.shape[1], q.shape[2], v.shape[2]), q.device).contiguous()
+    built.delta_seq(q, k, v, g, beta, cu, states, scale, l2, y)
+    return finish(states, initial_state, state_indices, output_final_state)
 
 
 def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output_final_state=False,
@@ -22,11 +34,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     y = out if out is not None else v.new_empty(v.shape)
     built = native.kernels()
     if built is not None:  # recurrent.cpp, token by token: fewer flops than the chunked products without matrix units
-        cu = torch.tensor([0, n_tok]) if cu_seqlens is None else cu_seqlens.long().contiguous()
-        states = initial_states(initial_state, state_indices, has_initial_state, cu.shape[0] - 1,
-                                (hv, kd, v.shape[2]), q.device).contiguous()
-        built.delta_seq(q, k, v, g, beta, cu, states, scale, use_qk_l2norm, y)
-        return y, finish(states, initial_state, state_indices, output_final_state)
+        return y, token_by_token(built, q, k, v, g, beta, scale, use_qk_l2norm, y, initial_state, output_final_state,
+                                 state_indices, has_initial_state, cu_seqlens)
 
     def step(a, b, c, s):
         qc, kc = split(q[a:b], c), split(k[a:b], c)
@@ -44,9 +53,8 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
     built = native.kernels()
-    if built is not None and rows_contiguous(state):  # recurrent.cpp: one pass
-        o = out if out is not None else v.new_empty(v.shape)
-        built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, o)
+    o = None if built is None else built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, out)
+    if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
         return o
     hv = v.shape[1]
     q, k = (_l2norm(q), _l2norm(k)) if use_qk_l2norm else (q.float(), k.float())

@@ -1,30 +1,33 @@
 // The cpu backend's compiled module: one binding per kernel (native.py builds this file with the kernels' own).
 #include <torch/extension.h>
 
-void decode_any(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
-                const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
-                const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-                int64_t left, double softcap, at::Tensor out, const c10::optional<at::Tensor>& lse,
-                int64_t copy_bytes);
+std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                              const c10::optional<at::Tensor>& block_table,
+                                              const c10::optional<at::Tensor>& seqused_k,
+                                              const c10::optional<at::Tensor>& cu_seqlens_k,
+                                              const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
+                                              double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
+                                              int64_t copy_bytes);
 void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
                const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
                double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
                int64_t keep_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
-void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                    const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                    at::Tensor out);
-void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-               const at::Tensor& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2, at::Tensor out);
-void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                  const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
-                  const at::Tensor& rows, at::Tensor out);
-void conv_seq_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
+at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
+                          const c10::optional<at::Tensor>& out);
+void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
+               const c10::optional<at::Tensor>& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2,
+               at::Tensor out);
+at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
+                        const at::Tensor& rows, const c10::optional<at::Tensor>& out);
+void conv_seq_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
                   const at::Tensor& head, const at::Tensor& cu, bool act, at::Tensor y, at::Tensor finals);
-void conv_step_any(const at::Tensor& x, const at::Tensor& taps, const c10::optional<at::Tensor>& bias,
-                   at::Tensor state, const at::Tensor& rows, bool act, at::Tensor out);
+at::Tensor conv_step_any(const at::Tensor& x, const at::Tensor& weight, const c10::optional<at::Tensor>& bias,
+                         at::Tensor state, const at::Tensor& rows, bool act, const c10::optional<at::Tensor>& out);
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");
@@ -34,8 +37,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("cu_seqlens_k") = py::none(), py::arg("causal"), py::arg("left"), py::arg("right"), py::arg("scale"),
         py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("out"), py::arg("lse") = py::none(), py::arg("keep_bytes"));
   m.def("softcap_softmax", &softcap_softmax, "capped scores to softmax weights, row max and sum (softcap.cpp)");
-  m.def("delta_step", &delta_step_any, "one gated-delta-rule token per sequence, the state rows in place (recurrent.cpp)");
-  m.def("delta_seq", &delta_seq, "the gated delta rule over packed sequences, token by token in cache (recurrent.cpp)");
+  m.def("delta_step", &delta_step_any, "one gated-delta-rule (beta None: linear-attention) token per sequence, the state rows in place (recurrent.cpp)");
+  m.def("delta_seq", &delta_seq, "the gated delta rule (beta None: linear attention) over packed sequences, token by token in cache (recurrent.cpp)");
   m.def("ssd_step", &ssd_step_any, "one Mamba-2 SSD token per sequence, the state rows in place (recurrent.cpp)");
   m.def("conv_seq", &conv_seq_any, "causal depthwise conv1d over packed sequences, each output row once (conv.cpp)");
   m.def("conv_step", &conv_step_any, "one causal conv1d token per sequence, the state rows shifted in place (conv.cpp)");

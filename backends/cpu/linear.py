@@ -1,9 +1,13 @@
-"""Linear attention and GLA (SPEC `linear_attention`): chunked, see `chunk.linear`."""
+"""Linear attention and GLA (SPEC `linear_attention`): token by token in the compiled kernel of the gated delta rule
+without its delta term (recurrent.cpp, `delta.token_by_token`) where it is built, else chunked (see
+`chunk.linear`); the step form likewise."""
 from __future__ import annotations
 
 import torch
 
+from . import native
 from .chunk import linear, split, sweep
+from .delta import token_by_token
 from .states import emit, run_sequences, update_rows
 
 
@@ -11,6 +15,10 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
                      state_indices=None, has_initial_state=None, cu_seqlens=None, out=None):
     n_tok, h, kd = q.shape
     y = out if out is not None else q.new_empty(v.shape)
+    built = native.kernels()
+    if built is not None:
+        return y, token_by_token(built, q, k, v, g, None, scale, False, y, initial_state, output_final_state,
+                                 state_indices, has_initial_state, cu_seqlens)
 
     def step(a, b, c, s):
         gs = g[a:b] if g is not None else torch.zeros(b - a, h, device=q.device)
@@ -25,6 +33,11 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
 
 
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
+    built = native.kernels()
+    o = None if built is None else built.delta_step(q, k, v, g, None, state, state_indices, scale, False, out)
+    if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
+        return o
+
     def step(s):                                                  # [bsz, H, K, V], in place
         if g is not None:
             a = g.float().exp()

@@ -42,19 +42,17 @@ def kernels():
     return _built() if envs.PORTABLE_ATTN_CPU_NATIVE else None
 
 
-def decode(q, k_cache, v_cache, opts, return_lse: bool, out, block_table=None, seqused_k=None, cu_seqlens_k=None):
-    """One query per sequence, q [S, Hq, D], at the position of its sequence's last key, by the compiled
-    kernel: keys paged (caches [NB, BS, Hkv, D|Dv], block_table, seqused_k) or packed (k/v [T, 1, Hkv, D|Dv],
-    cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when given) and lse [Hq, S] as the op returns
-    them, or None where the kernel is not built. `opts`: attention.Options (no block mask)."""
+def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: bool, out, block_table=None,
+           seqused_k=None, cu_seqlens_k=None):
+    """One query per sequence, q [S, Hq, D], at the position of its sequence's last key, seeing keys back to
+    `left` before it (-1: all), by the compiled kernel: keys paged (caches [NB, BS, Hkv, D|Dv], block_table,
+    seqused_k) or packed (k/v [T, Hkv, D|Dv], cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when
+    given) and lse [Hq, S] as the op returns them, or None where the kernel is not built."""
     built = kernels()
     if built is None:
         return None
-    o = out if out is not None else q.new_empty(q.shape[0], q.shape[1], v_cache.shape[3])
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None  # None: none written
-    sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
-    built.decode(q, k_cache, v_cache, block_table, seqused_k, cu_seqlens_k, sinks, opts.scale, opts.window[0],
-                 float(opts.softcap), o, lse, COPY_BYTES)
+    o, lse = built.decode(q, k, v, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out,
+                          return_lse, COPY_BYTES)
     return (o, lse) if return_lse else o
 
 

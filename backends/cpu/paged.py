@@ -19,12 +19,13 @@ GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q=None, max_seqlen_q=None,
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
-    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     decode = cu_seqlens_q is None or one_query_each(q, cu_seqlens_q, max_seqlen_q)
     if decode and block_mask is None:  # one query per sequence, at its last position: the compiled kernel
-        done = native.decode(q, k_cache, v_cache, opts, return_lse, out, block_table, seqused_k)
+        done = native.decode(q, k_cache, v_cache, sinks, softmax_scale, window_size[0], softcap, return_lse, out,
+                             block_table, seqused_k)
         if done is not None:
             return done
+    opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     if cu_seqlens_q is None:
         plain = _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k)
         if plain is not None:

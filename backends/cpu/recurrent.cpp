@@ -1,6 +1,6 @@
-// The recurrent ops on the CPU, one (sequence, head) state at a time: the gated delta rule (and KDA) token by token
-// with the state kept in the core's cache (sequence form) or read and written once (step form), and Mamba-2's SSD
-// step. A gated-delta-rule token decays the state's rows and takes S'^T k and S'^T q while a block of columns sits
+// The recurrent ops on the CPU, one (sequence, head) state at a time: the gated delta rule (and KDA) and linear
+// attention (GLA: the same without the delta term) token by token with the state kept in the core's cache (sequence
+// form) or read and written once (step form), and Mamba-2's SSD step. A gated-delta-rule token decays the state's rows and takes S'^T k and S'^T q while a block of columns sits
 // in registers (pass 1), then adds k u^T (pass 2, folded into the next token's pass 1 in the sequence form).
 // torch's ops made five passes over a step's state, and a batched product of two rows ran at a fifth of the copy
 // bandwidth. Built with decode.cpp by native.py.
@@ -63,8 +63,9 @@ void l2norm(float* x, int64_t n) {
 
 // Pass 1 over columns [j, j + NV vectors) of w [K, V] (float32, rows V apart): first the previous token's update
 // w_i <- w_i + kp_i up where kp is given (the sequence form folds it into this pass), then w_i <- a_i w_i, and the
-// columns' sums kk = w'^T k and qq = w'^T q. `last` lanes of the last vector where the block ends inside one (else 0).
-template <int NV>
+// columns' sums kk = w'^T k (with KK: the delta rule's) and qq = w'^T q. `last` lanes of the last vector where the
+// block ends inside one (else 0).
+template <int NV, bool KK>
 void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, const float* up, const float* a,
                  int64_t a_step, const float* k, const float* q, float* kk, float* qq, int64_t last) {
   const int64_t n = Vec::size();
@@ -75,30 +76,31 @@ void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, con
   }
   for (int64_t i = 0; i < K; ++i) {
     float* row = w + i * V + j;
-    const Vec ai(a[i * a_step]), ki(k[i]), qi(q[i]);
+    const Vec ai(a[i * a_step]), ki(KK ? k[i] : 0.f), qi(q[i]);
     for (int x = 0; x < NV; ++x) {
       const bool part = last && x == NV - 1;
       Vec s = part ? Vec::loadu(row + x * n, last) : Vec::loadu(row + x * n);
       if (kp != nullptr) s = at::vec::fmadd(Vec(kp[i]), u[x], s);
       s = s * ai;
       part ? s.store(row + x * n, last) : s.store(row + x * n);
-      ak[x] = at::vec::fmadd(s, ki, ak[x]);
+      if constexpr (KK) ak[x] = at::vec::fmadd(s, ki, ak[x]);
       aq[x] = at::vec::fmadd(s, qi, aq[x]);
     }
   }
   for (int x = 0; x < NV; ++x) {
     const bool part = last && x == NV - 1;
-    part ? ak[x].store(kk + j + x * n, last) : ak[x].store(kk + j + x * n);
+    if constexpr (KK) part ? ak[x].store(kk + j + x * n, last) : ak[x].store(kk + j + x * n);
     part ? aq[x].store(qq + j + x * n, last) : aq[x].store(qq + j + x * n);
   }
 }
 
+template <bool KK>
 void decay(float* w, int64_t K, int64_t V, const float* kp, const float* up, const float* a, int64_t a_step,
            const float* k, const float* q, float* kk, float* qq) {
   const int64_t n = Vec::size();
   int64_t j = 0;
-  for (; j + COLS * n <= V; j += COLS * n) decay_block<COLS>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, 0);
-  for (; j < V; j += n) decay_block<1>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
+  for (; j + COLS * n <= V; j += COLS * n) decay_block<COLS, KK>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, 0);
+  for (; j < V; j += n) decay_block<1, KK>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
 }
 
 // Pass 2: w_i <- w_i + k_i u for every row i, each row then stored into the state row (its dtype) unless the state
@@ -154,19 +156,24 @@ struct Token {
   }
 };
 
-// The inputs of the op, read at row b (a token, or a sequence of the step form) for value head h
+// The inputs of the op, read at row b (a token, or a sequence of the step form) for value head h. Without beta, linear
+// attention: u = v (`delta` false); without g, no decay.
 struct Inputs {
-  const at::Tensor &q, &k, &v, &g, &beta;
+  const at::Tensor &q, &k, &v;
+  const c10::optional<at::Tensor> &g, &beta;
   int64_t K, V, r;  // r: value heads per q/k head
-  bool per_key, l2;
+  bool per_key, l2, delta;
 
   void read(int64_t b, int64_t h, Token& t) const {
     const int64_t hq = h / r;
     read_any(q, b * q.stride(0) + hq * q.stride(1), q.stride(2), K, t.q);
     read_any(k, b * k.stride(0) + hq * k.stride(1), k.stride(2), K, t.k);
     read_any(v, b * v.stride(0) + h * v.stride(1), v.stride(2), V, t.v);
-    read_any(g, b * g.stride(0) + h * g.stride(1), per_key ? g.stride(2) : 0, per_key ? K : 1, t.a);
-    read_any(beta, b * beta.stride(0) + h * beta.stride(1), 0, 1, &t.beta);
+    if (g.has_value())
+      read_any(*g, b * g->stride(0) + h * g->stride(1), per_key ? g->stride(2) : 0, per_key ? K : 1, t.a);
+    else
+      t.a[0] = 0.f;  // exp(0): no decay
+    if (delta) read_any(*beta, b * beta->stride(0) + h * beta->stride(1), 0, 1, &t.beta);
     if (l2) {
       l2norm(t.q, K);
       l2norm(t.k, K);
@@ -175,22 +182,25 @@ struct Inputs {
   }
 };
 
-// One token on the float32 state w [K, V] (nullptr: a zero state, left so): S' = diag(a) S, u = beta (v - S'^T k),
-// t.qq <- the output (S'^T q + (q.k) u) scale, then S = S' + k u^T: its rows stored into `state` of type S,
+// One token on the float32 state w [K, V] (nullptr: a zero state, left so): S' = diag(a) S, u = beta (v - S'^T k)
+// (linear attention: u = v), t.qq <- the output (S'^T q + (q.k) u) scale, then S = S' + k u^T: its rows stored into `state` of type S,
 // `row_stride` apart, unless that is w itself. With `prev` (the sequence form) that last update is not made
 // here: the next token's pass makes it first (prev->k, prev->u: this token's k and u on return).
 template <typename S>
 void token(float* w, const Inputs& in, Token& t, float scale, S* state, int64_t row_stride, Token* prev = nullptr,
            bool pending = false) {
   const int64_t K = in.K, V = in.V;
-  if (w != nullptr)
-    decay(w, K, V, pending ? prev->k : nullptr, pending ? prev->u : nullptr, t.a, in.per_key ? 1 : 0, t.k, t.q, t.kk,
-          t.qq);
-  else
+  const float *kp = pending ? prev->k : nullptr, *up = pending ? prev->u : nullptr;
+  const int64_t a_step = in.per_key ? 1 : 0;
+  if (w == nullptr)
     std::fill(t.kk, t.kk + 2 * V, 0.f);  // kk and qq
+  else if (in.delta)
+    decay<true>(w, K, V, kp, up, t.a, a_step, t.k, t.q, t.kk, t.qq);
+  else
+    decay<false>(w, K, V, kp, up, t.a, a_step, t.k, t.q, t.kk, t.qq);
   const float qk = dot(t.q, t.k, K);
   for (int64_t j = 0; j < V; ++j) {
-    t.u[j] = t.beta * (t.v[j] - t.kk[j]);
+    t.u[j] = in.delta ? t.beta * (t.v[j] - t.kk[j]) : t.v[j];
     t.qq[j] = (t.qq[j] + qk * t.u[j]) * scale;
   }
   if (prev != nullptr) {
@@ -206,9 +216,10 @@ void emit(const float* y, at::Tensor& out, int64_t b, int64_t h, int64_t n) {
   write_any(y, n, out, b * out.stride(0) + h * out.stride(1), out.stride(2));
 }
 
-Inputs inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-              const at::Tensor& beta, bool l2) {
-  return Inputs{q, k, v, g, beta, q.size(2), v.size(2), v.size(1) / q.size(1), g.dim() == 3, l2};
+Inputs inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
+              const c10::optional<at::Tensor>& beta, bool l2) {
+  return Inputs{q, k, v, g, beta, q.size(2), v.size(2), v.size(1) / q.size(1), g.has_value() && g->dim() == 3, l2,
+                beta.has_value()};
 }
 
 template <typename S>
@@ -305,31 +316,46 @@ void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tenso
   });
 }
 
-}  // namespace
-
-// q, k [B, H, K], v [B, Hv, V] (float32, bfloat16 or float16, any strides); g [B, Hv] or [B, Hv, K] (log-decay), beta
-// [B, Hv]; state [slots, Hv, K, V] float32 or the activation dtype, each [K, V] contiguous; rows int32 or int64 [B]
-// (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of the activation dtype. The state rows listed
-// are updated in place; out gets scale * (S^T q) of the updated state.
-void delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-                    const at::Tensor& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                    at::Tensor out) {
-  TORCH_CHECK(state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3),
-              "delta_step: state [slots, Hv, K, V] with each [K, V] contiguous");
-  TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "delta_step: rows int32 or int64");
-  TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_step: out in v's dtype");
-  const Inputs in = inputs(q, k, v, g, beta, l2);
-  const float sc = static_cast<float>(scale);
-  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, out); });
+// Whether each state of a cache [slots, H, M, N] is one contiguous [M, N] block (what the step kernels read).
+bool rows_contiguous(const at::Tensor& state) {
+  return state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3);
 }
 
-// The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)], beta [T, Hv] as delta_step's (one row per
-// token); cu int64 [S+1] contiguous; states float32 [S, Hv, K, V] contiguous, each sequence's initial state, its
+// A step's output: `out` where given, else a new contiguous tensor shaped and typed like `like` (made here: an
+// allocation from Python costs several times as much).
+at::Tensor output(const c10::optional<at::Tensor>& out, const at::Tensor& like, const char* what) {
+  if (!out.has_value()) return at::empty(like.sizes(), like.options());
+  TORCH_CHECK(out->scalar_type() == like.scalar_type(), what, ": out in the activation dtype");
+  return *out;
+}
+
+}  // namespace
+
+// q, k [B, H, K], v [B, Hv, V] (float32, bfloat16 or float16, any strides); g [B, Hv] or [B, Hv, K] (log-decay) or
+// None (no decay), beta [B, Hv] or None (linear attention); state [slots, Hv, K, V] float32 or the activation dtype, each [K, V] contiguous; rows int32 or int64 [B]
+// (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of the activation dtype or None (made here). The
+// state rows listed are updated in place; returns out with scale * (S^T q) of the updated state, or None where the
+// states are not each contiguous (the caller's torch path).
+at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                          const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
+                          const c10::optional<at::Tensor>& out) {
+  if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
+  TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "delta_step: rows int32 or int64");
+  at::Tensor o = output(out, v, "delta_step");
+  const Inputs in = inputs(q, k, v, g, beta, l2);
+  const float sc = static_cast<float>(scale);
+  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, o); });
+  return o;
+}
+
+// The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)] or None, beta [T, Hv] or None as delta_step's (one
+// row per token); cu int64 [S+1] contiguous; states float32 [S, Hv, K, V] contiguous, each sequence's initial state, its
 // final state on return; out [T, Hv, V] of v's dtype. Token by token, each (sequence, head) state kept in the
 // core's cache meanwhile: about 4 K V flops a token, where the chunked matrix form takes about 11 K V (its
 // products at 64-token chunks) and only matrix units make those cheaper.
-void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& g,
-               const at::Tensor& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2, at::Tensor out) {
+void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
+               const c10::optional<at::Tensor>& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2,
+               at::Tensor out) {
   TORCH_CHECK(states.scalar_type() == at::kFloat && states.is_contiguous() && cu.scalar_type() == at::kLong &&
               cu.is_contiguous(), "delta_seq: states float32 [S, Hv, K, V] and cu int64, contiguous");
   TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_seq: out in v's dtype");
@@ -355,16 +381,17 @@ void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
 
 // Mamba-2's SSD step: x [B, H, P], dt [B, H], A [H], B and C [B, G, N], D [H] or [H, P], z [B, H, P], dt_bias [H]
 // (any strides; float32, bfloat16 or float16), state [slots, H, P, N] float32 or x's dtype with each [P, N]
-// contiguous, rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice), out [B, H, P] of x's dtype.
-void ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
-                  const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
-                  const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
-                  const at::Tensor& rows, at::Tensor out) {
-  TORCH_CHECK(state.dim() == 4 && state.stride(3) == 1 && state.stride(2) == state.size(3),
-              "ssd_step: state [slots, H, P, N] with each [P, N] contiguous");
+// contiguous, rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice), out [B, H, P] of x's dtype
+// or None (made here). Returns out, or None where the states are not each contiguous (the caller's torch path).
+at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
+                        const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+                        const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
+                        const at::Tensor& rows, const c10::optional<at::Tensor>& out) {
+  if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "ssd_step: rows int32 or int64");
-  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ssd_step: out in x's dtype");
+  at::Tensor o = output(out, x, "ssd_step");
   const Ssd in{x, dt, A, B, C, D, z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
                x.size(2), B.size(2), x.size(1) / B.size(1)};
-  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, out); });
+  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, o); });
+  return o;
 }

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import native
 from .chunk import linear, split, sweep
-from .states import emit, rows_contiguous, run_sequences, update_rows
+from .states import emit, run_sequences, update_rows
 
 
 def _dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -55,10 +55,9 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
 def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, float("inf")), state_indices=None, out=None):
     built = native.kernels()
-    if built is not None and rows_contiguous(state):  # recurrent.cpp: one pass
-        o = out if out is not None else x.new_empty(x.shape)
-        built.ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, float(dt_limit[0]), float(dt_limit[1]), state,
-                       state_indices, o)
+    o = None if built is None else built.ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit[0],
+                                                   dt_limit[1], state, state_indices, out)
+    if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
         return o
     h = x.shape[1]
     d = _dt(dt, dt_bias, dt_softplus, dt_limit)                                   # [bsz, H]

@@ -98,12 +98,6 @@ def run_sequences(kernel: Kernel, n_tok: int, tail: tuple, device, cu_seqlens, i
     return finish(states, initial_state, state_indices, output_final_state)
 
 
-def rows_contiguous(state: torch.Tensor) -> bool:
-    """Whether each state of a cache [slots, ..., M, N] is one contiguous [M, N] block (what the compiled step
-    kernels read)."""
-    return state.stride(-1) == 1 and state.stride(-2) == state.shape[-1]
-
-
 def emit(y: torch.Tensor, out: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor:
     """A float32 output in the activation dtype, written into `out` when given."""
     return y.to(dtype) if out is None else out.copy_(y)

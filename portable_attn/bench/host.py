@@ -4,14 +4,15 @@ For each point of `cases.host_case` (one op at the sizes of one model layer) eve
   <backend>          the public op, checks on (PORTABLE_ATTN_CHECK=1),
   <backend> check=0  the same with PORTABLE_ATTN_CHECK=0 (set around the timed calls, not inside them),
   <backend> fn       the backend's own function on arguments already checked (`ops.make_call`),
-and, on the CPU, beside the kernel the cpu backend's attention and paged decode end in. A row's
+and, on the CPU, beside the compiled kernel each op of the cpu backend ends in (`COMPILED`). A row's
 overhead is measured against its `vs` row (that kernel for the cpu backend where there is one, else the
 backend's own function) round by round: all rows of a point run round-robin, each sample `CALLS`
 consecutive calls, and the overhead is the median over rounds of the row's sample minus the `vs` row's
 sample of the same round (a shared machine's slow spells hit both). Rows whose `vs` is one function
-(`INNER`) also measure it inside each call: while the point runs that function is wrapped by a timer, and
-a row's in-call overhead is its sample minus the time spent inside it in the same calls, exact where a
-multi-millisecond kernel's run-to-run spread hides tens of microseconds between rows.
+(`_inner`) also measure it inside each call: while the point runs that function is wrapped by a timer, and
+a row's in-call overhead is its sample minus the time spent inside it in the same calls and the timer's own
+cost (measured on a no-op), exact where a multi-millisecond kernel's run-to-run spread hides tens of
+microseconds between rows.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ import functools
 import os
 import statistics
 import time
+import types
 
 import torch
 import torch.nn.functional as F
@@ -44,8 +46,9 @@ NOTES = {
                   "kernel it ends in, else the backend's own function): binding, checks, backend selection and the "
                   "backend's wrapper work",
     "in_call_s": "the median over samples of this row's per-call time minus the time its calls spent inside the "
-                 "`vs` function (wrapped by a timer while the point runs; the wrapper's own cost is counted in "
-                 "the overhead); in_call_times_s: that difference per sample",
+                 "`vs` function (wrapped by a timer while the point runs) minus the timer's own cost outside that "
+                 "span (`timer_s` of the call, measured on a no-op in the same run); in_call_times_s: that "
+                 "difference per sample",
     "check=0": "PORTABLE_ATTN_CHECK=0 while its samples run: index values are not checked",
     "clock": "on the CPU with one torch thread, the calling thread's CPU time (time.thread_time): all the work "
              "runs on that thread, and time spent descheduled on a shared machine is not counted; else wall time",
@@ -91,55 +94,63 @@ def _gather_flash(args, sizes):
     return step
 
 
-def _compiled_decode(args, sizes):
-    """The cpu backend's compiled decode kernel (backends/cpu/decode.cpp) on arguments checked in setup, into an
-    output made in setup, no lse (the host case's calls want none): paged keys, or packed ones ([T, 1, Hkv, D]
-    views)."""
+# The compiled kernel each op of the cpu backend ends in: its source, the built module's entry, and the arguments
+# the backend passes it, from a checked call's arguments `a` (no output given: the kernel makes it; no lse: the
+# host case's calls want none).
+COMPILED = {
+    "attention": ("decode.cpp", "decode", lambda a, native: (
+        a["q"], a["k"], a["v"], None, None, a["cu_seqlens_k"], None, a["softmax_scale"], -1, 0.0, None, False,
+        native.COPY_BYTES)),
+    "paged_attention": ("decode.cpp", "decode", lambda a, native: (
+        a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seqused_k"], None, None, a["softmax_scale"], -1, 0.0,
+        None, False, native.COPY_BYTES)),
+    "gated_delta_rule_step": ("recurrent.cpp", "delta_step", lambda a, native: (
+        a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], a["state_indices"], a["scale"], a["use_qk_l2norm"],
+        None)),
+    "ssd_step": ("recurrent.cpp", "ssd_step", lambda a, native: (
+        a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], a["dt_softplus"], a["dt_limit"][0],
+        a["dt_limit"][1], a["state"], a["state_indices"], None)),
+    "causal_conv1d_step": ("conv.cpp", "conv_step", lambda a, native: (
+        a["x"], a["weight"], a["bias"], a["state"], a["state_indices"], a["activation"] == "silu", None)),
+}
+
+
+def _compiled(op: str) -> impls.Impl:
+    """The row of the compiled kernel `op` ends in on the cpu backend, on arguments checked in setup."""
+    source, entry, arguments = COMPILED[op]
+
+    def prepare(args, sizes):
+        from portable_attn.backends.cpu import native
+
+        built = native.kernels()
+        if built is None:
+            raise impls.Refused("unavailable", "the cpu backend's compiled kernels are not built here (native.py)")
+        return functools.partial(getattr(built, entry), *arguments(make_call(op, args).args, native))
+    return impls.Impl(source, "kernel", f"the cpu backend's compiled kernel (backends/cpu/{source}, `{entry}`) as the "
+                      "backend calls it", prepare)
+
+
+def _compiled_entry(op: str):
+    """(owner, attribute) of the compiled kernel's entry `op` ends in."""
     from portable_attn.backends.cpu import native
-
-    built = native.kernels()
-    if built is None:
-        raise impls.Refused("unavailable", "the cpu backend's compiled kernels are not built here (native.py)")
-    paged = "k_cache" in args
-    a = make_call("paged_attention" if paged else "attention", args).args
-    q = a["q"]
-    k, v, keys = ((a["k_cache"], a["v_cache"], (a["block_table"], a["seqused_k"], None)) if paged
-                  else (a["k"][:, None], a["v"][:, None], (None, None, a["cu_seqlens_k"])))
-    o = q.new_empty(q.shape[0], q.shape[1], v.shape[3])
-    kernel = functools.partial(built.decode, q, k, v, *keys, None, a["softmax_scale"], -1, 0.0, o, None,
-                               native.COPY_BYTES)
-
-    def step():
-        kernel()
-        return o
-    return step
-
-
-def _decode_kernel(op: str):
-    """(owner, attribute) of the compiled decode kernel's entry, which attention and paged decode end in."""
-    from portable_attn.backends.cpu import native
-    return native.kernels(), "decode"
-
-
-_DECODE_CPP = impls.Impl("decode.cpp", "kernel", "the cpu backend's compiled decode kernel (backends/cpu/decode.cpp), "
-                         "each visible key and value row read once", _compiled_decode)
+    return native.kernels(), COMPILED[op][1]
 
 
 # Per op: the kernel the cpu backend ends in (its rows' `vs`), then kernels shown for comparison.
 KERNELS = {
     "attention": (
-        _DECODE_CPP,
+        _compiled("attention"),
         impls.Impl("aten-flash", "kernel", "aten._scaled_dot_product_flash_attention_for_cpu on [1, Hkv, g, D] "
                    "query rows and [1, Hkv, Tk, D] views of the inputs: the cpu backend's one kernel call without "
                    "its compiled kernel (PORTABLE_ATTN_CPU_NATIVE=0)", _flash_decode),
         impls.Impl("sdpa", "peer", "F.scaled_dot_product_attention(enable_gqa=True) on [1, H, L, D] copies",
                    _sdpa_decode)),
     "paged_attention": (
-        _DECODE_CPP,
+        _compiled("paged_attention"),
         impls.Impl("gather+flash", "kernel", "index_select of each sequence's keys and values into buffers kept from "
                    "setup, then aten._scaled_dot_product_flash_attention_for_cpu with a padding mask built in setup",
                    _gather_flash),),
-}
+} | {op: (_compiled(op),) for op in ("gated_delta_rule_step", "ssd_step", "causal_conv1d_step")}
 
 
 def _function(name: str, op: str) -> impls.Impl:
@@ -149,14 +160,11 @@ def _function(name: str, op: str) -> impls.Impl:
                       "(ops.make_call): no binding, checks or selection", prepare)
 
 
-# The function each `vs` row's work is, as (owner, attribute), for the in-call overhead: the compiled decode
-# kernel's entry, or a backend's op function (the rows bind theirs in setup, so their own calls are not timed).
-INNER = {_DECODE_CPP.name: _decode_kernel}
-
-
 def _inner(vs: str, op: str):
-    if vs in INNER:
-        return INNER[vs](op)
+    """The function a `vs` row's work is, as (owner, attribute), for the in-call overhead: the compiled kernel's
+    entry, or a backend's op function (the rows bind theirs in setup, so their own calls are not timed)."""
+    if vs == COMPILED.get(op, (None,))[0]:
+        return _compiled_entry(op)
     return registry.get(vs.removesuffix(" fn")).impl(), op
 
 
@@ -167,9 +175,9 @@ class Inside:
         self.owner, self.attr, self.clock, self.seconds = owner, attr, clock, 0.0
         self.original = getattr(owner, attr)
 
-    @contextlib.contextmanager
-    def wrapped(self):
-        fn, clk = self.original, self.clock
+    def timer(self, fn):
+        """`fn` with the seconds of each call between two reads of the clock added to `seconds`."""
+        clk = self.clock
 
         def timed(*args, **kwargs):
             t0 = clk()
@@ -177,13 +185,46 @@ class Inside:
                 return fn(*args, **kwargs)
             finally:
                 self.seconds += clk() - t0
-        setattr(self.owner, self.attr, timed)
+        return timed
+
+    @contextlib.contextmanager
+    def wrapped(self):
+        fn = self.original
+        setattr(self.owner, self.attr, self.timer(fn))
         checkmemo.forget()  # remembered calls hold the op's function: they take the wrapper from here on
         try:
             yield self
         finally:
             setattr(self.owner, self.attr, fn)
             checkmemo.forget()
+
+
+def timer_cost(clock, calls: int = 1000, repeat: int = 9) -> float:
+    """Seconds per call that `Inside.timer` adds outside the span it measures (its frame, the parts of the two
+    clock reads outside it: thread CPU time is a system call, about 0.5 us here): a no-op called through the
+    timer, less the time inside, less the no-op called plainly; the median of `repeat` pairs."""
+    def noop():
+        return None
+    probe = Inside(types.SimpleNamespace(noop=noop), "noop", clock)
+    timed = probe.timer(noop)
+
+    def plain():
+        for _ in range(calls):
+            noop()
+
+    def through():
+        for _ in range(calls):
+            timed()
+    costs = []
+    for _ in range(repeat):
+        base = timing.timed(plain, _no_sync, calls, clock)
+        before = probe.seconds
+        costs.append(timing.timed(through, _no_sync, calls, clock) - (probe.seconds - before) / calls - base)
+    return statistics.median(costs)
+
+
+def _no_sync():
+    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,15 +307,16 @@ def _point(case: cases.Case, point: cases.Point, settings, log) -> dict:
         with contextlib.suppress(Exception):  # a backend that is not here: its rows report why below
             insides[vs] = Inside(*_inner(vs, op), clk)
     entries, times, in_calls = _sample(grouped, args, point, settings, sync, clk, insides)
+    timer = timer_cost(clk) if insides else 0.0
     for e in entries.values():
         raw = entries.get(e["vs"])
         ok = e["status"] == "ok" and raw is not None and raw["status"] == "ok"
         e["overhead_s"] = _paired(times[e["name"]], times[e["vs"]]) if ok else None
-        kept = in_calls[e["name"]][settings.warmup:] if ok else []
+        kept = [t - timer for t in in_calls[e["name"]][settings.warmup:]] if ok else []
         e["in_call_times_s"], e["in_call_s"] = kept, statistics.median(kept) if kept else None
     log("  " + ", ".join(f"{e['name']} {_us(e.get('median_s'))} us" if e["status"] == "ok"
                          else f"{e['name']} {e['status']}" for e in entries.values()))
-    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes),
+    return dict(label=case.label(point), op=op, sizes=point.sizes, flops=case.flops(point.sizes), timer_s=timer,
                 impls=list(entries.values()))
 
 
@@ -352,7 +394,7 @@ def _grid(case: dict) -> tuple[list[str], list[tuple[list[str], str, bool]]]:
 
 CAPTION = ("overhead: the median over rounds of this row's sample - the `vs` row's sample of the same round; samples "
            "of consecutive calls, interleaved; in-call: the median over samples of this row's time per call minus "
-           "the time its calls spent inside the `vs` function")
+           "the time its calls spent inside the `vs` function and the timer's own cost")
 
 
 def _caption(case: dict) -> str:

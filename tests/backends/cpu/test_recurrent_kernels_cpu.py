@@ -147,3 +147,71 @@ def test_ssd_step_matches_reference(monkeypatch, heads, p, n, groups, dtype, sta
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
     assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
     assert nan_around(sb) and nan_around(ob)
+
+
+GATES = [None, "head", "key"]  # linear attention without decay, with a decay per head (RetNet), per key dim (GLA)
+
+
+def _linear_inputs(n, kd, vd, dtype, gate, gen):
+    """q, k, v and g (or None) of n rows for 3 heads, their views between NaN (q, k every other element) and buffers."""
+    plain, views, bufs = _inputs(n, 3, 3, kd, vd, dtype, gate == "key", gen)
+    g = None if gate is None else plain[3]
+    gv = None if gate is None else views[3]
+    return (*plain[:3], g), (*views[:3], gv), bufs[:3] + (() if gate is None else bufs[3:4])
+
+
+@pytest.mark.parametrize("kd,vd", [(20, 24), (128, 128)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                               (torch.float16, torch.float32)])
+@pytest.mark.parametrize("gate", GATES)
+def test_linear_step_matches_reference(monkeypatch, kd, vd, dtype, state_dtype, gate):
+    """linear_attention_step in the delta kernel without its delta term: strided inputs between NaN, a NaN-filled
+    out=, a state cache between NaN rows, rows out of order with a -1: out and the listed rows as the reference's,
+    every other byte as it was."""
+    calls = spy_on(monkeypatch, "delta_step")
+    gen = torch.Generator().manual_seed(kd + vd + GATES.index(gate))
+    (q, k, v, g), (qv, kv, vv, gv), bufs = _linear_inputs(3, kd, vd, dtype, gate, gen)
+    state = torch.randn(5, 3, kd, vd, generator=gen).to(state_dtype)
+    rows = torch.tensor([3, -1, 0], dtype=torch.int32)
+    sv, sb = in_nan(state, every_other=False)
+    out, ob = in_nan(torch.full((3, 3, vd), math.nan, dtype=dtype), every_other=False)
+    before = [b.clone() for b in bufs]
+    got = pa.linear_attention_step(qv, kv, vv, g=gv, state=sv, state_indices=rows, out=out, backend="cpu")
+    assert got is out and len(calls) == 1
+    ref_state = state.double()
+    ref = pa.linear_attention_step(q.double(), k.double(), v.double(), g=None if g is None else g.double(),
+                                   state=ref_state, state_indices=rows, backend="reference")
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(sv.double(), ref_state.to(state_dtype).double(), **tol(dtype))
+    assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
+    assert torch.equal(bits(sv[[1, 2, 4]]), bits(state[[1, 2, 4]]))
+    assert nan_around(sb) and nan_around(ob)
+
+
+@pytest.mark.parametrize("kd,vd", [(20, 24), (128, 128)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("gate", GATES)
+def test_linear_sequences_match_reference(monkeypatch, kd, vd, dtype, state_dtype, gate):
+    """linear_attention over packed sequences (one empty, one of a token) in the delta kernel without its delta term,
+    NaN around every input and a NaN-filled out=, initial states from a cache (rows out of order, one not read): out
+    and the cache's rows as the reference's, its other rows and every NaN untouched."""
+    calls = spy_on(monkeypatch, "delta_seq")
+    gen = torch.Generator().manual_seed(kd + vd + GATES.index(gate))
+    cu = torch.tensor([0, 1, 1, 30, 45], dtype=torch.int32)
+    (q, k, v, g), (qv, kv, vv, gv), bufs = _linear_inputs(45, kd, vd, dtype, gate, gen)
+    cache = torch.randn(6, 3, kd, vd, generator=gen).to(state_dtype)
+    rows, has = torch.tensor([4, 0, 2, 5], dtype=torch.int32), torch.tensor([True, True, False, True])
+    out, ob = in_nan(torch.full((45, 3, vd), math.nan, dtype=dtype), every_other=False)
+    before, cache_before = [b.clone() for b in bufs], cache.clone()
+    got, final = pa.linear_attention(qv, kv, vv, g=gv, initial_state=cache, state_indices=rows, has_initial_state=has,
+                                     cu_seqlens=cu, out=out, backend="cpu")
+    assert got is out and final is None and len(calls) == 1
+    ref_cache = cache_before.double()
+    ref, _ = pa.linear_attention(q.double(), k.double(), v.double(), g=None if g is None else g.double(),
+                                 initial_state=ref_cache, state_indices=rows, has_initial_state=has, cu_seqlens=cu,
+                                 backend="reference")
+    torch.testing.assert_close(got.double(), ref, **tol(dtype))
+    torch.testing.assert_close(cache.double(), ref_cache.to(state_dtype).double(), **tol(dtype))
+    assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
+    assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
+    assert nan_around(ob)
