@@ -1,7 +1,7 @@
-"""attention on the CPU: prefill without block mask by the compiled flash kernel (flash.cpp: key blocks of each
-query block's causal/window band); else (and where the kernel is not built) per sequence, tiles of queries
-over only the keys their causal/window band and block mask leave visible, one call of torch's fused flash-attention
-kernel per tile (or per run of identical tiles).
+"""attention on the CPU: prefill by the compiled flash kernel (flash.cpp: the key blocks of each query block's
+causal/window band that its block mask leaves visible); else (and where the kernel is not built) per sequence,
+tiles of queries over only the keys their causal/window band and block mask leave visible, one call of torch's
+fused flash-attention kernel per tile (or per run of identical tiles).
 A sliding window of W costs O(T*W); nothing of size T x T is ever built."""
 from __future__ import annotations
 
@@ -42,7 +42,7 @@ def attention(q, k, v, *, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=Non
     if (decode and cu_seqlens_q is None and out is None and softcap == 0
             and not 0 <= window_size[0] < k.shape[0] - 1):  # no compiled kernel: one query that sees every key
         return _one_query(q, k, v, softmax_scale, sinks, return_lse)
-    if block_mask is None and q.shape[0] > FEW_QUERIES:  # prefill: the compiled flash kernel
+    if q.shape[0] > FEW_QUERIES:  # prefill: the compiled flash kernel
         done = native.flash(q, k, v, opts, return_lse, out, cu_seqlens_q, cu_seqlens_k)
         if done is not None:
             return done

@@ -4,7 +4,9 @@
 // head (each key block serves every query block and query head that sees it; kv heads in groups whose packs fit a
 // kept buffer): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
 // or for bfloat16 on a CPU with the AVX512-BF16 unit, pairs for `vdpbf16ps` (K [D/2, BK, 2], V [BK/2, Dv', 2],
-// P rounded to bfloat16). Blocks wholly inside the band skip masking. Built by native.py with decode.cpp.
+// P rounded to bfloat16). Blocks wholly inside the band skip masking. A block mask (masks.py) is read in place: key
+// blocks it leaves EMPTY for a query block are skipped, FULL ones inside the band run unmasked, the rest take one
+// bit per (row, key) from its states and PARTIAL element masks. Built by native.py with decode.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -48,6 +50,60 @@ struct Band {
   }
 };
 
+uint64_t span(int64_t n) { return n <= 0 ? 0 : n >= 64 ? ~uint64_t(0) : (uint64_t(1) << n) - 1; }
+
+// n <= 64 bool bytes -> bits (bit i: x[i] != 0)
+uint64_t to_bits(const uint8_t* x, int64_t n) {
+#if defined(CPU_CAPABILITY_AVX512)
+  const __m512i b = _mm512_maskz_loadu_epi8(span(n), x);
+  return _mm512_test_epi8_mask(b, b);
+#else
+  uint64_t bits = 0;
+  for (int64_t i = 0; i < n; ++i) bits |= uint64_t(x[i] != 0) << i;
+  return bits;
+#endif
+}
+
+// A block mask read in place (masks.py): states [S|1, H|1, nqb, nkb] of bq x bk position blocks (0 EMPTY, 1 PARTIAL:
+// its element mask partials[index], 2 FULL); positions outside the layout see nothing.
+struct Mask {
+  const int8_t* layout = nullptr;  // none: no mask
+  const int32_t* index = nullptr;
+  const uint8_t* partials = nullptr;
+  int64_t S = 0, H = 0, nqb = 0, nkb = 0, bq = 1, bk = 1;
+  enum Cover { NONE, SOME, ALL };
+
+  int64_t at(int64_t s, int64_t h) const { return ((S > 1 ? s : 0) * H + (H > 1 ? h : 0)) * nqb * nkb; }
+
+  // What query positions [p0, p1) see of keys [k0, k1) by the states of sequence/head `base` (at()) alone.
+  Cover cover(int64_t base, int64_t p0, int64_t p1, int64_t k0, int64_t k1) const {
+    const int64_t r0 = std::max<int64_t>(p0, 0), r1 = std::min(p1, nqb * bq), c1 = std::min(k1, nkb * bk);
+    if (r0 >= r1 || k0 >= c1) return NONE;
+    bool any = false, all = r0 == p0 && r1 == p1 && c1 == k1;
+    for (int64_t qb = r0 / bq; qb * bq < r1; ++qb)
+      for (int64_t kb = k0 / bk; kb * bk < c1; ++kb) {
+        const int8_t st = layout[base + qb * nkb + kb];
+        any |= st != 0;
+        all &= st == 2;
+      }
+    return all ? ALL : any ? SOME : NONE;
+  }
+
+  // Bit j - k0 set where position p sees key j of [k0, k1) (k1 - k0 <= 64).
+  uint64_t row(int64_t base, int64_t p, int64_t k0, int64_t k1) const {
+    if (p < 0 || p >= nqb * bq) return 0;
+    const int64_t qb = p / bq, c1 = std::min(k1, nkb * bk);
+    uint64_t bits = 0;
+    for (int64_t a = k0; a < c1;) {
+      const int64_t kb = a / bk, b = std::min(c1, (kb + 1) * bk), at = base + qb * nkb + kb;
+      if (layout[at] == 2) bits |= span(b - a) << (a - k0);
+      if (layout[at] == 1) bits |= to_bits(partials + (index[at] * bq + p % bq) * bk + a - kb * bk, b - a) << (a - k0);
+      a = b;
+    }
+    return bits;
+  }
+};
+
 // 2^x for x <= 0 (-inf: 0) to float32's precision: x clamped to -200 (2^-200 underflows to 0), a Taylor polynomial
 // of 2^f on [-1/2, 1/2] (relative error 1.2e-7) scaled by 2^n; half the instructions of Vec::exp_u20
 Vec exp2_neg(Vec x) {
@@ -84,6 +140,17 @@ float hmax(Vec x) {
 }
 
 using Block = Vec[RB][NV];  // scores of RB query rows x BK keys, in registers
+
+// a where bit l of `keep` is set, else -inf (W lanes)
+Vec hide(Vec a, uint64_t keep) {
+#if defined(CPU_CAPABILITY_AVX512)
+  return _mm512_mask_blend_ps(__mmask16(keep), _mm512_set1_ps(NEG_INF), a);
+#else
+  float lane[W];
+  for (int l = 0; l < W; ++l) lane[l] = (keep >> l) & 1 ? 0.f : 1.f;
+  return Vec::blendv(a, Vec(NEG_INF), Vec::loadu(lane) != Vec(0.f));
+#endif
+}
 
 // ---- float32 products: a = q [RB, D] . a packed key block kt [D, BK]; acc [RB, Dv'] = acc * c + p [RB, BK] @ v
 // [BK, Dv'] for NC vectors of columns from e0.
@@ -257,28 +324,34 @@ void pack(const Call& c, const Layout& k, const Layout& v, int64_t s, int64_t kb
 }
 
 // A thread's working rows for one query block: queries, the running max m and sums l (a vector of partial sums
-// per row) in log2 units, the accumulators' rescale c, the weights p of a key block.
+// per row) in log2 units, the accumulators' rescale c, the weights p of a key block; under a block mask the keys
+// each row sees of a key block (bits) and that block's values with the keys no row sees zeroed (values).
 struct Rows {
   std::vector<float> qf, acc, m, c, p;
   std::vector<Vec> l;
   std::vector<at::BFloat16> qb, pb;
+  std::vector<uint64_t> bits;
+  std::vector<char> values;
   explicit Rows(const Call& k)
       : qf(k.pairs ? 0 : BQ * k.D, 0.f), acc(BQ * k.dvp), m(BQ), c(BQ), p(BQ * BK, 0.f), l(BQ),
-        qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)) {}
+        qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)), bits(BQ, 0),
+        values(k.vbytes) {}
 };
 
 // The online-softmax update of RB rows (query positions p0 + i) by key block [k0, k0 + BK), scores a (times mul:
-// log2 units), capped at `cap` (0: not): keys outside a row's band hidden unless `full`, the running max m and sums
-// l, c = 2^(m_old - m), p [RB, BK] = 2^(a - m).
-void update(Block& a, float mul, float cap, const Band& band, int64_t p0, int64_t k0, bool full, float* m, Vec* l,
-            float* c, float* p) {
+// log2 units), capped at `cap` (0: not): keys outside a row's band hidden unless `full` (with `bits`: keys whose
+// bit is clear), the running max m and sums l, c = 2^(m_old - m), p [RB, BK] = 2^(a - m).
+void update(Block& a, float mul, float cap, const Band& band, int64_t p0, int64_t k0, bool full, const uint64_t* bits,
+            float* m, Vec* l, float* c, float* p) {
   float top[W];
   for (int i = 0; i < RB; ++i) {
     if (mul != 1.f)
       for (int x = 0; x < NV; ++x) a[i][x] = a[i][x] * Vec(mul);
     if (cap > 0.f)
       for (int x = 0; x < NV; ++x) a[i][x] = portable_attn_cpu::cap_tanh(a[i][x] * Vec(1.f / cap), cap);
-    if (!full) {
+    if (bits != nullptr) {
+      for (int x = 0; x < NV; ++x) a[i][x] = hide(a[i][x], bits[i] >> (x * W));
+    } else if (!full) {
       const Vec lo(float(band.lo(p0 + i) - k0)), hi(float(band.hi(p0 + i) - k0));
       for (int x = 0; x < NV; ++x) {
         const Vec j = Vec::arange(float(x * W), 1.f);
@@ -305,6 +378,7 @@ void update(Block& a, float mul, float cap, const Band& band, int64_t p0, int64_
 template <typename T>
 struct Kernel {
   const Call& c;
+  const Mask& mask;
   Layout q;
   const char* packed;  // blocks of kv heads h0 .. h0 + nh
   int64_t h0, nh;
@@ -329,12 +403,48 @@ struct Kernel {
     std::fill(r.acc.begin(), r.acc.end(), 0.f);
     std::fill(r.m.begin(), r.m.end(), LOWEST);
     std::fill(r.l.begin(), r.l.end(), Vec(0.f));
-    const int64_t lo = band.lo(p0), hi = band.hi(p0 + n - 1);
+    const int64_t lo = band.lo(p0), hi = band.hi(p0 + n - 1), rows = (n + RB - 1) / RB * RB;
+    const int64_t base = mask.layout != nullptr ? mask.at(s, hq) : 0;
     for (int64_t kb = lo / BK; lo < hi && kb * BK < hi; ++kb) {
       const bool full = band.lo(p0 + n - 1) <= kb * BK && band.hi(p0) >= (kb + 1) * BK;
-      step(r, (n + RB - 1) / RB * RB, band, p0, kb, full, block(s, kb, h));
+      const char* blk = block(s, kb, h);
+      const int64_t k0 = kb * BK, k1 = std::min(k0 + BK, band.lk);
+      const Mask::Cover seen = mask.layout != nullptr ? mask.cover(base, p0, p0 + n, k0, k1) : Mask::ALL;
+      if (seen == Mask::ALL && (full || mask.layout == nullptr)) {
+        step(r, rows, band, p0, kb, full, nullptr, blk, blk + c.kbytes);
+      } else if (seen != Mask::NONE) {
+        const char* values = visible(r, base, band, p0, n, k0, k1, blk + c.kbytes);
+        if (values != nullptr) step(r, rows, band, p0, kb, false, r.bits.data(), blk, values);
+      }
     }
     write(r, s, hq, t0, n);
+  }
+
+  // Under a block mask, the keys [k0, k1) each of the n rows from position p0 sees (r.bits: band and mask); the key
+  // block's values `v`, or a copy with the keys no row sees zeroed (they may hold NaN: 0 x NaN is NaN), or none where
+  // no row sees any key.
+  const char* visible(Rows& r, int64_t base, const Band& band, int64_t p0, int64_t n, int64_t k0, int64_t k1,
+                      const char* v) const {
+    uint64_t seen = 0;
+    std::fill(r.bits.begin(), r.bits.end(), 0);
+    for (int64_t i = 0; i < n; ++i) {
+      const int64_t p = p0 + i, a = std::max(band.lo(p), k0), b = std::min(band.hi(p), k1);
+      r.bits[i] = b > a ? mask.row(base, p, k0, k1) & (span(b - a) << (a - k0)) : 0;
+      seen |= r.bits[i];
+    }
+    if (seen == 0) return nullptr;
+    const uint64_t dead = ~seen & span(k1 - k0);
+    if (dead == 0) return v;
+    std::memcpy(r.values.data(), v, c.vbytes);
+    for (int64_t j = 0; j < k1 - k0; ++j) {
+      if (!((dead >> j) & 1)) continue;
+      if (c.pairs)  // [BK/2, dvp, 2] bfloat16
+        for (int64_t e = 0; e < c.dvp; ++e)
+          reinterpret_cast<at::BFloat16*>(r.values.data())[(j / 2 * c.dvp + e) * 2 + j % 2] = 0.f;
+      else  // [BK, dvp] float32
+        std::fill_n(reinterpret_cast<float*>(r.values.data()) + j * c.dvp, c.dvp, 0.f);
+    }
+    return r.values.data();
   }
 
   void load_queries(Rows& r, int64_t s, int64_t hq, int64_t t0, int64_t n) const {
@@ -349,35 +459,36 @@ struct Kernel {
       for (int64_t e = 0; e < c.D; ++e) r.qf[i * c.D + e] = i < n ? static_cast<float>(base[i * q.row + e]) * scale : 0.f;
   }
 
-  // Key block kb for the first `rows` rows, RB at a time: scores and softmax update for all rows, then P V (K and
-  // V blocks of float32 together fill L1: one at a time).
-  void step(Rows& r, int64_t rows, const Band& band, int64_t p0, int64_t kb, bool full, const char* blk) const {
+  // Key block kb (packed keys kp, values vp) for the first `rows` rows, RB at a time: scores and softmax update for
+  // all rows (`bits`: the keys each row sees), then P V (K and V blocks of float32 together fill L1: one at a time).
+  void step(Rows& r, int64_t rows, const Band& band, int64_t p0, int64_t kb, bool full, const uint64_t* bits,
+            const char* kp, const char* vp) const {
     Block a;
 #if defined(CPU_CAPABILITY_AVX512)
     if constexpr (std::is_same_v<T, at::BFloat16>)
       if (c.pairs) {
         for (int64_t i = 0; i < rows; i += RB) {
-          scores_bf16(r.qb.data() + i * c.dp, c.dp, reinterpret_cast<const at::BFloat16*>(blk), a);
-          update(a, scale, cap, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i,
+          scores_bf16(r.qb.data() + i * c.dp, c.dp, reinterpret_cast<const at::BFloat16*>(kp), a);
+          update(a, scale, cap, band, p0 + i, kb * BK, full, bits == nullptr ? nullptr : bits + i, r.m.data() + i, r.l.data() + i, r.c.data() + i,
                  r.p.data() + i * BK);
           to_bf16(r.p.data() + i * BK, r.pb.data() + i * BK);
         }
         for (int64_t i = 0; i < rows; i += RB)
           in_columns(c.dvp, [&](auto NC, int64_t e0) {
             values_bf16<decltype(NC)::value>(r.acc.data() + i * c.dvp, c.dvp, r.c.data() + i, r.pb.data() + i * BK,
-                                             reinterpret_cast<const at::BFloat16*>(blk + c.kbytes), e0);
+                                             reinterpret_cast<const at::BFloat16*>(vp), e0);
           });
         return;
       }
 #endif
     for (int64_t i = 0; i < rows; i += RB) {
-      scores_f32(r.qf.data() + i * c.D, c.D, reinterpret_cast<const float*>(blk), a);
-      update(a, 1.f, cap, band, p0 + i, kb * BK, full, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
+      scores_f32(r.qf.data() + i * c.D, c.D, reinterpret_cast<const float*>(kp), a);
+      update(a, 1.f, cap, band, p0 + i, kb * BK, full, bits == nullptr ? nullptr : bits + i, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
     }
     for (int64_t i = 0; i < rows; i += RB)
       in_columns(c.dvp, [&](auto NC, int64_t e0) {
         values_f32<decltype(NC)::value>(r.acc.data() + i * c.dvp, c.dvp, r.c.data() + i, r.p.data() + i * BK,
-                                        reinterpret_cast<const float*>(blk + c.kbytes), e0);
+                                        reinterpret_cast<const float*>(vp), e0);
       });
   }
 
@@ -403,7 +514,7 @@ struct Kernel {
 template <typename T>
 void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_q,
            const c10::optional<at::Tensor>& cu_k, bool causal, int64_t left, int64_t right, double scale,
-           double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor& out, const c10::optional<at::Tensor>& lse,
+           double softcap, const float* sinks, const Mask& mask, at::Tensor& out, const c10::optional<at::Tensor>& lse,
            int64_t keep_bytes) {
   Call c;
   c.S = cu_q.has_value() ? cu_q->size(0) - 1 : 1;
@@ -453,8 +564,8 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
     for (int64_t s = 0; s < c.S; ++s)
       for (int64_t hq = h0 * g; hq < (h0 + nh) * g; ++hq)
         for (int64_t qb = (c.lq[s] + BQ - 1) / BQ - 1; qb >= 0; --qb) items.push_back({s, hq, qb});
-    const Kernel<T> kern{c, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed, h0, nh,
-                         sinks.has_value() ? sinks->data_ptr<float>() : nullptr, static_cast<float>(scale / M_LN2),
+    const Kernel<T> kern{c, mask, Layout{q.data_ptr(), q.stride(0), q.stride(1)}, packed, h0, nh, sinks,
+                         static_cast<float>(scale / M_LN2),
                          static_cast<float>(softcap / M_LN2),
                          out.data_ptr<T>(), out.stride(0), out.stride(1),
                          lse.has_value() ? lse->data_ptr<float>() : nullptr,
@@ -473,25 +584,49 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
 
 }  // namespace
 
-// q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (last axes contiguous), cu_seqlens_q/k int32 [S + 1] or both none
-// (one sequence), window (left, right) with -1 unbounded, softcap (0: none), sinks [Hq] float32 contiguous or none -> out [Tq, Hq, Dv]
-// (q's dtype, last axis contiguous), lse [Hq, Tq] float32 or none. Packed keys and values take at most keep_bytes
-// kept across calls (more kv heads than fit are packed and run a group at a time).
-void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
-               const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
-               double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
-               int64_t keep_bytes) {
+// q [Tq, Hq, D], k [Tk, Hkv, D], v [Tk, Hkv, Dv] (k and v: last axes contiguous), cu_seqlens_q/k int32 [S + 1] or
+// both none (one sequence), window (left, right) with -1 unbounded, softcap (0: none), sinks [Hq] or none, a block
+// mask as masks.BlockMask holds it (layout int8 and partial_index int32 [S|1, Hq|1, nqb, nkb], partial_masks bool
+// [M, bq, bk]) or none -> out [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] float32 when wanted (else
+// undefined: None). Packed keys and values take at most keep_bytes kept across calls (more kv heads than fit are
+// packed and run a group at a time).
+std::tuple<at::Tensor, at::Tensor> flash_any(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
+    double softcap, const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& layout,
+    const c10::optional<at::Tensor>& partial_index, const c10::optional<at::Tensor>& partial_masks,
+    std::vector<int64_t> block_size, const c10::optional<at::Tensor>& out, bool want_lse, int64_t keep_bytes) {
   const auto unit = [](const at::Tensor& x) { return x.stride(2) == 1 || x.size(2) <= 1 || x.numel() == 0; };
-  TORCH_CHECK(unit(q) && unit(k) && unit(v) && unit(out), "flash: last axes contiguous");
+  TORCH_CHECK(unit(k) && unit(v), "flash: last axes of k and v contiguous");
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "flash: cu_seqlens_q and _k, both or neither");
+  const at::Tensor qc = unit(q) ? q : q.contiguous();
+  at::Tensor o = out.has_value() && unit(*out) ? *out : at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
+  const c10::optional<at::Tensor> lse =
+      want_lse ? c10::optional<at::Tensor>(at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))) : c10::nullopt;
+  const at::Tensor sink = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
+  Mask mask;
+  at::Tensor lay, idx, pm;  // the mask's tensors as read (kept alive for the call)
+  if (layout.has_value()) {
+    TORCH_CHECK(partial_index.has_value() && partial_masks.has_value() && block_size.size() == 2,
+                "flash: a block mask's layout, partial_index, partial_masks and block_size together");
+    lay = layout->contiguous(), idx = partial_index->contiguous(), pm = partial_masks->contiguous();
+    mask = Mask{lay.data_ptr<int8_t>(), idx.data_ptr<int32_t>(), reinterpret_cast<const uint8_t*>(pm.data_ptr<bool>()),
+                lay.size(0), lay.size(1), lay.size(2), lay.size(3), block_size[0], block_size[1]};
+  }
+  const float* sp = sink.defined() ? sink.data_ptr<float>() : nullptr;
   switch (q.scalar_type()) {
     case at::kFloat:
-      return flash<float>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
+      flash<float>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
+      break;
     case at::kBFloat16:
-      return flash<at::BFloat16>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
+      flash<at::BFloat16>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
+      break;
     case at::kHalf:
-      return flash<at::Half>(q, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sinks, out, lse, keep_bytes);
+      flash<at::Half>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
+      break;
     default:
       TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }
+  if (out.has_value() && !o.is_same(*out)) o = out->copy_(o);  // an out= whose last axis is strided
+  return {o, lse.has_value() ? *lse : at::Tensor()};
 }

@@ -8,10 +8,12 @@ std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Ten
                                               const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
                                               double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
                                               int64_t copy_bytes);
-void flash_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
-               const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
-               double softcap, const c10::optional<at::Tensor>& sinks, at::Tensor out, const c10::optional<at::Tensor>& lse,
-               int64_t keep_bytes);
+std::tuple<at::Tensor, at::Tensor> flash_any(
+    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
+    const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,
+    double softcap, const c10::optional<at::Tensor>& sinks, const c10::optional<at::Tensor>& layout,
+    const c10::optional<at::Tensor>& partial_index, const c10::optional<at::Tensor>& partial_masks,
+    std::vector<int64_t> block_size, const c10::optional<at::Tensor>& out, bool want_lse, int64_t keep_bytes);
 void softcap_softmax(at::Tensor s, const c10::optional<at::Tensor>& hidden, double softcap, at::Tensor m,
                      at::Tensor total);
 at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
@@ -32,10 +34,13 @@ at::Tensor conv_step_any(const at::Tensor& x, const at::Tensor& weight, const c1
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("decode", &decode_any, "one query per sequence over paged or packed keys, read in place (decode.cpp)");
   namespace py = pybind11;
-  m.def("flash", &flash_any, "prefill attention over packed sequences, key blocks of each query block's band (flash.cpp)",
+  m.def("flash", &flash_any, "prefill attention over packed sequences, key blocks of each query block's band and block mask (flash.cpp)",
         py::arg("q"), py::arg("k"), py::arg("v"), py::kw_only(), py::arg("cu_seqlens_q") = py::none(),
         py::arg("cu_seqlens_k") = py::none(), py::arg("causal"), py::arg("left"), py::arg("right"), py::arg("scale"),
-        py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("out"), py::arg("lse") = py::none(), py::arg("keep_bytes"));
+        py::arg("softcap") = 0.0, py::arg("sinks") = py::none(), py::arg("layout") = py::none(),
+        py::arg("partial_index") = py::none(), py::arg("partial_masks") = py::none(),
+        py::arg("block_size") = std::vector<int64_t>{}, py::arg("out") = py::none(), py::arg("want_lse") = false,
+        py::arg("keep_bytes"));
   m.def("softcap_softmax", &softcap_softmax, "capped scores to softmax weights, row max and sum (softcap.cpp)");
   m.def("delta_step", &delta_step_any, "one gated-delta-rule (beta None: linear-attention) token per sequence, the state rows in place (recurrent.cpp)");
   m.def("delta_seq", &delta_seq, "the gated delta rule (beta None: linear attention) over packed sequences, token by token in cache (recurrent.cpp)");

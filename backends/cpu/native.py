@@ -58,21 +58,18 @@ def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: 
 
 def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=None):
     """Attention over packed sequences (q [Tq, Hq, D], k/v [Tk, Hkv, D|Dv], cu_seqlens int32 [S + 1] or None: one
-    sequence) by the compiled flash kernel: causal, window, softcap and sinks (`opts`: attention.Options, no block
-    mask). o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel
-    is not built."""
+    sequence) by the compiled flash kernel: causal, window, softcap, sinks and block mask (`opts`: attention.Options).
+    o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel is not
+    built."""
     built = kernels()
     if built is None:
         return None
-    o = out if out is not None and out.stride(-1) == 1 else q.new_empty(q.shape[0], q.shape[1], v.shape[2])
-    lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32) if return_lse else None
-    sinks = None if opts.sinks is None else opts.sinks.float().contiguous()
-    built.flash(q if q.stride(-1) == 1 else q.contiguous(), k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k,
-                causal=opts.causal, left=opts.window[0], right=opts.window[1], scale=opts.scale,
-                softcap=float(opts.softcap), sinks=sinks, out=o,
-                lse=lse, keep_bytes=workspace.KEEP_BYTES)
-    if out is not None and o is not out:  # an out= whose last axis is strided
-        o = out.copy_(o)
+    bm = opts.block_mask
+    mask = {} if bm is None else dict(layout=bm.layout, partial_index=bm.partial_index,
+                                      partial_masks=bm.partial_masks, block_size=bm.block_size)
+    o, lse = built.flash(q, k, v, cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k, causal=opts.causal,
+                         left=opts.window[0], right=opts.window[1], scale=opts.scale, softcap=float(opts.softcap),
+                         sinks=opts.sinks, out=out, want_lse=return_lse, keep_bytes=workspace.KEEP_BYTES, **mask)
     return (o, lse) if return_lse else o
 
 

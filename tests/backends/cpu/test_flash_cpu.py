@@ -1,6 +1,7 @@
 """The cpu backend's compiled prefill attention (flash.cpp): causal/window bands, GQA, head dims on and off the vector
-width, Dv != D, chunked prefill, varlen with empty and one-token sequences, softcap, sinks and lse, against the
-float64 reference; strided views with NaN around them, a NaN-filled out=, nothing else written. (Its conformance cases with
+width, Dv != D, chunked prefill, varlen with empty and one-token sequences, softcap, sinks and lse, block masks of
+every block size and kind of block, against the float64 reference; strided views with NaN around them, a NaN-filled
+out=, nothing else written, NaN keys no query sees never let in. (Its conformance cases with
 and without the kernels: test_native_cpu.py.)"""
 import math
 
@@ -9,6 +10,8 @@ import torch
 
 import portable_attn as pa
 from portable_attn.backends.cpu import workspace
+from portable_attn.conformance.invisible import invisible
+from portable_attn.masks import BlockMask
 from tests.backends.cpu.test_native_cpu import spy_on
 from tests.backends.cpu.test_recurrent_kernels_cpu import bits, in_nan, nan_around, tol
 
@@ -32,7 +35,37 @@ CASES = {
 SOFTCAP = {"left": 20.0, "dense": 5.0, "varlen": 30.0}  # cases whose scores are capped
 
 
-def _call(name, dtype, gen):
+# name: (the case of CASES it masks, block size, layout per sequence, per head): random EMPTY / PARTIAL / FULL
+# blocks, partial masks of random elements; block sizes under, at and over the kernel's 64, and off its multiples
+MASKED = {
+    "causal_64": ("causal", (64, 64), False, False),
+    "dense_16x32": ("dense", (16, 32), False, True),
+    "left_48x80": ("left", (48, 80), False, False),
+    "both_128": ("both", (128, 128), False, True),
+    "chunked_prefill_7x100": ("chunked_prefill", (7, 100), False, False),
+    "unseen_queries_32x16": ("unseen_queries", (32, 16), False, False),
+    "varlen_24x40": ("varlen", (24, 40), True, True),
+    "varlen_dense_64x1": ("varlen_dense", (64, 1), True, False),
+}
+
+
+def _mask(name, gen, weights=(0.3, 0.4, 0.3)):
+    case, (bq, bk), per_seq, per_head = MASKED[name]
+    lq, lk, _, _, (hq, _), *_ = CASES[case]
+    longest = max(lk)
+    shape = (len(lk) if per_seq else 1, hq if per_head else 1, -(-longest // bq), -(-longest // bk))
+    layout = torch.multinomial(torch.tensor(weights), math.prod(shape), True, generator=gen).view(shape)
+    partial = layout == 1
+    index = torch.where(partial, torch.cumsum(partial.flatten(), 0).view(shape) - 1, -1).to(torch.int32)
+    masks = torch.rand(int(partial.sum()), bq, bk, generator=gen) < 0.5
+    return BlockMask.from_layout(layout, (bq, bk), index, masks)
+
+
+def _call(name, dtype, gen, weights=(0.3, 0.4, 0.3)):
+    """The inputs of a case; a MASKED one's blocks EMPTY, PARTIAL, FULL by `weights`."""
+    if name in MASKED:
+        (q, k, v), kw = _call(MASKED[name][0], dtype, gen)
+        return (q, k, v), kw | dict(block_mask=_mask(name, gen, weights))
     lq, lk, causal, window, (hq, hkv), d, dv, sinks = CASES[name]
     q = torch.randn(sum(lq), hq, d, generator=gen).to(dtype)
     k = torch.randn(sum(lk), hkv, d, generator=gen).to(dtype)
@@ -45,7 +78,7 @@ def _call(name, dtype, gen):
     return (q, k, v), kw
 
 
-@pytest.mark.parametrize("name", list(CASES))
+@pytest.mark.parametrize("name", [*CASES, *MASKED])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("every_other", [False, True])
 def test_matches_reference(monkeypatch, name, dtype, every_other):
@@ -92,3 +125,19 @@ def test_reads_only_visible_keys(monkeypatch, dtype):
     got = pa.attention(q, k, v, **kw)
     assert len(calls) == 2 and torch.isfinite(got).all()
     assert torch.equal(bits(got), bits(expected))
+
+
+@pytest.mark.parametrize("name", list(MASKED))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_block_mask_never_lets_unseen_keys_in(monkeypatch, name, dtype):
+    """Keys and values no query of the call sees (by band and block mask) NaN: the output and lse as without them, bit
+    for bit (scores of hidden keys are dropped, never multiplied by zero)."""
+    calls = spy_on(monkeypatch, "flash")
+    (q, k, v), kw = _call(name, dtype, torch.Generator().manual_seed(len(name)), weights=(0.8, 0.15, 0.05))
+    hidden = invisible("attention", dict(q=q, k=k, v=v, **kw))
+    assert any(m.any() for m in hidden.values())
+    expected = pa.attention(q, k, v, **kw, backend="cpu")
+    got = pa.attention(q, k.masked_fill(hidden["k"], math.nan), v.masked_fill(hidden["v"], math.nan), **kw,
+                       backend="cpu")
+    assert len(calls) == 2
+    assert all(torch.equal(bits(a), bits(b)) for a, b in zip(got, expected))

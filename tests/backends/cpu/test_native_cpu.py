@@ -30,12 +30,11 @@ RECURRENT = catalogue(FULL, list(KERNELS))
 
 
 def _prefill(case) -> bool:
-    """Whether an attention case's call reaches flash.cpp: more than FEW_QUERIES queries, no block mask."""
-    args = case.make(np.random.default_rng(0))
-    return args["q"].shape[0] > attention.FEW_QUERIES and args.get("block_mask") is None
+    """Whether an attention case's call reaches flash.cpp: more than FEW_QUERIES queries."""
+    return case.make(np.random.default_rng(0))["q"].shape[0] > attention.FEW_QUERIES
 
 
-PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window, dense, softcap prefill cases
+PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window, dense, softcap, block mask prefills
 CASES = list({id(c): c for c in DECODES_AND_PAGED + SOFTCAPPED + RECURRENT + PREFILLS}.values())
 
 
@@ -93,8 +92,8 @@ def test_recurrent_cases_reach_kernels(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", PREFILLS, ids=[c.name for c in PREFILLS])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_prefill_cases_reach_flash(case, dtype, monkeypatch):
-    """The prefill cases (causal, windows, dense, chunked, varlen, softcap, sinks) conform with the kernels on, and
-    reach flash.cpp."""
+    """The prefill cases (causal, windows, dense, chunked, varlen, softcap, sinks, block masks) conform with the kernels
+    on, and reach flash.cpp."""
     calls = spy_on(monkeypatch, "flash")
     res = run_case("cpu", case, dtype)
     assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
