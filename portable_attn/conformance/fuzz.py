@@ -85,7 +85,7 @@ def _mask(draw, nseq, heads):
     """None or a random layout (empty, partial and full blocks) per sequence, per head or shared."""
     if draw(st.booleans()):
         return None
-    block = draw(st.sampled_from([(16, 16), (8, 16), (16, 32), (4, 8)]))
+    block = draw(st.sampled_from([(16, 16), (8, 16), (16, 32), (4, 8), (64, 64), (24, 80)]))  # under, at, over 64
     per_head = draw(st.booleans())
     return Recipe(cases._random_layout, draw(st.integers(0, 99)), nseq, heads if per_head else 1, block)
 
