@@ -1,12 +1,13 @@
-// Prefill attention on the CPU, flash style: per (sequence, query head, block of BQ queries), only the key blocks
-// of BK keys its causal/window band reaches, an online softmax over them (scores softcapped where asked) and P V accumulated in float32; threads take
-// work items in turn, a head's costly (causal: last) blocks first. Keys and values are packed once per call and kv
-// head (each key block serves every query block and query head that sees it; kv heads in groups whose packs fit a
-// kept buffer): float32 K transposed per block ([D, BK], keys in vector lanes, a query element broadcast) and V [BK, Dv'],
-// or for bfloat16 on a CPU with the AVX512-BF16 unit, pairs for `vdpbf16ps` (K [D/2, BK, 2], V [BK/2, Dv', 2],
-// P rounded to bfloat16). Blocks wholly inside the band skip masking. A block mask (masks.py) is read in place: key
-// blocks it leaves EMPTY for a query block are skipped, FULL ones inside the band run unmasked, the rest take one
-// bit per (row, key) from its states and PARTIAL element masks. Built by native.py with decode.cpp.
+// Prefill attention on the CPU, flash style: per (sequence, query head, block of BQ queries), only the key blocks of
+// BK keys its causal/window band reaches, an online softmax over them (scores softcapped where asked) and P V
+// accumulated in float32; threads take work items in turn, a head's costly (causal: last) blocks first. Keys and
+// values are packed once per call and kv head (each key block serves every query block and query head that sees it;
+// kv heads in groups whose packs fit a kept buffer): float32 K transposed per block ([D, BK], keys in vector lanes,
+// a query element broadcast) and V [BK, Dv'], or for bfloat16 on a CPU with the AVX512-BF16 unit, pairs for
+// `vdpbf16ps` (K [D/2, BK, 2], V [BK/2, Dv', 2], P rounded to bfloat16). Blocks wholly inside the band skip masking.
+// A block mask (masks.py) is read in place: key blocks it leaves EMPTY for a query block are skipped, FULL ones
+// inside the band run unmasked, the rest take one bit per (row, key) from its states and PARTIAL element masks.
+// Built by native.py with decode.cpp.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
@@ -214,7 +215,8 @@ __attribute__((target("avx512bf16"))) void values_bf16(float* acc, int64_t dv, c
                                                       const at::BFloat16* vp, int64_t e0) {
   __m512 a[RB][NC];
   for (int i = 0; i < RB; ++i)
-    for (int x = 0; x < NC; ++x) a[i][x] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * dv + e0 + x * W), _mm512_set1_ps(c[i]));
+    for (int x = 0; x < NC; ++x)
+      a[i][x] = _mm512_mul_ps(_mm512_loadu_ps(acc + i * dv + e0 + x * W), _mm512_set1_ps(c[i]));
   for (int64_t j = 0; j < BK; j += 2) {
     __m512bh vv[NC];
     for (int x = 0; x < NC; ++x) vv[x] = (__m512bh)_mm512_loadu_si512(vp + 2 * (j / 2 * dv + e0 + x * W));
@@ -456,7 +458,15 @@ struct Kernel {
         return;
       }
     for (int64_t i = 0; i < BQ; ++i)
-      for (int64_t e = 0; e < c.D; ++e) r.qf[i * c.D + e] = i < n ? static_cast<float>(base[i * q.row + e]) * scale : 0.f;
+      for (int64_t e = 0; e < c.D; ++e)
+        r.qf[i * c.D + e] = i < n ? static_cast<float>(base[i * q.row + e]) * scale : 0.f;
+  }
+
+  // update() of rows i .. i + RB by key block kb
+  void softmax(Rows& r, Block& a, float mul, const Band& band, int64_t p0, int64_t kb, bool full, const uint64_t* bits,
+               int64_t i) const {
+    update(a, mul, cap, band, p0 + i, kb * BK, full, bits == nullptr ? nullptr : bits + i, r.m.data() + i,
+           r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
   }
 
   // Key block kb (packed keys kp, values vp) for the first `rows` rows, RB at a time: scores and softmax update for
@@ -469,8 +479,7 @@ struct Kernel {
       if (c.pairs) {
         for (int64_t i = 0; i < rows; i += RB) {
           scores_bf16(r.qb.data() + i * c.dp, c.dp, reinterpret_cast<const at::BFloat16*>(kp), a);
-          update(a, scale, cap, band, p0 + i, kb * BK, full, bits == nullptr ? nullptr : bits + i, r.m.data() + i, r.l.data() + i, r.c.data() + i,
-                 r.p.data() + i * BK);
+          softmax(r, a, scale, band, p0, kb, full, bits, i);
           to_bf16(r.p.data() + i * BK, r.pb.data() + i * BK);
         }
         for (int64_t i = 0; i < rows; i += RB)
@@ -483,7 +492,7 @@ struct Kernel {
 #endif
     for (int64_t i = 0; i < rows; i += RB) {
       scores_f32(r.qf.data() + i * c.D, c.D, reinterpret_cast<const float*>(kp), a);
-      update(a, 1.f, cap, band, p0 + i, kb * BK, full, bits == nullptr ? nullptr : bits + i, r.m.data() + i, r.l.data() + i, r.c.data() + i, r.p.data() + i * BK);
+      softmax(r, a, 1.f, band, p0, kb, full, bits, i);
     }
     for (int64_t i = 0; i < rows; i += RB)
       in_columns(c.dvp, [&](auto NC, int64_t e0) {
@@ -601,8 +610,8 @@ std::tuple<at::Tensor, at::Tensor> flash_any(
   TORCH_CHECK(cu_seqlens_q.has_value() == cu_seqlens_k.has_value(), "flash: cu_seqlens_q and _k, both or neither");
   const at::Tensor qc = unit(q) ? q : q.contiguous();
   at::Tensor o = out.has_value() && unit(*out) ? *out : at::empty({q.size(0), q.size(1), v.size(2)}, q.options());
-  const c10::optional<at::Tensor> lse =
-      want_lse ? c10::optional<at::Tensor>(at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat))) : c10::nullopt;
+  c10::optional<at::Tensor> lse;
+  if (want_lse) lse = at::empty({q.size(1), q.size(0)}, q.options().dtype(at::kFloat));
   const at::Tensor sink = sinks.has_value() ? sinks->to(at::kFloat).contiguous() : at::Tensor();
   Mask mask;
   at::Tensor lay, idx, pm;  // the mask's tensors as read (kept alive for the call)
@@ -614,18 +623,15 @@ std::tuple<at::Tensor, at::Tensor> flash_any(
                 lay.size(0), lay.size(1), lay.size(2), lay.size(3), block_size[0], block_size[1]};
   }
   const float* sp = sink.defined() ? sink.data_ptr<float>() : nullptr;
+  const auto run = [&](auto type) {
+    flash<decltype(type)>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse,
+                          keep_bytes);
+  };
   switch (q.scalar_type()) {
-    case at::kFloat:
-      flash<float>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
-      break;
-    case at::kBFloat16:
-      flash<at::BFloat16>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
-      break;
-    case at::kHalf:
-      flash<at::Half>(qc, k, v, cu_seqlens_q, cu_seqlens_k, causal, left, right, scale, softcap, sp, mask, o, lse, keep_bytes);
-      break;
-    default:
-      TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
+    case at::kFloat: run(float{}); break;
+    case at::kBFloat16: run(at::BFloat16{}); break;
+    case at::kHalf: run(at::Half{}); break;
+    default: TORCH_CHECK(false, "flash: float32, bfloat16 or float16 tensors, not ", q.scalar_type());
   }
   if (out.has_value() && !o.is_same(*out)) o = out->copy_(o);  // an out= whose last axis is strided
   return {o, lse.has_value() ? *lse : at::Tensor()};

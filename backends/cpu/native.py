@@ -1,8 +1,8 @@
-"""The cpu backend's compiled kernels (decode.cpp, flash.cpp, softcap.cpp, recurrent.cpp, conv.cpp; bound in kernels.cpp), built
-on first use with torch's C++ extension builder for the vector width of this machine and kept in torch's
-extension cache (one build per machine and source). Where they cannot be built (no C++ compiler or ninja) or
-PORTABLE_ATTN_CPU_NATIVE=0, `kernels()` is None, `decode` returns None and the callers take their torch paths;
-the reason is logged once."""
+"""The cpu backend's compiled kernels (decode.cpp, flash.cpp, softcap.cpp, recurrent.cpp, conv.cpp; bound in
+kernels.cpp), built on first use with torch's C++ extension builder for the vector width of this machine and kept in
+torch's extension cache (one build per machine and source). Where they cannot be built (no C++ compiler or ninja) or
+PORTABLE_ATTN_CPU_NATIVE=0, `kernels()` is None, `decode` returns None and the callers take their torch paths; the
+reason is logged once."""
 from __future__ import annotations
 
 import functools
@@ -94,8 +94,8 @@ def _built():
         return cpp_extension.load(name=name, sources=[str(f) for f in SOURCES], extra_cflags=flags,
                                   extra_ldflags=["-fopenmp"])
     except (OSError, RuntimeError, ImportError) as e:  # no compiler, no ninja, a failed build
-        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); attention, decode, softcap, "
-                    "the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to build "
-                    "them.",
+        log.warning("portable_attn: the cpu backend's compiled kernels are unavailable (%s); attention, decode, "
+                    "softcap, the recurrences and conv1d take their torch paths. Install a C++ compiler and ninja to "
+                    "build them.",
                     str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__)
         return None
