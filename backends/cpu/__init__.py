@@ -7,8 +7,9 @@ class CpuBackend(Backend):
     name = "cpu"
     module = "portable_attn.backends.cpu.ops"
     platforms = frozenset({Platform.CPU})
-    description = ("tiled attention over visible blocks, chunked recurrences; decode, the gated delta rule and linear "
-                   "attention, the SSD step and conv1d compiled on first use; float32/16/bf16")
+    description = ("attention over visible blocks (prefill, block masks and decode compiled), chunked recurrences; "
+                   "the gated delta rule and linear attention, the SSD step and conv1d compiled on first use; "
+                   "float32/16/bf16")
     limits = "float64 (use reference)"
     float64 = False
 
