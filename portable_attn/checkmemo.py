@@ -41,8 +41,9 @@ VALUES = "index values checked"  # the last item of a signature whose index valu
 
 
 class Passed(NamedTuple):
-    normalised: dict         # the non-tensor arguments the checks normalised, by name
-    rows: int | None         # bsz of the default state_indices the checks filled in, else None
+    normalised: dict         # the arguments the checks normalised, by name (the CPU's default state_indices too)
+    rows: int | None         # bsz of the default state_indices the checks filled in off the CPU, else None
+    plain: bool              # nothing to replay per call but `normalised` (no rows, index values or out)
     run: object | None       # the op's function of the backend chosen for this signature, where kept
 
 
@@ -178,6 +179,12 @@ def check(decl, a: dict, key, passed: Passed | None) -> dict:
             _remember(key, given, a)
         return a
     a.update(passed.normalised)
+    return a if passed.plain else replay(decl, a, key, passed)
+
+
+def replay(decl, a: dict, key, passed: Passed) -> dict:
+    """The per-call checks of a remembered call on its normalised arguments `a`: the default state_indices off the
+    CPU, the index values where `key` says so, the `out` overlap."""
     if passed.rows is not None:
         a["state_indices"] = checks.default_rows(passed.rows, a[decl.primary].device)
     if key[-1] is VALUES:
@@ -209,7 +216,10 @@ def _remember(key, given: dict, checked: dict) -> None:
         if isinstance(v, torch.Tensor):
             if name != "state_indices" or given[name] is not None:
                 return  # a normalisation this module does not know how to replay
-            rows = v.shape[0]
+            if v.is_cpu:  # checks.default_rows' kept tensor
+                normalised[name] = v
+            else:
+                rows = v.shape[0]
         else:
             normalised[name] = v
     try:
@@ -218,4 +228,4 @@ def _remember(key, given: dict, checked: dict) -> None:
         return
     if len(PASSED) >= LIMIT:
         del PASSED[next(iter(PASSED))]
-    PASSED[key] = Passed(normalised, rows, None)
+    PASSED[key] = Passed(normalised, rows, rows is None and key[-1] is not VALUES and given.get("out") is None, None)
