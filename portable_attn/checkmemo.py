@@ -92,7 +92,8 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
     body = ["try:",
             f"    _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-            "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),",
+            "backend is not _NO_SELECTION and _is_grad_enabled(), "
+            f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
             *(f"            {p}," for p in parts),
             "    )",
             "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
@@ -115,8 +116,8 @@ def key_source(decl, indent: str = "    ") -> list[str]:
 
 # The names `key_source`'s statements use.
 SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0),
-             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts,
-             _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
+             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _env=envs.lookup,
+             _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
              _index_checks_enabled=checks.index_checks_enabled)
 
 
