@@ -41,8 +41,9 @@ VALUES = "index values checked"  # the last item of a signature whose index valu
 
 
 class Passed(NamedTuple):
-    normalised: dict         # the non-tensor arguments the checks normalised, by name
-    rows: int | None         # bsz of the default state_indices the checks filled in, else None
+    normalised: dict         # the arguments the checks normalised, by name (the CPU's default state_indices too)
+    rows: int | None         # bsz of the default state_indices the checks filled in off the CPU, else None
+    plain: bool              # nothing to replay per call but `normalised` (no rows, index values or out)
     run: object | None       # the op's function of the backend chosen for this signature, where kept
 
 
@@ -91,7 +92,8 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
     body = ["try:",
             f"    _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-            "backend is not _NO_SELECTION and _is_grad_enabled(), _texts(_SELECTION_VARS),",
+            "backend is not _NO_SELECTION and _is_grad_enabled(), "
+            f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
             *(f"            {p}," for p in parts),
             "    )",
             "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
@@ -114,8 +116,8 @@ def key_source(decl, indent: str = "    ") -> list[str]:
 
 # The names `key_source`'s statements use.
 SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0),
-             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _texts=envs.texts,
-             _SELECTION_VARS=SELECTION_VARS, _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
+             _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _env=envs.lookup,
+             _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
              _index_checks_enabled=checks.index_checks_enabled)
 
 
@@ -178,6 +180,12 @@ def check(decl, a: dict, key, passed: Passed | None) -> dict:
             _remember(key, given, a)
         return a
     a.update(passed.normalised)
+    return a if passed.plain else replay(decl, a, key, passed)
+
+
+def replay(decl, a: dict, key, passed: Passed) -> dict:
+    """The per-call checks of a remembered call on its normalised arguments `a`: the default state_indices off the
+    CPU, the index values where `key` says so, the `out` overlap."""
     if passed.rows is not None:
         a["state_indices"] = checks.default_rows(passed.rows, a[decl.primary].device)
     if key[-1] is VALUES:
@@ -209,7 +217,10 @@ def _remember(key, given: dict, checked: dict) -> None:
         if isinstance(v, torch.Tensor):
             if name != "state_indices" or given[name] is not None:
                 return  # a normalisation this module does not know how to replay
-            rows = v.shape[0]
+            if v.is_cpu:  # checks.default_rows' kept tensor
+                normalised[name] = v
+            else:
+                rows = v.shape[0]
         else:
             normalised[name] = v
     try:
@@ -218,4 +229,4 @@ def _remember(key, given: dict, checked: dict) -> None:
         return
     if len(PASSED) >= LIMIT:
         del PASSED[next(iter(PASSED))]
-    PASSED[key] = Passed(normalised, rows, None)
+    PASSED[key] = Passed(normalised, rows, rows is None and key[-1] is not VALUES and given.get("out") is None, None)

@@ -461,22 +461,32 @@ def paged_values(a: dict) -> int | None:
     """The index values of a paged_attention call whose shapes passed; the longest key count (None: no
     sequences)."""
     q, kc, bt, su, cu = a["q"], a["k_cache"], a["block_table"], a["seqused_k"], a["cu_seqlens_q"]
-    bs, lk_max = kc.shape[1], None
-    hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
-    hcu = hcu[0] if hcu else None
-    if hcu is not None:
-        cu_values("cu_seqlens_q", hcu, q.shape[0])
-    if bt.shape[0]:
-        least, lk_max = extent(hsu)
+    nb, bs = kc.shape[0], kc.shape[1]
+    hcu = least = lk_max = None
+    if cu is None and bt.is_cpu and bt.numel() <= SMALL:  # decode's few values as lists: NumPy cost ~20 us cold
+        lens, ids = su.tolist(), bt.tolist()
+        if lens:
+            least, lk_max = min(lens), max(lens)
+        in_range = not ids or not ids[0] or (min(map(min, ids)) >= 0 and max(map(max, ids)) < nb)
+    else:
+        hsu, hbt, *hcu = host(su, bt, *([cu] if cu is not None else []))
+        hcu = hcu[0] if hcu else None
+        if hcu is not None:
+            cu_values("cu_seqlens_q", hcu, q.shape[0])
+        if hsu.size:
+            least, lk_max = extent(hsu)
+        in_range = not hbt.size or within(hbt, nb)
+    if lk_max is not None:
         if least < 0 or lk_max > bt.shape[1] * bs:
-            index_range("seqused_k", hsu, 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
+            index_range("seqused_k", host(su)[0], 0, bt.shape[1] * bs + 1, f"key counts (block_table holds "
                         f"{bt.shape[1]} blocks of {bs})")
         if a["max_seqlen_k"] is not None and a["max_seqlen_k"] < lk_max:
             raise ValueError(f"max_seqlen_k: {a['max_seqlen_k']} is shorter than the longest sequence "
                              f"({lk_max})")
-        if hbt.size and not within(hbt, kc.shape[0]):  # some id out of range: check only the entries in use
+        if not in_range:  # some id out of range: check only the entries in use
+            hsu, hbt = host(su, bt)
             used = np.arange(bt.shape[1])[None, :] * bs < hsu[:, None]
-            index_range("block_table", hbt[used], 0, kc.shape[0], "block ids in use")
+            index_range("block_table", hbt[used], 0, nb, "block ids in use")
     max_seqlen("max_seqlen_q", a["max_seqlen_q"], hcu)
     return lk_max
 

@@ -73,11 +73,12 @@ def entry(fn, compiled):
         "    except TypeError:  # an unhashable argument: never remembered",
         "        _passed = None",
         "    if _passed is not None and _passed.run is not None:  # Backend.run, on the backend chosen before",
-        f"        return _passed.run(**_check(_decl, {{{args}}}, _key, _passed))",
+        f"        _a = {{{args}, **_passed.normalised}}",
+        "        return _passed.run(**(_a if _passed.plain else _replay(_decl, _a, _key, _passed)))",
         f"    return _run(_decl, {{{args}}}, backend, _key, _passed)",
     ])
     scope = dict(checkmemo.SCOPE, _is_compiling=torch.compiler.is_compiling, _compiled=compiled,
-                 _PASSED=checkmemo.PASSED, _check=checkmemo.check, _run=_run, _decl=decl)
+                 _PASSED=checkmemo.PASSED, _replay=checkmemo.replay, _run=_run, _decl=decl)
     exec(source, scope)  # noqa: S102 - source built above from the op table, nothing from a caller
     public = scope[decl.name]
     public.__defaults__, public.__kwdefaults__ = fn.__defaults__, fn.__kwdefaults__

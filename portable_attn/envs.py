@@ -75,37 +75,20 @@ def is_set(name: str) -> bool:
     return bool(os.environ.get(name))
 
 
-_PARSED: dict = {}  # (name, raw value) -> parsed value: every call reads several variables
-# os.environ's own mapping, read without its per-access key encoding (~1 us) where it is bytes -> bytes
-_DATA = os.environ._data if os.name == "posix" else None
-
-
-def texts(names: tuple) -> tuple:
-    """The unparsed values (None where unset) of the variables `names`: a cheap key of what they say."""
-    if _DATA is None:
-        return tuple(os.environ.get(n) for n in names)
-    return tuple(map(_DATA.get, _keys(names)))
-
-
-_KEYS: dict = {}  # names -> their os.environ._data keys
-
-
-def _keys(names: tuple) -> tuple:
-    keys = _KEYS.get(names)
-    if keys is None:
-        keys = _KEYS[names] = tuple(os.fsencode(n) for n in names)
-    return keys
+# A variable's text by `key(name)`, None where unset, in one C call: os.environ's own mapping where it is bytes ->
+# bytes, read without os.environ's per-access key encoding (~1 us)
+lookup, key = (os.environ._data.get, os.fsencode) if os.name == "posix" else (os.environ.get, str)
 
 
 def _reader(var: Var) -> property:
-    key = os.fsencode(var.name)
+    name, parsed = key(var.name), {}  # raw value -> parsed value: every call reads several variables
 
     def read(_module):
-        text = _DATA.get(key) if _DATA is not None else os.environ.get(var.name)
+        text = lookup(name)
         try:
-            return _PARSED[var.name, text]
+            return parsed[text]
         except KeyError:
-            value = _PARSED[var.name, text] = var.parse(var.default if text is None else os.fsdecode(text))
+            value = parsed[text] = var.parse(var.default if text is None else os.fsdecode(text))
             return value
     return property(read, doc=var.doc)
 

@@ -139,6 +139,32 @@ def test_failed_write_changes_nothing():
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
+@pytest.mark.parametrize("path", ["decode", "prefill", "large table"])
+@pytest.mark.parametrize("table, used, error", [
+    ([[0, 1], [2, 9]], [5, 8], r"block_table: block ids in use must lie in \[0, 6\), got 9"),
+    ([[0, -1], [2, 3]], [5, 8], r"block_table: block ids in use must lie in \[0, 6\), got -1"),
+    ([[0, 1], [2, 3]], [-1, 8], r"seqused_k: key counts .* must lie in \[0, 9\), got -1"),
+    ([[0, 1], [2, 3]], [5, 9], r"seqused_k: key counts .* must lie in \[0, 9\), got 9"),
+    ([[0, 1], [2, 3]], [5, 8], r"max_seqlen_k: 7 is shorter than the longest sequence \(8\)"),
+    ([[0, 9], [2, -1]], [4, 0], None),  # ids out of range in entries no key uses: accepted
+])
+def test_paged_index_values_on_each_path(path, table, used, error):
+    """The decode table's few values are read as lists, a prefill's or a large table's in NumPy: the same
+    errors (and the same unused entries ignored) either way."""
+    q, kc, vc, _, _ = paged()
+    bt, su = torch.tensor(table, dtype=I32), torch.tensor(used, dtype=I32)
+    kw = dict(max_seqlen_k=7) if error and "max_seqlen_k" in error else {}
+    if path == "prefill":
+        kw |= dict(cu_seqlens_q=cu(0, 1, 2), max_seqlen_q=1)
+    elif path == "large table":  # more entries than checks.SMALL: 2048 more sequences, without keys
+        q, bt, su = torch.cat([q, q.new_zeros(2048, *q.shape[1:])]), bt.repeat(1025, 1), torch.cat([su, su.new_zeros(2048)])
+    if error is None:
+        pa.paged_attention(q, kc, vc, bt, su, **kw)
+        return
+    with pytest.raises(ValueError, match=error):
+        pa.paged_attention(q, kc, vc, bt, su, **kw)
+
+
 def test_failed_step_changes_nothing():
     state = torch.randn(4, 2, 8, 8)
     before = state.clone()
