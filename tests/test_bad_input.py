@@ -157,7 +157,8 @@ def test_paged_index_values_on_each_path(path, table, used, error):
     if path == "prefill":
         kw |= dict(cu_seqlens_q=cu(0, 1, 2), max_seqlen_q=1)
     elif path == "large table":  # more entries than checks.SMALL: 2048 more sequences, without keys
-        q, bt, su = torch.cat([q, q.new_zeros(2048, *q.shape[1:])]), bt.repeat(1025, 1), torch.cat([su, su.new_zeros(2048)])
+        q, bt = torch.cat([q, q.new_zeros(2048, *q.shape[1:])]), bt.repeat(1025, 1)
+        su = torch.cat([su, su.new_zeros(2048)])
     if error is None:
         pa.paged_attention(q, kc, vc, bt, su, **kw)
         return

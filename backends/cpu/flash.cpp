@@ -74,9 +74,10 @@ struct Mask {
   int64_t S = 0, H = 0, nqb = 0, nkb = 0, bq = 1, bk = 1;
   enum Cover { NONE, SOME, ALL };
 
-  int64_t at(int64_t s, int64_t h) const { return ((S > 1 ? s : 0) * H + (H > 1 ? h : 0)) * nqb * nkb; }
+  // the first state of sequence s, query head h
+  int64_t offset(int64_t s, int64_t h) const { return ((S > 1 ? s : 0) * H + (H > 1 ? h : 0)) * nqb * nkb; }
 
-  // What query positions [p0, p1) see of keys [k0, k1) by the states of sequence/head `base` (at()) alone.
+  // What query positions [p0, p1) see of keys [k0, k1) by the states from `base` (offset()) alone.
   Cover cover(int64_t base, int64_t p0, int64_t p1, int64_t k0, int64_t k1) const {
     const int64_t r0 = std::max<int64_t>(p0, 0), r1 = std::min(p1, nqb * bq), c1 = std::min(k1, nkb * bk);
     if (r0 >= r1 || k0 >= c1) return NONE;
@@ -96,9 +97,10 @@ struct Mask {
     const int64_t qb = p / bq, c1 = std::min(k1, nkb * bk);
     uint64_t bits = 0;
     for (int64_t a = k0; a < c1;) {
-      const int64_t kb = a / bk, b = std::min(c1, (kb + 1) * bk), at = base + qb * nkb + kb;
-      if (layout[at] == 2) bits |= span(b - a) << (a - k0);
-      if (layout[at] == 1) bits |= to_bits(partials + (index[at] * bq + p % bq) * bk + a - kb * bk, b - a) << (a - k0);
+      const int64_t kb = a / bk, b = std::min(c1, (kb + 1) * bk), cell = base + qb * nkb + kb;
+      if (layout[cell] == 2) bits |= span(b - a) << (a - k0);
+      if (layout[cell] == 1)
+        bits |= to_bits(partials + (index[cell] * bq + p % bq) * bk + a - kb * bk, b - a) << (a - k0);
       a = b;
     }
     return bits;
@@ -334,10 +336,10 @@ struct Rows {
   std::vector<at::BFloat16> qb, pb;
   std::vector<uint64_t> bits;
   std::vector<char> values;
-  explicit Rows(const Call& k)
+  Rows(const Call& k, bool masked)
       : qf(k.pairs ? 0 : BQ * k.D, 0.f), acc(BQ * k.dvp), m(BQ), c(BQ), p(BQ * BK, 0.f), l(BQ),
-        qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)), bits(BQ, 0),
-        values(k.vbytes) {}
+        qb(k.pairs ? BQ * k.dp : 0, at::BFloat16(0.f)), pb(k.pairs ? BQ * BK : 0, at::BFloat16(0.f)),
+        bits(masked ? BQ : 0, 0), values(masked ? k.vbytes : 0) {}
 };
 
 // The online-softmax update of RB rows (query positions p0 + i) by key block [k0, k0 + BK), scores a (times mul:
@@ -406,7 +408,7 @@ struct Kernel {
     std::fill(r.m.begin(), r.m.end(), LOWEST);
     std::fill(r.l.begin(), r.l.end(), Vec(0.f));
     const int64_t lo = band.lo(p0), hi = band.hi(p0 + n - 1), rows = (n + RB - 1) / RB * RB;
-    const int64_t base = mask.layout != nullptr ? mask.at(s, hq) : 0;
+    const int64_t base = mask.layout != nullptr ? mask.offset(s, hq) : 0;
     for (int64_t kb = lo / BK; lo < hi && kb * BK < hi; ++kb) {
       const bool full = band.lo(p0 + n - 1) <= kb * BK && band.hi(p0) >= (kb + 1) * BK;
       const char* blk = block(s, kb, h);
@@ -582,7 +584,7 @@ void flash(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const 
     std::atomic<int64_t> next{0};
     const int64_t n_items = items.size();
     at::parallel_for(0, std::min<int64_t>(at::get_num_threads(), n_items), 1, [&](int64_t, int64_t) {
-      Rows r(c);
+      Rows r(c, mask.layout != nullptr);
       for (int64_t w = next++; w < n_items; w = next++) {
         const auto [s, hq, qb] = items[w];
         kern.run(r, s, hq, qb * BQ, std::min(BQ, c.lq[s] - qb * BQ));

@@ -34,7 +34,8 @@ def _prefill(case) -> bool:
     return case.make(np.random.default_rng(0))["q"].shape[0] > attention.FEW_QUERIES
 
 
-PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]  # causal, window, dense, softcap, block mask prefills
+# the prefills: causal, windows, dense, softcap, block masks
+PREFILLS = [c for c in catalogue(FULL, ["attention"]) if _prefill(c)]
 CASES = list({id(c): c for c in DECODES_AND_PAGED + SOFTCAPPED + RECURRENT + PREFILLS}.values())
 
 
