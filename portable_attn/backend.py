@@ -59,6 +59,8 @@ class Backend:
                                           # usual kind of kernel (shown in the support matrix)
     backward: frozenset = frozenset()     # ops with a tested backward; the others refuse inputs that
                                           # require grad (SPEC "Autograd": inference ops)
+    checks_values: frozenset = frozenset()  # ops whose function checks the op's index values itself on every
+                                          # call, before it writes: a remembered call skips `Op.values`
 
     def available(self) -> str | None:
         """None when usable on this machine, else the reason it is not."""

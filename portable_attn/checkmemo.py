@@ -43,7 +43,9 @@ VALUES = "index values checked"  # the last item of a signature whose index valu
 class Passed(NamedTuple):
     normalised: dict         # the arguments the checks normalised, by name (the CPU's default state_indices too)
     rows: int | None         # bsz of the default state_indices the checks filled in off the CPU, else None
-    plain: bool              # nothing to replay per call but `normalised` (no rows, index values or out)
+    values: bool             # the op's index-value checks (`Op.values`) run on each call
+    out: bool                # an `out` is given: its overlap is checked on each call
+    plain: bool              # nothing to replay per call but `normalised` (no rows, values or out)
     run: object | None       # the op's function of the backend chosen for this signature, where kept
 
 
@@ -180,17 +182,17 @@ def check(decl, a: dict, key, passed: Passed | None) -> dict:
             _remember(key, given, a)
         return a
     a.update(passed.normalised)
-    return a if passed.plain else replay(decl, a, key, passed)
+    return a if passed.plain else replay(decl, a, passed)
 
 
-def replay(decl, a: dict, key, passed: Passed) -> dict:
+def replay(decl, a: dict, passed: Passed) -> dict:
     """The per-call checks of a remembered call on its normalised arguments `a`: the default state_indices off the
-    CPU, the index values where `key` says so, the `out` overlap."""
+    CPU, the index values unless the remembered backend checks them itself, the `out` overlap."""
     if passed.rows is not None:
         a["state_indices"] = checks.default_rows(passed.rows, a[decl.primary].device)
-    if key[-1] is VALUES:
+    if passed.values:
         decl.values(a)
-    if a.get("out") is not None:
+    if passed.out:
         checks.no_overlap(a, a["out"])
     return a
 
@@ -205,8 +207,10 @@ def keeps_choice(backend: Backend) -> bool:
 
 def remember_backend(key, backend: Backend) -> None:
     passed = PASSED.get(key)
-    if passed is not None:
-        PASSED[key] = passed._replace(run=getattr(backend.impl(), key[0]))
+    if passed is not None:  # a backend that checks the op's index values itself: no Op.values on replay
+        values = passed.values and key[0] not in backend.checks_values
+        PASSED[key] = passed._replace(run=getattr(backend.impl(), key[0]), values=values,
+                                      plain=passed.rows is None and not values and not passed.out)
 
 
 def _remember(key, given: dict, checked: dict) -> None:
@@ -229,4 +233,5 @@ def _remember(key, given: dict, checked: dict) -> None:
         return
     if len(PASSED) >= LIMIT:
         del PASSED[next(iter(PASSED))]
-    PASSED[key] = Passed(normalised, rows, rows is None and key[-1] is not VALUES and given.get("out") is None, None)
+    values, out = key[-1] is VALUES, given.get("out") is not None
+    PASSED[key] = Passed(normalised, rows, values, out, rows is None and not values and not out, None)

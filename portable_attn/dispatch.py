@@ -74,7 +74,7 @@ def entry(fn, compiled):
         "        _passed = None",
         "    if _passed is not None and _passed.run is not None:  # Backend.run, on the backend chosen before",
         f"        _a = {{{args}, **_passed.normalised}}",
-        "        return _passed.run(**(_a if _passed.plain else _replay(_decl, _a, _key, _passed)))",
+        "        return _passed.run(**(_a if _passed.plain else _replay(_decl, _a, _passed)))",
         f"    return _run(_decl, {{{args}}}, backend, _key, _passed)",
     ])
     scope = dict(checkmemo.SCOPE, _is_compiling=torch.compiler.is_compiling, _compiled=compiled,

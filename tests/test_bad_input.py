@@ -1,4 +1,5 @@
 """Bad input as a new user would write it: a clear error naming the argument, and nothing changed."""
+import functools
 import importlib.util
 import math
 import os
@@ -139,15 +140,18 @@ def test_failed_write_changes_nothing():
     assert torch.equal(kc, before[0]) and torch.equal(vc, before[1])
 
 
-@pytest.mark.parametrize("path", ["decode", "prefill", "large table"])
-@pytest.mark.parametrize("table, used, error", [
+PAGED_VALUES = [
     ([[0, 1], [2, 9]], [5, 8], r"block_table: block ids in use must lie in \[0, 6\), got 9"),
     ([[0, -1], [2, 3]], [5, 8], r"block_table: block ids in use must lie in \[0, 6\), got -1"),
     ([[0, 1], [2, 3]], [-1, 8], r"seqused_k: key counts .* must lie in \[0, 9\), got -1"),
     ([[0, 1], [2, 3]], [5, 9], r"seqused_k: key counts .* must lie in \[0, 9\), got 9"),
     ([[0, 1], [2, 3]], [5, 8], r"max_seqlen_k: 7 is shorter than the longest sequence \(8\)"),
     ([[0, 9], [2, -1]], [4, 0], None),  # ids out of range in entries no key uses: accepted
-])
+]
+
+
+@pytest.mark.parametrize("path", ["decode", "prefill", "large table"])
+@pytest.mark.parametrize("table, used, error", PAGED_VALUES)
 def test_paged_index_values_on_each_path(path, table, used, error):
     """The decode table's few values are read as lists, a prefill's or a large table's in NumPy: the same
     errors (and the same unused entries ignored) either way."""
@@ -164,6 +168,33 @@ def test_paged_index_values_on_each_path(path, table, used, error):
         return
     with pytest.raises(ValueError, match=error):
         pa.paged_attention(q, kc, vc, bt, su, **kw)
+
+
+@pytest.mark.parametrize("check", ["1", "0"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("table, used, error", PAGED_VALUES)
+def test_paged_index_values_of_a_remembered_call(table, used, error, backend, check, monkeypatch):
+    """A decode whose signature passed before: the reference replays the op's value checks, the cpu backend skips
+    them (its decode kernel checks the values it reads before it writes, CpuBackend.checks_values). The same
+    errors and `out` untouched either way; with PORTABLE_ATTN_CHECK=0 the cpu backend still refuses them."""
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", check)
+    q, kc, vc, _, _ = paged()
+    kw = dict(max_seqlen_k=7 if error and "max_seqlen_k" in error else 8, backend=backend)
+    good = pa.paged_attention(q, kc, vc, torch.tensor([[0, 1], [2, 3]], dtype=I32), torch.tensor([5, 7], dtype=I32),
+                              out=torch.full_like(q, math.nan), **kw)
+    assert not good.isnan().any()  # the signature is remembered now
+    out = torch.full_like(q, math.nan)
+    call = functools.partial(pa.paged_attention, q, kc, vc, torch.tensor(table, dtype=I32),
+                             torch.tensor(used, dtype=I32), out=out, **kw)
+    if error is None:
+        call()
+        assert not out.isnan().any()
+    elif check == "0" and backend == "reference":  # unchecked: out-of-range values are the caller's (SPEC)
+        return
+    else:
+        with pytest.raises(ValueError, match=error):
+            call()
+        assert out.isnan().all()
 
 
 def test_failed_step_changes_nothing():

@@ -12,6 +12,7 @@ class CpuBackend(Backend):
                    "float32/16/bf16")
     limits = "float64 (use reference)"
     float64 = False
+    checks_values = frozenset({"paged_attention"})  # decode.cpp checks the block ids and key counts it reads
 
 
 BACKEND = CpuBackend()

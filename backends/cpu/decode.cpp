@@ -1,7 +1,6 @@
 // Decode on the CPU: one query per sequence over its keys (listed by a block table, or packed rows), each key
-// and value row read once: on a call too large to stay cached, a tile's rows copied into a buffer by runs of
-// adjacent rows where a row's kv heads lie packed (native.COPY_BYTES), else read in place. Per tile of keys and kv
-// head: the scores of its query heads in register blocks (one transpose-and-add tree for a block's sums;
+// and value row read once, in place, the rows a head loop reads next prefetched into L2 while it runs. Per tile of
+// keys and kv head: the scores of its query heads in register blocks (one transpose-and-add tree for a block's sums;
 // bfloat16 pairs in the AVX512-BF16 unit where there is one), then P V with the accumulators in registers
 // across the tile. Built on first use by native.py, for the vector width of the machine it runs on (ATen's
 // Vectorized<float>).
@@ -13,7 +12,7 @@
 #include "vec.h"
 
 #include <cmath>
-#include <cstring>
+#include <cstdint>
 #include <limits>
 #include <type_traits>
 #include <utility>
@@ -24,8 +23,32 @@ namespace {
 using portable_attn_cpu::bf16_unit;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t SUB = Vec::size();   // keys per block of score accumulators: one vector of sums per query row
-constexpr int64_t TILE = 4 * SUB;       // keys per softmax update: its max, sums and rescale once per 4 blocks (5-11 % faster)
+constexpr int64_t TILE = 2 * SUB;       // keys per softmax update (its max, sums and rescale): 4 blocks ran 0-7 % slower
 const float NEG_INF = -std::numeric_limits<float>::infinity();
+
+// Software prefetch: chunk c + AHEAD of a work item's read order is prefetched into L2 while chunk c is read (a
+// chunk: one kv head of a tile's key or value rows). Rows 2-4 KB apart (a key's row, in pages anywhere) defeat
+// the hardware prefetchers, and prefetched into L1 a chunk evicts the one in use; into L2 the kernel runs 1.3-1.4x
+// faster than copying each tile's rows first (Zen 4, docs/pitfalls.md).
+constexpr int64_t AHEAD = 2;
+
+// A chunk's rows: rows[j] + offset .. + bytes for j < t, prefetched into L2 one row per call of row(j)
+template <typename T>
+struct Ahead {
+  const T* const* rows = nullptr;
+  int64_t t = 0, offset = 0, bytes = 0;  // t = 0: nothing to prefetch
+  void row(int64_t j) const {
+    if (j >= t) return;
+    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[j] + offset);
+    for (uintptr_t x = a & ~uintptr_t(63); x < a + bytes; x += 64) {
+#if defined(__x86_64__)  // GCC 12 drops __builtin_prefetch and _mm_prefetch from a loop with no other effect
+      asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(x)));
+#else
+      __builtin_prefetch(reinterpret_cast<const void*>(x), 0, 2);
+#endif
+    }
+  }
+};
 
 float hsum(Vec x) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, x); }
 float hmax(Vec x) { return at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, x); }
@@ -89,11 +112,12 @@ Vec sums(const Vec* a) {
 // Scores of G query rows (q, D apart, float32, scaled) against the first t keys of a tile (k[j]: key j's row; rows
 // up to the next multiple of SUB / G are read, the tile repeats its last row): s[i * TILE + j] = q_i . k_j. Blocks
 // of G x SUB / G (query, key) pairs, one accumulator each, so every key chunk loaded serves G queries and every
-// query chunk SUB / G keys.
+// query chunk SUB / G keys. The rows of `ahead` prefetched as many at a time.
 template <int G, typename T>
-void scores(const float* q, const T* const* k, int64_t d, int64_t t, float* s) {
+void scores(const float* q, const T* const* k, int64_t d, int64_t t, float* s, const Ahead<T>& ahead) {
   constexpr int KB = SUB / G;
   for (int64_t j0 = 0; j0 < t; j0 += KB) {
+    for (int j = 0; j < KB; ++j) ahead.row(j0 + j);
     Vec acc[SUB];
     for (int i = 0; i < SUB; ++i) acc[i] = Vec(0.f);
     int64_t e = 0;
@@ -121,9 +145,11 @@ void scores(const float* q, const T* const* k, int64_t d, int64_t t, float* s) {
 // (bf16_unit()): pairs of exact products summed in float32, no conversion; s = scale * q_i . k_j.
 template <int G>
 __attribute__((target("avx512bf16"))) void scores_bf16(const at::BFloat16* q, const at::BFloat16* const* k, int64_t d,
-                                                      int64_t t, float scale, float* s) {
+                                                      int64_t t, float scale, float* s,
+                                                      const Ahead<at::BFloat16>& ahead) {
   constexpr int KB = SUB / G;
   for (int64_t j0 = 0; j0 < t; j0 += KB) {
+    for (int j = 0; j < KB; ++j) ahead.row(j0 + j);
     Vec acc[SUB];
     for (int i = 0; i < SUB; ++i) acc[i] = Vec(0.f);
     for (int64_t e = 0; e < d; e += 32) {
@@ -144,13 +170,16 @@ __attribute__((target("avx512bf16"))) void scores_bf16(const at::BFloat16* q, co
 #endif
 
 // Accumulator rows acc[i] (dv apart) = acc[i] * c[i] + sum_j p[i * TILE + j] v_j over the tile's t keys, for
-// G rows and C vectors of columns from column e0: G x C accumulators in registers across the tile.
+// G rows and C vectors of columns from column e0: G x C accumulators in registers across the tile. The rows of
+// `ahead` prefetched one per key.
 template <int G, int C, typename T>
-void value_cols(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv, int64_t e0) {
+void value_cols(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv, int64_t e0,
+                const Ahead<T>& ahead) {
   Vec a[G][C];
   for (int i = 0; i < G; ++i)
     for (int x = 0; x < C; ++x) a[i][x] = Vec(0.f);
   for (int64_t j = 0; j < t; ++j) {
+    ahead.row(j);
     Vec vv[C];
     for (int x = 0; x < C; ++x) vv[x] = as_float(v[j] + e0 + x * Vec::size());
     for (int i = 0; i < G; ++i) {
@@ -166,12 +195,13 @@ void value_cols(float* acc, const float* c, const float* p, const T* const* v, i
 }
 
 template <int G, typename T>
-void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv) {
+void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv, const Ahead<T>& ahead) {
   // G x C accumulators and C value vectors within the 32 vector registers of AVX-512 (half as many on AVX2's 16)
   constexpr int C = (G >= 4 ? 4 : 8) * Vec::size() / 16;
+  const Ahead<T> none;  // `ahead` in the first pass over the keys only
   int64_t e = 0;
-  for (; e + C * Vec::size() <= dv; e += C * Vec::size()) value_cols<G, C>(acc, c, p, v, t, dv, e);
-  for (; e + Vec::size() <= dv; e += Vec::size()) value_cols<G, 1>(acc, c, p, v, t, dv, e);
+  for (; e + C * Vec::size() <= dv; e += C * Vec::size()) value_cols<G, C>(acc, c, p, v, t, dv, e, e ? none : ahead);
+  for (; e + Vec::size() <= dv; e += Vec::size()) value_cols<G, 1>(acc, c, p, v, t, dv, e, e ? none : ahead);
   for (int i = 0; i < G; ++i)  // dv % Vec::size()
     for (int64_t x = e; x < dv; ++x) {
       float sum = 0.f;
@@ -199,12 +229,12 @@ struct Strided {  // a cache [NB, BS, Hkv, D] read through its strides
 // [S, MB] and seqused_k [S] (int32); or packed, k/v [T, 1, Hkv, D|Dv] with cu_seqlens_k [S + 1] (int32; none: one
 // sequence of all T). Its query sits at its last key n - 1 and sees keys [first, n), first = n - 1 - left when
 // left >= 0. Work items: (sequence, kv-head range), so that a batch smaller than the thread count still uses
-// every thread. A call that reads more than copy_bytes of keys and values copies each tile's rows first.
+// every thread.
 template <typename T>
 void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_cache,
             const c10::optional<at::Tensor>& block_table, const c10::optional<at::Tensor>& seqused_k,
             const c10::optional<at::Tensor>& cu_seqlens_k, const c10::optional<at::Tensor>& sinks, double scale,
-            int64_t left, double softcap, at::Tensor& out, const c10::optional<at::Tensor>& lse, int64_t copy_bytes) {
+            int64_t left, double softcap, at::Tensor& out, const c10::optional<at::Tensor>& lse) {
   const int64_t S = q.size(0), Hq = q.size(1), D = q.size(2);
   const int64_t BS = k_cache.size(1), Hkv = k_cache.size(2), Dv = v_cache.size(3), g = Hq / Hkv;
   const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(Hkv, (at::get_num_threads() + S - 1) / std::max<int64_t>(S, 1)));
@@ -232,19 +262,14 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
     const int64_t n = table ? used[b * u0] : cu ? cu[(b + 1) * c0] - cu[b * c0] : k_cache.size(0);
     return std::pair<int64_t, int64_t>{left >= 0 ? std::max<int64_t>(0, n - 1 - left) : 0, n};
   };
-  int64_t seen = 0;  // key rows the call reads
-  for (int64_t b = 0; b < S; ++b) {
-    const auto [first, n] = keys(b);
-    seen += n - first;
-  }
-  const bool copy = seen * Hkv * (D + Dv) * int64_t(sizeof(T)) > copy_bytes;  // rows copied per tile
+  const bool prefetch = kc.elem == 1 && vc.elem == 1;  // rows contiguous: Ahead's spans
   at::parallel_for(0, S * parts, 1, [&](int64_t begin, int64_t end) {
     const int64_t rows = per_part * g;
     std::vector<float> qf(pairs ? 0 : rows * D), acc(rows * Dv), m(rows), l(rows), c(rows), s(rows * TILE);
     std::vector<T> qb(pairs ? rows * D : 0);  // the queries as they came, for scores_bf16; else scaled float32
-    std::vector<T> kblk(copy ? TILE * per_part * D : 0), vblk(copy ? TILE * per_part * Dv : 0);  // a tile's rows, heads h0 .. h1
     std::vector<T> kstage(TILE * D), vstage(TILE * Dv);  // one head of a tile's rows of a cache whose elements are strided
-    const T *kr[TILE], *vr[TILE], *kh[TILE], *vh[TILE];  // the tile's key / value rows at kv head h0, at head h
+    const T *kr[TILE], *vr[TILE], *kn[TILE], *vn[TILE];  // the tile's and the next one's key / value rows at kv head h0
+    const T *kh[TILE], *vh[TILE];                        // the tile's rows at kv head h
     for (int64_t w = begin; w < end; ++w) {
       const int64_t b = w / parts, h0 = (w % parts) * per_part, h1 = std::min(Hkv, h0 + per_part);
       if (h0 >= h1) continue;
@@ -267,33 +292,12 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         return table ? data + table[b * t0 + (pos / BS) * t1] * cs.block + (pos % BS) * cs.slot
                      : data + (start + pos) * cs.block;
       };
-      // the tile's t rows at kv head h0 (a short tile repeats its last row; its scores are masked below), copied
-      // into `blk` where the call copies and a row's heads h0 .. h1 lie packed; returns the head stride of the rows given
-      auto fetch = [&](const Strided& cs, int64_t width, int64_t j0, int64_t t, T* blk, const T** rows) {
-        const bool packed = copy && cs.elem == 1 && (cs.head == width || h1 - h0 == 1);
-        const int64_t span = (h1 - h0) * width;
-        const T* run = nullptr;  // rows j .. that follow each other in memory: one copy
-        int64_t len = 0;
-        T* dst = blk;
-        for (int64_t j = 0; j < t; ++j) {
-          const T* src = row(cs, j0 + j) + h0 * cs.head;
-          rows[j] = packed ? blk + j * span : src;
-          if (!packed) continue;
-          if (run != nullptr && src == run + len) {
-            len += span;
-            continue;
-          }
-          if (run != nullptr) dst = static_cast<T*>(std::memcpy(dst, run, len * sizeof(T))) + len;
-          run = src;
-          len = span;
-        }
-        if (run != nullptr) std::memcpy(dst, run, len * sizeof(T));
-        for (int64_t j = t; j < TILE; ++j) rows[j] = rows[t - 1];
-        return packed ? width : cs.head;
+      auto fetch = [&](const Strided& cs, int64_t j0, int64_t t, const T** rows) {  // t rows from key j0, at kv head h0
+        for (int64_t j = 0; j < t; ++j) rows[j] = row(cs, j0 + j) + h0 * cs.head;
       };
-      auto head = [](const Strided& cs, const T* const* base, int64_t hs, int64_t h, int64_t width, T* stage, const T** dst) {
-        for (int64_t j = 0; j < TILE; ++j) {  // kv head h0 + h of each row (`hs`: the rows' head stride), contiguous
-          const T* x = base[j] + h * hs;
+      auto head = [](const Strided& cs, const T* const* base, int64_t h, int64_t width, T* stage, const T** dst) {
+        for (int64_t j = 0; j < TILE; ++j) {  // kv head h0 + h of each row, contiguous
+          const T* x = base[j] + h * cs.head;
           if (cs.elem != 1) {
             for (int64_t e = 0; e < width; ++e) stage[j * width + e] = x[e * cs.elem];
             x = stage + j * width;
@@ -301,18 +305,34 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           dst[j] = x;
         }
       };
+      const int64_t nh = h1 - h0;
       for (int64_t j0 = first; j0 < n; j0 += TILE) {
-        const int64_t t = std::min(TILE, n - j0);
-        const int64_t khs = fetch(kc, D, j0, t, kblk.data(), kr), vhs = fetch(vc, Dv, j0, t, vblk.data(), vr);
+        const int64_t t = std::min(TILE, n - j0), tn = prefetch ? std::min(TILE, n - j0 - t) : 0;
+        fetch(kc, j0, t, kr);
+        fetch(vc, j0, t, vr);
+        for (int64_t j = t; j < TILE; ++j) kr[j] = kr[t - 1], vr[j] = vr[t - 1];  // a short tile: its last row again (masked)
+        fetch(kc, j0 + t, tn, kn);
+        fetch(vc, j0 + t, tn, vn);
+        auto chunk = [&](int64_t x) {  // chunk x of the read order: the tile's key rows head by head, its value rows, the next tile's
+          const int64_t kb = D * int64_t(sizeof(T)), vb = Dv * int64_t(sizeof(T));
+          if (!prefetch) return Ahead<T>{};
+          if (x < nh) return Ahead<T>{kr, t, x * kc.head, kb};
+          if (x < 2 * nh) return Ahead<T>{vr, t, (x - nh) * vc.head, vb};
+          if (x < 3 * nh) return Ahead<T>{kn, tn, (x - 2 * nh) * kc.head, kb};
+          return Ahead<T>{vn, tn, (x - 3 * nh) * vc.head, vb};  // AHEAD <= 2 nh: x < 4 nh
+        };
+        const Ahead<T> none;  // the second and later blocks of a head's query rows: prefetched by the first
         for (int64_t h = h0; h < h1; ++h) {  // scores s [nr, TILE]
-          head(kc, kr, khs, h - h0, D, kstage.data(), kh);
+          head(kc, kr, h - h0, D, kstage.data(), kh);
+          const Ahead<T> ahead = chunk(h - h0 + AHEAD);
           const int64_t r = (h - h0) * g;  // its query heads' local rows r .. r + g
           in_blocks(g, [&](auto G, int64_t i) {
+            const Ahead<T>& a = i ? none : ahead;
 #if defined(CPU_CAPABILITY_AVX512)
             if constexpr (std::is_same_v<T, at::BFloat16>)
-              if (pairs) return scores_bf16<decltype(G)::value>(qb.data() + (r + i) * D, kh, D, t, scale, s.data() + (r + i) * TILE);
+              if (pairs) return scores_bf16<decltype(G)::value>(qb.data() + (r + i) * D, kh, D, t, scale, s.data() + (r + i) * TILE, a);
 #endif
-            scores<decltype(G)::value>(qf.data() + (r + i) * D, kh, D, t, s.data() + (r + i) * TILE);
+            scores<decltype(G)::value>(qf.data() + (r + i) * D, kh, D, t, s.data() + (r + i) * TILE, a);
           });
         }
         const int64_t nv = (t + SUB - 1) / SUB;  // vectors of scores the tile's keys fill
@@ -338,10 +358,12 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           l[i] = l[i] * c[i] + hsum(total);
         }
         for (int64_t h = h0; h < h1; ++h) {  // acc [nr, Dv] = acc * c + p v
-          head(vc, vr, vhs, h - h0, Dv, vstage.data(), vh);
+          head(vc, vr, h - h0, Dv, vstage.data(), vh);
+          const Ahead<T> ahead = chunk(nh + h - h0 + AHEAD);
           const int64_t r = (h - h0) * g;
           in_blocks(g, [&](auto G, int64_t i) {
-            values<decltype(G)::value>(acc.data() + (r + i) * Dv, c.data() + r + i, s.data() + (r + i) * TILE, vh, t, Dv);
+            values<decltype(G)::value>(acc.data() + (r + i) * Dv, c.data() + r + i, s.data() + (r + i) * TILE, vh, t, Dv,
+                                       i ? none : ahead);
           });
         }
       }
@@ -362,17 +384,36 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
   });
 }
 
+// The index values a paged call reads, checked before anything is written (the op's own value checks skip this
+// path: Backend.checks_values): each key count within the table's blocks and max_keys (-1: none), the block ids
+// in use within the cache. IndexError: the caller runs checks.py's value checks, which say which value is wrong.
+void check_pages(const at::Tensor& table, const at::Tensor& used, int64_t nb, int64_t bs, int64_t max_keys) {
+  const int32_t* t = table.data_ptr<int32_t>();
+  const int32_t* u = used.data_ptr<int32_t>();
+  const int64_t t0 = table.stride(0), t1 = table.stride(1), u0 = used.stride(0), mb = table.size(1);
+  for (int64_t b = 0; b < table.size(0); ++b) {
+    const int64_t n = u[b * u0];
+    TORCH_CHECK_INDEX(n >= 0 && n <= mb * bs && (max_keys < 0 || n <= max_keys), "decode: seqused_k[", b, "] = ", n,
+                      " is out of range");
+    for (int64_t p = 0; p * bs < n; ++p)
+      TORCH_CHECK_INDEX(t[b * t0 + p * t1] >= 0 && t[b * t0 + p * t1] < nb, "decode: block_table[", b, ", ", p,
+                        "] = ", t[b * t0 + p * t1], " is out of range");
+  }
+}
+
 }  // namespace
 
-// The binding: packed keys [T, Hkv, D] read as T blocks of one row; o made here unless `out` is given (an
-// allocation costs a fraction of Python's), lse [Hq, S] float32 made when wanted (else undefined: None).
+// The binding: packed keys [T, Hkv, D] read as T blocks of one row; paged ones' index values checked first (max_keys:
+// the op's max_seqlen_k, -1 none); o made here unless `out` is given (an allocation costs a fraction of Python's),
+// lse [Hq, S] float32 made when wanted (else undefined: None).
 std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                               const c10::optional<at::Tensor>& block_table,
                                               const c10::optional<at::Tensor>& seqused_k,
                                               const c10::optional<at::Tensor>& cu_seqlens_k,
                                               const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
                                               double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
-                                              int64_t copy_bytes) {
+                                              int64_t max_keys) {
+  if (block_table.has_value()) check_pages(*block_table, *seqused_k, k.size(0), k.size(1), max_keys);
   const at::Tensor kc = k.dim() == 3 ? k.unsqueeze(1) : k, vc = v.dim() == 3 ? v.unsqueeze(1) : v;
   at::Tensor o = out.has_value() ? *out : at::empty({q.size(0), q.size(1), vc.size(3)}, q.options());
   const c10::optional<at::Tensor> lse =
@@ -380,13 +421,13 @@ std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Ten
   const c10::optional<at::Tensor> sink = sinks.has_value() ? c10::optional<at::Tensor>(sinks->to(at::kFloat).contiguous()) : c10::nullopt;
   switch (q.scalar_type()) {  // the types as_float reads
     case at::kFloat:
-      decode<float>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      decode<float>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse);
       break;
     case at::kBFloat16:
-      decode<at::BFloat16>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      decode<at::BFloat16>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse);
       break;
     case at::kHalf:
-      decode<at::Half>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse, copy_bytes);
+      decode<at::Half>(q, kc, vc, block_table, seqused_k, cu_seqlens_k, sink, scale, left, softcap, o, lse);
       break;
     default:
       TORCH_CHECK(false, "decode: float32, bfloat16 or float16 tensors, not ", q.scalar_type());

@@ -7,7 +7,7 @@ std::tuple<at::Tensor, at::Tensor> decode_any(const at::Tensor& q, const at::Ten
                                               const c10::optional<at::Tensor>& cu_seqlens_k,
                                               const c10::optional<at::Tensor>& sinks, double scale, int64_t left,
                                               double softcap, const c10::optional<at::Tensor>& out, bool want_lse,
-                                              int64_t copy_bytes);
+                                              int64_t max_keys);
 std::tuple<at::Tensor, at::Tensor> flash_any(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& cu_seqlens_q,
     const c10::optional<at::Tensor>& cu_seqlens_k, bool causal, int64_t left, int64_t right, double scale,

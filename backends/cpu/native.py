@@ -23,12 +23,6 @@ log = logging.getLogger("portable_attn")
 SOURCES = [pathlib.Path(__file__).with_name(n)
            for n in ("kernels.cpp", "decode.cpp", "flash.cpp", "softcap.cpp", "recurrent.cpp", "conv.cpp")]
 HEADERS = [pathlib.Path(__file__).with_name("vec.h")]  # included by the sources: hashed into the build's name with them
-# A decode call that reads more key and value bytes than this copies each tile's rows into a buffer before its
-# products: streamed from memory, one sequential copy per run of rows is 1.2-1.7x faster than reading 16 rows
-# 2-4 KB apart head by head (hardware prefetchers do not follow that; software prefetch gained nothing). Rows
-# still cached from the call before read faster in place: the copy cost 20-40 % at 3-7 MB repeated, broke even
-# at 16 MB (2-core AMD EPYC, docs/pitfalls.md).
-COPY_BYTES = 8 << 20
 # Compiler flags per torch CPU capability: ATen's Vectorized<float> is as wide as the macros say.
 FLAGS = {
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
@@ -43,16 +37,17 @@ def kernels():
 
 
 def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: bool, out, block_table=None,
-           seqused_k=None, cu_seqlens_k=None):
+           seqused_k=None, cu_seqlens_k=None, max_seqlen_k=None):
     """One query per sequence, q [S, Hq, D], at the position of its sequence's last key, seeing keys back to
     `left` before it (-1: all), by the compiled kernel: keys paged (caches [NB, BS, Hkv, D|Dv], block_table,
-    seqused_k) or packed (k/v [T, Hkv, D|Dv], cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when
-    given) and lse [Hq, S] as the op returns them, or None where the kernel is not built."""
+    seqused_k; their values and max_seqlen_k checked first, IndexError before any write) or packed (k/v
+    [T, Hkv, D|Dv], cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when given) and lse [Hq, S] as
+    the op returns them, or None where the kernel is not built."""
     built = kernels()
     if built is None:
         return None
     o, lse = built.decode(q, k, v, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out,
-                          return_lse, COPY_BYTES)
+                          return_lse, -1 if max_seqlen_k is None else min(max_seqlen_k, 1 << 62))
     return (o, lse) if return_lse else o
 
 

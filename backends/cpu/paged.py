@@ -8,6 +8,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from portable_attn import checks
+
 from . import native
 from .attention import Options, first_key, one_query_each, sequence
 from .tiles import add_sinks, attend, bounds, clear, flash, lse_rows, store, unit, unseen
@@ -19,12 +21,29 @@ GATHER_BUDGET = 1 << 24  # bytes of keys and values one decode batch gathers (16
 def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q=None, max_seqlen_q=None,
                     max_seqlen_k=None, causal=True, window_size=(-1, -1), softcap=0.0, sinks=None,
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
+    # This backend checks the op's index values itself (CpuBackend.checks_values): the compiled decode kernel those it
+    # reads (all of a call without cu_seqlens_q), checks.py the others, where index checks are on.
+    def check_values():
+        checks.paged_values(dict(q=q, k_cache=k_cache, block_table=block_table, seqused_k=seqused_k,
+                                 cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    kernel_checks = cu_seqlens_q is None and block_mask is None
+    if not kernel_checks and checks.index_checks_enabled(q):
+        check_values()
     decode = cu_seqlens_q is None or one_query_each(q, cu_seqlens_q, max_seqlen_q)
     if decode and block_mask is None:  # one query per sequence, at its last position: the compiled kernel
-        done = native.decode(q, k_cache, v_cache, sinks, softmax_scale, window_size[0], softcap, return_lse, out,
-                             block_table, seqused_k)
+        try:
+            done = native.decode(q, k_cache, v_cache, sinks, softmax_scale, window_size[0], softcap, return_lse, out,
+                                 block_table, seqused_k, max_seqlen_k=max_seqlen_k)
+        except IndexError:  # a value out of range, found before any write: checks.py's error says which
+            try:
+                check_values()
+            except ValueError as e:
+                raise e from None  # the kernel's IndexError is not the user's concern
+            raise
         if done is not None:
             return done
+        if kernel_checks and checks.index_checks_enabled(q):  # no compiled kernel
+            check_values()
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     if cu_seqlens_q is None:
         plain = _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k)

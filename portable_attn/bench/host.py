@@ -98,19 +98,18 @@ def _gather_flash(args, sizes):
 # the backend passes it, from a checked call's arguments `a` (no output given: the kernel makes it; no lse: the
 # host case's calls want none).
 COMPILED = {
-    "attention": ("decode.cpp", "decode", lambda a, native: (
-        a["q"], a["k"], a["v"], None, None, a["cu_seqlens_k"], None, a["softmax_scale"], -1, 0.0, None, False,
-        native.COPY_BYTES)),
-    "paged_attention": ("decode.cpp", "decode", lambda a, native: (
+    "attention": ("decode.cpp", "decode", lambda a: (
+        a["q"], a["k"], a["v"], None, None, a["cu_seqlens_k"], None, a["softmax_scale"], -1, 0.0, None, False, -1)),
+    "paged_attention": ("decode.cpp", "decode", lambda a: (
         a["q"], a["k_cache"], a["v_cache"], a["block_table"], a["seqused_k"], None, None, a["softmax_scale"], -1, 0.0,
-        None, False, native.COPY_BYTES)),
-    "gated_delta_rule_step": ("recurrent.cpp", "delta_step", lambda a, native: (
+        None, False, -1 if a["max_seqlen_k"] is None else a["max_seqlen_k"])),
+    "gated_delta_rule_step": ("recurrent.cpp", "delta_step", lambda a: (
         a["q"], a["k"], a["v"], a["g"], a["beta"], a["state"], a["state_indices"], a["scale"], a["use_qk_l2norm"],
         None)),
-    "ssd_step": ("recurrent.cpp", "ssd_step", lambda a, native: (
+    "ssd_step": ("recurrent.cpp", "ssd_step", lambda a: (
         a["x"], a["dt"], a["A"], a["B"], a["C"], a["D"], a["z"], a["dt_bias"], a["dt_softplus"], a["dt_limit"][0],
         a["dt_limit"][1], a["state"], a["state_indices"], None)),
-    "causal_conv1d_step": ("conv.cpp", "conv_step", lambda a, native: (
+    "causal_conv1d_step": ("conv.cpp", "conv_step", lambda a: (
         a["x"], a["weight"], a["bias"], a["state"], a["state_indices"], a["activation"] == "silu", None)),
 }
 
@@ -125,7 +124,7 @@ def _compiled(op: str) -> impls.Impl:
         built = native.kernels()
         if built is None:
             raise impls.Refused("unavailable", "the cpu backend's compiled kernels are not built here (native.py)")
-        return functools.partial(getattr(built, entry), *arguments(make_call(op, args).args, native))
+        return functools.partial(getattr(built, entry), *arguments(make_call(op, args).args))
     return impls.Impl(source, "kernel", f"the cpu backend's compiled kernel (backends/cpu/{source}, `{entry}`) as the "
                       "backend calls it", prepare)
 

@@ -112,22 +112,6 @@ def test_softcap_runs_compiled_pass(case, dtype, monkeypatch):
     assert calls
 
 
-# the cases whose calls reach the decode kernel
-DECODES = [c for c in DECODES_AND_PAGED if "decode" in c.name and "mask" not in c.name]
-
-
-@pytest.mark.parametrize("case", DECODES, ids=[c.name for c in DECODES])
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_copied_rows_conform(spy, case, dtype, monkeypatch):
-    """The kernel's other way to read rows: copied per tile (calls over native.COPY_BYTES; these are smaller, so
-    the limit is lowered below 0: every call copies). Strided and heads-major caches, short tiles, windows and
-    garbage rows included."""
-    monkeypatch.setattr(native, "COPY_BYTES", -1)
-    res = run_case("cpu", case, dtype)
-    assert res.status == "pass", f"{res.status}: {res.detail} (err {res.err}, tol {res.tol})"
-    assert spy and all(call[-1] == -1 for call in spy)
-
-
 def _decode_call(dtype, gen):
     nb, bs, hkv, d = 24, 16, 2, 64
     k_cache, v_cache = (torch.randn(nb, bs, hkv, d, generator=gen).to(dtype) for _ in range(2))
