@@ -11,8 +11,8 @@ where its op declares those checks on their own (`Op.values`), which then run on
 it takes the full checks, as do calls with a BlockMask and calls whose signature is not hashable.
 
 The backend chosen for a signature is kept too where the choice is a function of it: the signature
-then also holds `backend=`, the environment variables selection reads, grad mode and each tensor's
-requires_grad, and the backend is one whose refusals are all the base class's (no `support` module,
+then also holds `backend=`, the environment variables selection reads, grad mode and, where it is on,
+each tensor's requires_grad, and the backend is one whose refusals are all the base class's (no `support` module,
 no availability probe), chosen without a fallback.
 """
 from __future__ import annotations
@@ -67,12 +67,13 @@ def _value(v):
 
 
 # The key of one argument by its declared type (optable.Arg.type), items of its name `{x}`: a tensor's type,
-# shape, dtype, device and requires_grad; a bool's or a str's type and value; a float's with its sign (-0.0 is
-# not 0.0); a HINTS int's type and sign; a list's type, its items' types and values, and for a float list their
-# signs. An argument of another type than declared gives another key or raises (then the call takes the full
-# checks). A required argument's items lie flat in the signature (a tuple each costs its allocation and its
-# hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None.
-_TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.device, {x}.requires_grad"
+# shape, dtype, device (True on the CPU: cheaper to read and to hash) and, where grad mode is on for a selection
+# (`_grad`), requires_grad (only selection reads it, and only then: Call.needs_grad); a bool's or a str's type and
+# value; a float's with its sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's type, its items' types and
+# values, and for a float list their signs. An argument of another type than declared gives another key or raises
+# (then the call takes the full checks). A required argument's items lie flat in the signature (a tuple each costs
+# its allocation and its hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None.
+_TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.is_cpu or {x}.device, _grad and {x}.requires_grad"
 _ITEMS = {"Tensor": _TENSOR, "bool": "type({x}), {x}", "float": "type({x}), {x}, _copysign(1.0, {x})",
           "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "(type({x}), *map(type, {x}), *{x})",
           "float[]": "(type({x}), *map(type, {x}), *{x}, *map(_sign, {x}))"}
@@ -92,9 +93,10 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
-    body = ["try:",
-            f"    _key = ({decl.name!r}, backend if type(backend) is str else _value(backend), "
-            "backend is not _NO_SELECTION and _is_grad_enabled(), "
+    body = ["_grad = backend is not _NO_SELECTION and _is_grad_enabled()",
+            "try:",
+            f"    _key = ({decl.name!r}, backend if backend is None or type(backend) is str else _value(backend), "
+            "_grad, "
             f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
             *(f"            {p}," for p in parts),
             "    )",

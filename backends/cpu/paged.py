@@ -23,27 +23,25 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
                     softmax_scale=None, block_mask=None, return_lse=False, out=None):
     # This backend checks the op's index values itself (CpuBackend.checks_values): the compiled decode kernel those it
     # reads (all of a call without cu_seqlens_q), checks.py the others, where index checks are on.
-    def check_values():
-        checks.paged_values(dict(q=q, k_cache=k_cache, block_table=block_table, seqused_k=seqused_k,
-                                 cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
+    index = q, k_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k
     kernel_checks = cu_seqlens_q is None and block_mask is None
     if not kernel_checks and checks.index_checks_enabled(q):
-        check_values()
+        _check_values(*index)
     decode = cu_seqlens_q is None or one_query_each(q, cu_seqlens_q, max_seqlen_q)
     if decode and block_mask is None:  # one query per sequence, at its last position: the compiled kernel
         try:
             done = native.decode(q, k_cache, v_cache, sinks, softmax_scale, window_size[0], softcap, return_lse, out,
-                                 block_table, seqused_k, max_seqlen_k=max_seqlen_k)
+                                 block_table, seqused_k, None, max_seqlen_k)
         except IndexError:  # a value out of range, found before any write: checks.py's error says which
             try:
-                check_values()
+                _check_values(*index)
             except ValueError as e:
                 raise e from None  # the kernel's IndexError is not the user's concern
             raise
         if done is not None:
             return done
         if kernel_checks and checks.index_checks_enabled(q):  # no compiled kernel
-            check_values()
+            _check_values(*index)
     opts = Options(causal, window_size, softcap, sinks, softmax_scale, block_mask)
     if cu_seqlens_q is None:
         plain = _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k)
@@ -65,6 +63,11 @@ def paged_attention(q, k_cache, v_cache, block_table, seqused_k, *, cu_seqlens_q
             k, v = (c.index_select(0, blocks).flatten(0, 1)[:lens[s] - b0 * bs] for c in (k_cache, v_cache))
             sequence(opts, s, q[qs:qe], k, v, b0 * bs, lens[s], o[qs:qe], lse_rows(lse, qs, qe))
     return (o, lse) if return_lse else o
+
+
+def _check_values(q, k_cache, block_table, seqused_k, cu_seqlens_q, max_seqlen_q, max_seqlen_k):
+    checks.paged_values(dict(q=q, k_cache=k_cache, block_table=block_table, seqused_k=seqused_k,
+                             cu_seqlens_q=cu_seqlens_q, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k))
 
 
 def _plain_decode(opts, q, k_cache, v_cache, block_table, seqused_k):
