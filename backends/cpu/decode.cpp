@@ -23,7 +23,7 @@ namespace {
 using portable_attn_cpu::bf16_unit;
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t SUB = Vec::size();   // keys per block of score accumulators: one vector of sums per query row
-constexpr int64_t TILE = 2 * SUB;       // keys per softmax update (its max, sums and rescale): 4 blocks ran 0-7 % slower
+constexpr int64_t TILE = 2 * SUB;       // keys per softmax update (max, sums, rescale): 4 blocks ran 0-7 % slower
 const float NEG_INF = -std::numeric_limits<float>::infinity();
 
 // Software prefetch: chunk c + AHEAD of a work item's read order is prefetched into L2 while chunk c is read (a
@@ -195,7 +195,8 @@ void value_cols(float* acc, const float* c, const float* p, const T* const* v, i
 }
 
 template <int G, typename T>
-void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv, const Ahead<T>& ahead) {
+void values(float* acc, const float* c, const float* p, const T* const* v, int64_t t, int64_t dv,
+            const Ahead<T>& ahead) {
   // G x C accumulators and C value vectors within the 32 vector registers of AVX-512 (half as many on AVX2's 16)
   constexpr int C = (G >= 4 ? 4 : 8) * Vec::size() / 16;
   const Ahead<T> none;  // `ahead` in the first pass over the keys only
@@ -310,10 +311,11 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
         const int64_t t = std::min(TILE, n - j0), tn = prefetch ? std::min(TILE, n - j0 - t) : 0;
         fetch(kc, j0, t, kr);
         fetch(vc, j0, t, vr);
-        for (int64_t j = t; j < TILE; ++j) kr[j] = kr[t - 1], vr[j] = vr[t - 1];  // a short tile: its last row again (masked)
+        for (int64_t j = t; j < TILE; ++j) kr[j] = kr[t - 1], vr[j] = vr[t - 1];  // a short tile: its last row (masked)
         fetch(kc, j0 + t, tn, kn);
         fetch(vc, j0 + t, tn, vn);
-        auto chunk = [&](int64_t x) {  // chunk x of the read order: the tile's key rows head by head, its value rows, the next tile's
+        // chunk x of the read order: the tile's key rows head by head, its value rows, then the next tile's
+        auto chunk = [&](int64_t x) {
           const int64_t kb = D * int64_t(sizeof(T)), vb = Dv * int64_t(sizeof(T));
           if (!prefetch) return Ahead<T>{};
           if (x < nh) return Ahead<T>{kr, t, x * kc.head, kb};
@@ -330,7 +332,9 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
             const Ahead<T>& a = i ? none : ahead;
 #if defined(CPU_CAPABILITY_AVX512)
             if constexpr (std::is_same_v<T, at::BFloat16>)
-              if (pairs) return scores_bf16<decltype(G)::value>(qb.data() + (r + i) * D, kh, D, t, scale, s.data() + (r + i) * TILE, a);
+              if (pairs)
+                return scores_bf16<decltype(G)::value>(qb.data() + (r + i) * D, kh, D, t, scale,
+                                                       s.data() + (r + i) * TILE, a);
 #endif
             scores<decltype(G)::value>(qf.data() + (r + i) * D, kh, D, t, s.data() + (r + i) * TILE, a);
           });
@@ -362,8 +366,8 @@ void decode(const at::Tensor& q, const at::Tensor& k_cache, const at::Tensor& v_
           const Ahead<T> ahead = chunk(nh + h - h0 + AHEAD);
           const int64_t r = (h - h0) * g;
           in_blocks(g, [&](auto G, int64_t i) {
-            values<decltype(G)::value>(acc.data() + (r + i) * Dv, c.data() + r + i, s.data() + (r + i) * TILE, vh, t, Dv,
-                                       i ? none : ahead);
+            values<decltype(G)::value>(acc.data() + (r + i) * Dv, c.data() + r + i, s.data() + (r + i) * TILE, vh, t,
+                                       Dv, i ? none : ahead);
           });
         }
       }
