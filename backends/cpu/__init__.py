@@ -7,8 +7,8 @@ class CpuBackend(Backend):
     name = "cpu"
     module = "portable_attn.backends.cpu.ops"
     platforms = frozenset({Platform.CPU})
-    description = ("attention over visible blocks (prefill, block masks and decode compiled), chunked recurrences; "
-                   "the gated delta rule and linear attention, the SSD step and conv1d compiled on first use; "
+    description = ("attention over visible blocks (prefill, block masks and decode compiled), recurrences token by "
+                   "token and conv1d compiled on first use (chunked without a compiler); "
                    "float32/16/bf16")
     limits = "float64 (use reference)"
     float64 = False

@@ -39,14 +39,7 @@ struct Ahead {
   int64_t t = 0, offset = 0, bytes = 0;  // t = 0: nothing to prefetch
   void row(int64_t j) const {
     if (j >= t) return;
-    const uintptr_t a = reinterpret_cast<uintptr_t>(rows[j] + offset);
-    for (uintptr_t x = a & ~uintptr_t(63); x < a + bytes; x += 64) {
-#if defined(__x86_64__)  // GCC 12 drops __builtin_prefetch and _mm_prefetch from a loop with no other effect
-      asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(x)));
-#else
-      __builtin_prefetch(reinterpret_cast<const void*>(x), 0, 2);
-#endif
-    }
+    portable_attn_cpu::prefetch_l2(rows[j] + offset, bytes);
   }
 };
 

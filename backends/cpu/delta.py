@@ -7,7 +7,7 @@ import torch
 
 from . import native
 from .chunk import delta, split, sweep
-from .states import emit, finish, initial_states, run_sequences, update_rows
+from .states import emit, finish, packed, run_sequences, update_rows
 
 
 def _l2norm(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
@@ -20,9 +20,8 @@ def token_by_token(built, q, k, v, g, beta, scale, l2: bool, y, initial_state, o
                    has_initial_state, cu_seqlens):
     """The sequence form in the compiled kernel (recurrent.cpp: beta None is linear attention, g None no decay),
     its outputs into y; returns the op's final state."""
-    cu = torch.tensor([0, q.shape[0]]) if cu_seqlens is None else cu_seqlens.long().contiguous()
-    states = initial_states(initial_state, state_indices, has_initial_state, cu.shape[0] - 1,
-                            (v.shape[1], q.shape[2], v.shape[2]), q.device).contiguous()
+    cu, states = packed(q.shape[0], cu_seqlens, initial_state, state_indices, has_initial_state,
+                        (v.shape[1], q.shape[2], v.shape[2]), q.device)
     built.delta_seq(q, k, v, g, beta, cu, states, scale, l2, y)
     return finish(states, initial_state, state_indices, output_final_state)
 

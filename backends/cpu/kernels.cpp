@@ -22,6 +22,10 @@ at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Te
 void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
                const c10::optional<at::Tensor>& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2,
                at::Tensor out);
+void ssd_seq(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+             const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+             const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, const at::Tensor& cu,
+             at::Tensor states, at::Tensor out);
 at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B,
                         const at::Tensor& C, const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
                         const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, at::Tensor state,
@@ -44,6 +48,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("softcap_softmax", &softcap_softmax, "capped scores to softmax weights, row max and sum (softcap.cpp)");
   m.def("delta_step", &delta_step_any, "one gated-delta-rule (beta None: linear-attention) token per sequence, the state rows in place (recurrent.cpp)");
   m.def("delta_seq", &delta_seq, "the gated delta rule (beta None: linear attention) over packed sequences, token by token in cache (recurrent.cpp)");
+  m.def("ssd_seq", &ssd_seq, "Mamba-2 SSD over packed sequences, token by token in cache (recurrent.cpp)");
   m.def("ssd_step", &ssd_step_any, "one Mamba-2 SSD token per sequence, the state rows in place (recurrent.cpp)");
   m.def("conv_seq", &conv_seq_any, "causal depthwise conv1d over packed sequences, each output row once (conv.cpp)");
   m.def("conv_step", &conv_step_any, "one causal conv1d token per sequence, the state rows shifted in place (conv.cpp)");

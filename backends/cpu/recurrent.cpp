@@ -1,15 +1,22 @@
-// The recurrent ops on the CPU, one (sequence, head) state at a time: the gated delta rule (and KDA) and linear
-// attention (GLA: the same without the delta term) token by token with the state kept in the core's cache (sequence
-// form) or read and written once (step form), and Mamba-2's SSD step. A gated-delta-rule token decays the state's rows and takes S'^T k and S'^T q while a block of columns sits
-// in registers (pass 1), then adds k u^T (pass 2, folded into the next token's pass 1 in the sequence form).
-// torch's ops made five passes over a step's state, and a batched product of two rows ran at a fifth of the copy
-// bandwidth. Built with decode.cpp by native.py.
+// The recurrent ops on the CPU, one (sequence, head) state at a time, token by token: the gated delta rule (and KDA),
+// linear attention (GLA: the same without the delta term) and Mamba-2's SSD (linear attention with q = C, k = B,
+// v = d x). A token decays the state's rows and takes S'^T k and S'^T q while a block of columns sits in registers
+// (pass 1), then adds k u^T (pass 2, folded into the next token's pass 1 in the sequence form). The sequence form
+// runs each column block of the state through 16 tokens while it sits in L1; the step form reads and writes a
+// state once (torch's ops made five passes over it, and a batched product of two rows ran at a fifth of the copy
+// bandwidth). Built with decode.cpp by native.py.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
+#include "vec.h"
+
+#include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <cstdint>
+#include <numeric>
 #include <type_traits>
 #include <vector>
 
@@ -18,41 +25,85 @@ namespace {
 using Vec = at::vec::Vectorized<float>;
 constexpr int64_t COLS = 4;  // vectors of columns per block of pass 1: 8 accumulators in registers
 
-// n elements of x, `stride` apart, as float32 into dst.
+// n elements of x, `stride` apart, as float32 into dst
 template <typename T>
-void read(const T* x, int64_t stride, int64_t n, float* dst) {
+void load_floats(const T* x, int64_t stride, int64_t n, float* dst) {
+  if (stride == 1) return at::vec::convert(x, dst, n);
   for (int64_t i = 0; i < n; ++i) dst[i] = static_cast<float>(x[i * stride]);
 }
 
-// The elements of t from element `off` of its data, `stride` apart, as float32: the small
-// per-head vectors (q, k, v, g, beta) in whatever dtype they came.
-void read_any(const at::Tensor& t, int64_t off, int64_t stride, int64_t n, float* dst) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return read(t.data_ptr<float>() + off, stride, n, dst);
-    case at::kBFloat16: return read(t.data_ptr<at::BFloat16>() + off, stride, n, dst);
-    case at::kHalf: return read(t.data_ptr<at::Half>() + off, stride, n, dst);
-    default: TORCH_CHECK(false, "recurrent kernels: float32, bfloat16 or float16 tensors, not ", t.scalar_type());
-  }
-}
-
+// n floats into x, `stride` apart, in T
 template <typename T>
-void write(const float* src, int64_t n, T* x, int64_t stride) {
+void store_floats(const float* src, int64_t n, T* x, int64_t stride) {
+  if (stride == 1) return at::vec::convert(src, x, n);
   for (int64_t i = 0; i < n; ++i) x[i * stride] = static_cast<T>(src[i]);
 }
 
-// n floats into t from element `off` of its data, `stride` apart, in t's dtype (an output row)
-void write_any(const float* src, int64_t n, at::Tensor& t, int64_t off, int64_t stride) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return write(src, n, t.data_ptr<float>() + off, stride);
-    case at::kBFloat16: return write(src, n, t.data_ptr<at::BFloat16>() + off, stride);
-    default: return write(src, n, t.data_ptr<at::Half>() + off, stride);
-  }
-}
+// A tensor's data, dtype and strides, taken once a call (at::Tensor's accessors check on every use): element [i, j, l]
+// is s0 i + s1 j + s2 l elements from the start. `vector`: a 1-d or 2-d tensor read as [i, l] (D [H] or [H, P]: s1 0).
+struct View {
+  char* data = nullptr;
+  at::ScalarType dtype = at::kFloat;
+  int64_t elem = 4, s0 = 0, s1 = 0, s2 = 0;
 
+  View() = default;
+  View(const at::Tensor& t, bool vector = false)
+      : data(static_cast<char*>(t.data_ptr())), dtype(t.scalar_type()), elem(t.element_size()) {
+    TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
+                "recurrent kernels: float32, bfloat16 or float16 tensors, not ", dtype);
+    s0 = t.stride(0);
+    if (vector)
+      s2 = t.dim() == 2 ? t.stride(1) : 0;
+    else
+      s1 = t.dim() > 1 ? t.stride(1) : 0, s2 = t.dim() > 2 ? t.stride(2) : 0;
+  }
+  View(const c10::optional<at::Tensor>& t, bool vector = false) : View() {
+    if (t.has_value()) *this = View(*t, vector);
+  }
+  explicit operator bool() const { return data != nullptr; }
+  char* at(int64_t i, int64_t j) const { return data + (i * s0 + j * s1) * elem; }
+
+  // elements [i, j, 0..n) as float32 into dst
+  void read(int64_t i, int64_t j, int64_t n, float* dst) const {
+    switch (dtype) {
+      case at::kFloat: return load_floats(reinterpret_cast<const float*>(at(i, j)), s2, n, dst);
+      case at::kBFloat16: return load_floats(reinterpret_cast<const at::BFloat16*>(at(i, j)), s2, n, dst);
+      default: return load_floats(reinterpret_cast<const at::Half*>(at(i, j)), s2, n, dst);
+    }
+  }
+  float scalar(int64_t i, int64_t j = 0) const {
+    float x;
+    read(i, j, 1, &x);
+    return x;
+  }
+  // src [n] into elements [i, j, 0..n) in the tensor's dtype
+  void write(int64_t i, int64_t j, int64_t n, const float* src) const {
+    switch (dtype) {
+      case at::kFloat: return store_floats(src, n, reinterpret_cast<float*>(at(i, j)), s2);
+      case at::kBFloat16: return store_floats(src, n, reinterpret_cast<at::BFloat16*>(at(i, j)), s2);
+      default: return store_floats(src, n, reinterpret_cast<at::Half*>(at(i, j)), s2);
+    }
+  }
+  // elements [i, j, 0..n) into L2 where they are contiguous (rows of a token far apart defeat hardware prefetch)
+  void prefetch(int64_t i, int64_t j, int64_t n) const {
+    if (data != nullptr && (n == 1 || s2 == 1)) portable_attn_cpu::prefetch_l2(at(i, j), n * elem);
+  }
+};
+
+// sum a_i b_i in vectors, two accumulators (one scalar sum is a chain of dependent adds)
 float dot(const float* a, const float* b, int64_t n) {
-  float s = 0.f;
-  for (int64_t i = 0; i < n; ++i) s += a[i] * b[i];
-  return s;
+  const int64_t m = Vec::size();
+  Vec s0(0.f), s1(0.f);
+  int64_t i = 0;
+  for (; i + 2 * m <= n; i += 2 * m) {
+    s0 = at::vec::fmadd(Vec::loadu(a + i), Vec::loadu(b + i), s0);
+    s1 = at::vec::fmadd(Vec::loadu(a + i + m), Vec::loadu(b + i + m), s1);
+  }
+  for (; i < n; i += m) {
+    const int64_t c = std::min(m, n - i);
+    s0 = at::vec::fmadd(Vec::loadu(a + i, c), Vec::loadu(b + i, c), s0);
+  }
+  return at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, s0 + s1);
 }
 
 // x <- x rsqrt(sum x^2 + 1e-6), as the spec's use_qk_l2norm
@@ -62,10 +113,10 @@ void l2norm(float* x, int64_t n) {
 }
 
 // Pass 1 over columns [j, j + NV vectors) of w [K, V] (float32, rows V apart): first the previous token's update
-// w_i <- w_i + kp_i up where kp is given (the sequence form folds it into this pass), then w_i <- a_i w_i, and the
-// columns' sums kk = w'^T k (with KK: the delta rule's) and qq = w'^T q. `last` lanes of the last vector where the
-// block ends inside one (else 0).
-template <int NV, bool KK>
+// w_i <- w_i + kp_i up where kp is given (the sequence form folds it into this pass), then w_i <- a_i w_i (with MUL),
+// and the columns' sums kk = w'^T k (with KK: the delta rule's) and qq = w'^T q. `last` lanes of the last vector where
+// the block ends inside one (else 0).
+template <int NV, bool KK, bool MUL = true>
 void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, const float* up, const float* a,
                  int64_t a_step, const float* k, const float* q, float* kk, float* qq, int64_t last) {
   const int64_t n = Vec::size();
@@ -76,12 +127,12 @@ void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, con
   }
   for (int64_t i = 0; i < K; ++i) {
     float* row = w + i * V + j;
-    const Vec ai(a[i * a_step]), ki(KK ? k[i] : 0.f), qi(q[i]);
+    const Vec ai(MUL ? a[i * a_step] : 1.f), ki(KK ? k[i] : 0.f), qi(q[i]);
     for (int x = 0; x < NV; ++x) {
       const bool part = last && x == NV - 1;
       Vec s = part ? Vec::loadu(row + x * n, last) : Vec::loadu(row + x * n);
       if (kp != nullptr) s = at::vec::fmadd(Vec(kp[i]), u[x], s);
-      s = s * ai;
+      if constexpr (MUL) s = s * ai;
       part ? s.store(row + x * n, last) : s.store(row + x * n);
       if constexpr (KK) ak[x] = at::vec::fmadd(s, ki, ak[x]);
       aq[x] = at::vec::fmadd(s, qi, aq[x]);
@@ -94,13 +145,16 @@ void decay_block(float* w, int64_t K, int64_t V, int64_t j, const float* kp, con
   }
 }
 
+// Pass 1 over every column of the state w [K, V] (the step form)
 template <bool KK>
-void decay(float* w, int64_t K, int64_t V, const float* kp, const float* up, const float* a, int64_t a_step,
-           const float* k, const float* q, float* kk, float* qq) {
+void decay(float* w, int64_t K, int64_t V, const float* a, int64_t a_step, const float* k, const float* q, float* kk,
+           float* qq) {
   const int64_t n = Vec::size();
   int64_t j = 0;
-  for (; j + COLS * n <= V; j += COLS * n) decay_block<COLS, KK>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, 0);
-  for (; j < V; j += n) decay_block<1, KK>(w, K, V, j, kp, up, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
+  for (; j + COLS * n <= V; j += COLS * n)
+    decay_block<COLS, KK>(w, K, V, j, nullptr, nullptr, a, a_step, k, q, kk, qq, 0);
+  for (; j < V; j += n)
+    decay_block<1, KK>(w, K, V, j, nullptr, nullptr, a, a_step, k, q, kk, qq, V - j < n ? V - j : 0);
 }
 
 // Pass 2: w_i <- w_i + k_i u for every row i, each row then stored into the state row (its dtype) unless the state
@@ -159,72 +213,68 @@ struct Token {
 // The inputs of the op, read at row b (a token, or a sequence of the step form) for value head h. Without beta, linear
 // attention: u = v (`delta` false); without g, no decay.
 struct Inputs {
-  const at::Tensor &q, &k, &v;
-  const c10::optional<at::Tensor> &g, &beta;
-  int64_t K, V, r;  // r: value heads per q/k head
+  View q, k, v, g, beta;
+  int64_t K, V, Hv, r;  // r: value heads per q/k head
   bool per_key, l2, delta;
 
-  void read(int64_t b, int64_t h, Token& t) const {
+  // q, k [K], a = exp(g) [K or 1], v [V] and beta as float32
+  void read(int64_t b, int64_t h, float* tq, float* tk, float* ta, float* tv, float* tbeta) const {
     const int64_t hq = h / r;
-    read_any(q, b * q.stride(0) + hq * q.stride(1), q.stride(2), K, t.q);
-    read_any(k, b * k.stride(0) + hq * k.stride(1), k.stride(2), K, t.k);
-    read_any(v, b * v.stride(0) + h * v.stride(1), v.stride(2), V, t.v);
-    if (g.has_value())
-      read_any(*g, b * g->stride(0) + h * g->stride(1), per_key ? g->stride(2) : 0, per_key ? K : 1, t.a);
+    q.read(b, hq, K, tq);
+    k.read(b, hq, K, tk);
+    v.read(b, h, V, tv);
+    if (g)
+      g.read(b, h, per_key ? K : 1, ta);
     else
-      t.a[0] = 0.f;  // exp(0): no decay
-    if (delta) read_any(*beta, b * beta->stride(0) + h * beta->stride(1), 0, 1, &t.beta);
+      ta[0] = 0.f;  // exp(0): no decay
+    if (delta) *tbeta = beta.scalar(b, h);
     if (l2) {
-      l2norm(t.q, K);
-      l2norm(t.k, K);
+      l2norm(tq, K);
+      l2norm(tk, K);
     }
-    for (int64_t i = 0; i < (per_key ? K : 1); ++i) t.a[i] = std::exp(t.a[i]);
+    at::vec::map([](Vec x) { return x.exp(); }, ta, ta, per_key ? K : 1);
+  }
+  void read(int64_t b, int64_t h, Token& t) const { read(b, h, t.q, t.k, t.a, t.v, &t.beta); }
+  void finish(int64_t, int64_t, float*, float*) const {}  // the output row as it is
+  void prefetch(int64_t b, int64_t h) const {
+    q.prefetch(b, h / r, K);
+    k.prefetch(b, h / r, K);
+    v.prefetch(b, h, V);
+    g.prefetch(b, h, per_key ? K : 1);
+    beta.prefetch(b, h, 1);
   }
 };
 
-// One token on the float32 state w [K, V] (nullptr: a zero state, left so): S' = diag(a) S, u = beta (v - S'^T k)
-// (linear attention: u = v), t.qq <- the output (S'^T q + (q.k) u) scale, then S = S' + k u^T: its rows stored into `state` of type S,
-// `row_stride` apart, unless that is w itself. With `prev` (the sequence form) that last update is not made
-// here: the next token's pass makes it first (prev->k, prev->u: this token's k and u on return).
+// One token of the step form on the float32 state w [K, V] (nullptr: a zero state, left so): S' = diag(a) S,
+// u = beta (v - S'^T k) (linear attention: u = v), t.qq <- the output (S'^T q + (q.k) u) scale, then S = S' + k u^T,
+// its rows stored into `state` of type S, `row_stride` apart, unless that is w itself.
 template <typename S>
-void token(float* w, const Inputs& in, Token& t, float scale, S* state, int64_t row_stride, Token* prev = nullptr,
-           bool pending = false) {
+void token(float* w, const Inputs& in, Token& t, float scale, S* state, int64_t row_stride) {
   const int64_t K = in.K, V = in.V;
-  const float *kp = pending ? prev->k : nullptr, *up = pending ? prev->u : nullptr;
   const int64_t a_step = in.per_key ? 1 : 0;
   if (w == nullptr)
     std::fill(t.kk, t.kk + 2 * V, 0.f);  // kk and qq
   else if (in.delta)
-    decay<true>(w, K, V, kp, up, t.a, a_step, t.k, t.q, t.kk, t.qq);
+    decay<true>(w, K, V, t.a, a_step, t.k, t.q, t.kk, t.qq);
   else
-    decay<false>(w, K, V, kp, up, t.a, a_step, t.k, t.q, t.kk, t.qq);
+    decay<false>(w, K, V, t.a, a_step, t.k, t.q, t.kk, t.qq);
   const float qk = dot(t.q, t.k, K);
   for (int64_t j = 0; j < V; ++j) {
     t.u[j] = in.delta ? t.beta * (t.v[j] - t.kk[j]) : t.v[j];
     t.qq[j] = (t.qq[j] + qk * t.u[j]) * scale;
   }
-  if (prev != nullptr) {
-    std::copy(t.k, t.k + K, prev->k);
-    std::copy(t.u, t.u + V, prev->u);
-  } else if (w != nullptr) {
-    update<S>(w, K, V, t.k, t.u, state, row_stride);
-  }
-}
-
-// y into out[b, h, :] (n values, out's dtype)
-void emit(const float* y, at::Tensor& out, int64_t b, int64_t h, int64_t n) {
-  write_any(y, n, out, b * out.stride(0) + h * out.stride(1), out.stride(2));
+  if (w != nullptr) update<S>(w, K, V, t.k, t.u, state, row_stride);
 }
 
 Inputs inputs(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
               const c10::optional<at::Tensor>& beta, bool l2) {
-  return Inputs{q, k, v, g, beta, q.size(2), v.size(2), v.size(1) / q.size(1), g.has_value() && g->dim() == 3, l2,
-                beta.has_value()};
+  return Inputs{q, k, v, g, beta, q.size(2), v.size(2), v.size(1), v.size(1) / q.size(1),
+                g.has_value() && g->dim() == 3, l2, beta.has_value()};
 }
 
 template <typename S>
-void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, float scale, at::Tensor out) {
-  const int64_t B = in.v.size(0), Hv = in.v.size(1), K = in.K, V = in.V;
+void delta_step(const Inputs& in, int64_t B, at::Tensor state, const at::Tensor& rows, float scale, const View& out) {
+  const int64_t Hv = in.Hv, K = in.K, V = in.V;
   S* sp = state.data_ptr<S>();
   const int64_t s0 = state.stride(0), s1 = state.stride(1);
   at::parallel_for(0, B * Hv, 4, [&](int64_t begin, int64_t end) {
@@ -235,7 +285,7 @@ void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, floa
       in.read(b, h, t);
       S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
       token<S>(working(st, scratch, K * V), in, t, scale, st, V);
-      emit(t.qq, out, b, h, V);
+      out.write(b, h, V, t.qq);
     }
   });
 }
@@ -245,20 +295,14 @@ void delta_step(const Inputs& in, at::Tensor state, const at::Tensor& rows, floa
 // run(): w is the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into `state` (type S)
 // unless that is w itself; returns y (P floats in `buf`).
 struct Ssd {
-  const at::Tensor &x, &dt, &A, &B, &C;
-  const c10::optional<at::Tensor> &D, &z, &dt_bias;
+  View x, dt, A, B, C, D, z, dt_bias;
   bool softplus;
   float lo, hi;
   int64_t P, N, r;  // r: heads per B/C group
 
   float step_size(int64_t b, int64_t h) const {
-    float d;
-    read_any(dt, b * dt.stride(0) + h * dt.stride(1), 0, 1, &d);
-    if (dt_bias.has_value()) {
-      float bias;
-      read_any(*dt_bias, h * dt_bias->stride(0), 0, 1, &bias);
-      d += bias;
-    }
+    float d = dt.scalar(b, h);
+    if (dt_bias) d += dt_bias.scalar(h);
     if (softplus) d = std::max(d, 0.f) + std::log1p(std::exp(-std::abs(d)));  // log(1 + e^d), no overflow
     return std::min(std::max(d, lo), hi);
   }
@@ -266,13 +310,11 @@ struct Ssd {
   template <typename S>
   const float* run(float* w, S* state, int64_t b, int64_t h, std::vector<float>& buf) const {
     float *xf = buf.data(), *Bf = xf + P, *Cf = Bf + N, *y = Cf + N, *extra = y + P;
-    read_any(x, b * x.stride(0) + h * x.stride(1), x.stride(2), P, xf);
-    read_any(B, b * B.stride(0) + h / r * B.stride(1), B.stride(2), N, Bf);
-    read_any(C, b * C.stride(0) + h / r * C.stride(1), C.stride(2), N, Cf);
+    x.read(b, h, P, xf);
+    B.read(b, h / r, N, Bf);
+    C.read(b, h / r, N, Cf);
     const float d = step_size(b, h);
-    float a_log;
-    read_any(A, h * A.stride(0), 0, 1, &a_log);
-    const Vec a(std::exp(d * a_log));
+    const Vec a(std::exp(d * A.scalar(h)));
     const int64_t n = Vec::size();
     for (int64_t p = 0; p < P; ++p) {
       float* row = w != nullptr ? w + p * N : extra;  // a zero state: the row built in scratch, not kept
@@ -289,21 +331,49 @@ struct Ssd {
       if constexpr (!std::is_same_v<S, float>)
         if (w != nullptr) at::vec::convert(row, state + p * N, N);
     }
-    if (D.has_value()) {  // D [H] or [H, P]
-      read_any(*D, h * D->stride(0), D->dim() == 2 ? D->stride(1) : 0, P, extra);
-      for (int64_t p = 0; p < P; ++p) y[p] += extra[p] * xf[p];
-    }
-    if (z.has_value()) {
-      read_any(*z, b * z->stride(0) + h * z->stride(1), z->stride(2), P, extra);
-      for (int64_t p = 0; p < P; ++p) y[p] *= extra[p] / (1.f + std::exp(-extra[p]));
-    }
+    gate(b, h, xf, y, extra);
     return y;
+  }
+
+  // y <- y + D x, times silu(z) where given (P floats; `scratch` P floats)
+  void gate(int64_t b, int64_t h, const float* xf, float* y, float* scratch) const {
+    if (D) {  // D [H] or [H, P]
+      D.read(h, 0, P, scratch);
+      for (int64_t p = 0; p < P; ++p) y[p] += scratch[p] * xf[p];
+    }
+    if (z) {
+      z.read(b, h, P, scratch);
+      for (int64_t p = 0; p < P; ++p) y[p] *= scratch[p] / (1.f + std::exp(-scratch[p]));
+    }
+  }
+
+  // The sequence form's token (see Sequence): linear attention with q = C, k = B, a = exp(d A) and v = d x on the
+  // state [P, N] transposed.
+  void read(int64_t b, int64_t h, float* tq, float* tk, float* ta, float* tv, float*) const {
+    C.read(b, h / r, N, tq);
+    B.read(b, h / r, N, tk);
+    x.read(b, h, P, tv);
+    const float d = step_size(b, h);
+    ta[0] = std::exp(d * A.scalar(h));
+    for (int64_t p = 0; p < P; ++p) tv[p] *= d;
+  }
+  void finish(int64_t b, int64_t h, float* y, float* scratch) const {  // scratch: 2 P floats
+    if (!D && !z) return;
+    x.read(b, h, P, scratch + P);
+    gate(b, h, scratch + P, y, scratch);
+  }
+  void prefetch(int64_t b, int64_t h) const {
+    C.prefetch(b, h / r, N);
+    B.prefetch(b, h / r, N);
+    x.prefetch(b, h, P);
+    dt.prefetch(b, h, 1);
+    z.prefetch(b, h, P);
   }
 };
 
 template <typename S>
-void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tensor out) {
-  const int64_t B = in.x.size(0), H = in.x.size(1), P = in.P, N = in.N;
+void ssd_step(const Ssd& in, int64_t B, int64_t H, at::Tensor state, const at::Tensor& rows, const View& out) {
+  const int64_t P = in.P, N = in.N;
   S* sp = state.data_ptr<S>();
   const int64_t s0 = state.stride(0), s1 = state.stride(1);
   at::parallel_for(0, B * H, 4, [&](int64_t begin, int64_t end) {
@@ -311,7 +381,7 @@ void ssd_step(const Ssd& in, at::Tensor state, const at::Tensor& rows, at::Tenso
     for (int64_t item = begin; item < end; ++item) {
       const int64_t b = item / H, h = item % H, slot = index_at(rows, b);
       S* st = slot >= 0 ? sp + slot * s0 + h * s1 : nullptr;  // -1: a zero state, nothing written
-      emit(in.run<S>(working(st, scratch, P * N), st, b, h, buf), out, b, h, P);
+      out.write(b, h, P, in.run<S>(working(st, scratch, P * N), st, b, h, buf));
     }
   });
 }
@@ -329,30 +399,167 @@ at::Tensor output(const c10::optional<at::Tensor>& out, const at::Tensor& like, 
   return *out;
 }
 
+constexpr int64_t TB = 16;  // tokens of a time block: their inputs read once, then run column block by column block
+
+// The sequence form of the gated delta rule, linear attention and SSD, one (sequence, head) at a time (see
+// delta_seq). `In` reads a token's q, k [K], a [Ka], v [V] and beta as float32 and finishes its output row (Inputs,
+// Ssd). The state of each (sequence, head) is [K, V], or [V, K] where `transposed` (SSD's [P, N]).
+template <typename In>
+struct Sequence {
+  const In& in;
+  int64_t K, V, Hv, Ka;
+  bool transposed;
+  const int64_t* cu;
+  int64_t S;
+  float* states;  // [S, Hv, K, V] or [S, Hv, V, K]
+  float scale;
+  View out;
+
+  // Every (sequence, head), in column blocks of K x W floats within 16 KB (half the smallest L1 data cache targeted)
+  template <bool KK>
+  void all() const {
+    K * 2 * Vec::size() * 4 <= 16384 ? spread<2, KK>() : spread<1, KK>();
+  }
+
+  // The (sequence, head) pairs, longest sequences first, taken one at a time by whichever thread is free: packed
+  // sequences of unequal lengths split into equal ranges of pairs left one thread with most of the work.
+  template <int NV, bool KK>
+  void spread() const {
+    std::vector<int64_t> order(S);
+    std::iota(order.begin(), order.end(), 0);
+    std::stable_sort(order.begin(), order.end(),
+                     [&](int64_t a, int64_t b) { return cu[a + 1] - cu[a] > cu[b + 1] - cu[b]; });
+    const int64_t items = S * Hv;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min<int64_t>(items, at::get_num_threads()), 1, [&](int64_t, int64_t) {
+      Work w(K, V, NV * Vec::size(), Ka);
+      for (int64_t i = next++; i < items; i = next++) one<NV, KK>(order[i / Hv], i % Hv, w);
+    });
+  }
+
+  // A thread's buffers: the state in column blocks [Vp / W, K, W] (columns past V zero: they stay so, v being zero
+  // there), and a time block's rows: q, k [TB, K], a [TB, Ka], v, u, o [TB, Vp], beta, q.k, sc [TB], then the carried k
+  // [K] and u [Vp] of the token before it, whose state update is pending, and scratch [2 Vp] for `finish`
+  struct Work {
+    int64_t K, W, Vp, Ka;
+    std::vector<float> w, buf;
+    float *q, *k, *a, *v, *u, *o, *beta, *qk, *sc, *kc, *uc, *scratch;
+    bool mul[TB];
+    Work(int64_t K, int64_t V, int64_t W, int64_t Ka)
+        : K(K), W(W), Vp((V + W - 1) / W * W), Ka(Ka), w(Vp * K),
+          buf(TB * (2 * K + Ka + 3 * Vp + 3) + K + 3 * Vp, 0.f) {
+      q = buf.data(), k = q + TB * K, a = k + TB * K, v = a + TB * Ka, u = v + TB * Vp, o = u + TB * Vp;
+      beta = o + TB * Vp, qk = beta + TB, sc = qk + TB, kc = sc + TB, uc = kc + K, scratch = uc + Vp;
+    }
+  };
+
+  // A decay per head is kept out of the state's passes: the state is held as S / c, c the product of the decays
+  // since the last pass that applied it, and the sums of a pass are scaled by c after it. A pass applies c (and c
+  // restarts at 1) only where c leaves [1e-18, 1e18], so S / c stays far inside float32's range; a decay per key
+  // dim (KDA, GLA) is applied in every pass. Returns the running c after the tokens [0, m) of a time block, given
+  // it before.
+  static float scales(Work& wk, int64_t m, float c) {
+    for (int64_t i = 0; i < m; ++i) {
+      const float next = c * wk.a[i * wk.Ka];
+      wk.mul[i] = wk.Ka > 1 || !(next >= 1e-18f && next <= 1e18f);
+      if (wk.Ka > 1) {
+        wk.sc[i] = 1.f;
+      } else {
+        wk.a[i] = next;  // the factor a pass applies, where it does
+        c = wk.mul[i] ? 1.f : next;
+        wk.sc[i] = c;
+      }
+    }
+    return c;
+  }
+
+  template <int NV, bool KK>
+  void one(int64_t s, int64_t h, Work& wk) const {
+    const int64_t W = wk.W, Vp = wk.Vp, b0 = cu[s], b1 = cu[s + 1];
+    float* st = states + (s * Hv + h) * K * V;
+    blocks(st, wk.w.data(), W, true);
+    float c = 1.f;
+    for (int64_t t0 = b0; t0 < b1; t0 += TB) {
+      const int64_t m = std::min(TB, b1 - t0);
+      for (int64_t i = 0; i < m; ++i) {
+        in.read(t0 + i, h, wk.q + i * K, wk.k + i * K, wk.a + i * Ka, wk.v + i * Vp, wk.beta + i);
+        wk.qk[i] = dot(wk.q + i * K, wk.k + i * K, K);
+      }
+      c = scales(wk, m, c);
+      for (int64_t col = 0; col < Vp; col += W) {  // a column block through the time block's tokens
+        float* wc = wk.w.data() + col * K;
+        for (int64_t i = 0; i < m; ++i) {
+          if (col == 0 && t0 + TB + i < b1) in.prefetch(t0 + TB + i, h);  // the next time block's rows
+          // the previous token's update is folded into this token's pass
+          const float* kp = i > 0 ? wk.k + (i - 1) * K : t0 > b0 ? wk.kc : nullptr;
+          const float* up = (i > 0 ? wk.u + (i - 1) * Vp : wk.uc) + col;
+          float *u = wk.u + i * Vp + col, *o = wk.o + i * Vp + col;
+          const float *v = wk.v + i * Vp + col, *ki = wk.k + i * K, *qi = wk.q + i * K, *ai = wk.a + i * Ka;
+          if (wk.mul[i])
+            decay_block<NV, KK, true>(wc, K, W, 0, kp, up, ai, Ka > 1 ? 1 : 0, ki, qi, u, o, 0);
+          else
+            decay_block<NV, KK, false>(wc, K, W, 0, kp, up, ai, 0, ki, qi, u, o, 0);
+          const float sc = wk.sc[i], qk = wk.qk[i], beta = wk.beta[i];
+          for (int64_t j = 0; j < W; ++j) {
+            const float uj = KK ? beta * (v[j] - sc * u[j]) : v[j];
+            o[j] = (sc * o[j] + qk * uj) * scale;
+            u[j] = uj / sc;  // the update of the state held as S / c
+          }
+        }
+      }
+      for (int64_t i = 0; i < m; ++i) {
+        in.finish(t0 + i, h, wk.o + i * Vp, wk.scratch);
+        out.write(t0 + i, h, V, wk.o + i * Vp);
+      }
+      std::copy(wk.k + (m - 1) * K, wk.k + m * K, wk.kc);
+      std::copy(wk.u + (m - 1) * Vp, wk.u + m * Vp, wk.uc);
+    }
+    if (b1 > b0)  // the last token's update
+      for (int64_t col = 0; col < Vp; col += W)
+        update<float>(wk.w.data() + col * K, K, W, wk.kc, wk.uc + col, wk.w.data() + col * K, W);
+    blocks(st, wk.w.data(), W, false, c);
+  }
+
+  // the state st [K, V] (or [V, K]) into column blocks w [Vp / W, K, W] (zero past V), or back (`into` false) times c
+  // (held as S / c)
+  void blocks(float* st, float* w, int64_t W, bool into, float c = 1.f) const {
+    const int64_t si = transposed ? 1 : V, sj = transposed ? K : 1;  // element (i, j) at st[i si + j sj]
+    for (int64_t col = 0; col < V; col += W)
+      for (int64_t i = 0; i < K; ++i) {
+        float *row = st + i * si + col * sj, *blk = w + col * K + i * W;
+        const int64_t n = std::min(W, V - col);
+        for (int64_t j = 0; j < n; ++j) into ? blk[j] = row[j * sj] : row[j * sj] = c * blk[j];
+        if (into) std::fill(blk + n, blk + W, 0.f);
+      }
+  }
+};
+
 }  // namespace
 
 // q, k [B, H, K], v [B, Hv, V] (float32, bfloat16 or float16, any strides); g [B, Hv] or [B, Hv, K] (log-decay) or
-// None (no decay), beta [B, Hv] or None (linear attention); state [slots, Hv, K, V] float32 or the activation dtype, each [K, V] contiguous; rows int32 or int64 [B]
-// (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of the activation dtype or None (made here). The
-// state rows listed are updated in place; returns out with scale * (S^T q) of the updated state, or None where the
-// states are not each contiguous (the caller's torch path).
+// None (no decay), beta [B, Hv] or None (linear attention); state [slots, Hv, K, V] float32 or the activation dtype,
+// each [K, V] contiguous; rows int32 or int64 [B] (-1: a zero state, nothing written; no row twice); out [B, Hv, V] of
+// the activation dtype or None (made here). The state rows listed are updated in place; returns out with
+// scale * (S^T q) of the updated state, or None where the states are not each contiguous (the caller's torch path).
 at::Tensor delta_step_any(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
-                          const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta, at::Tensor state, const at::Tensor& rows, double scale, bool l2,
-                          const c10::optional<at::Tensor>& out) {
+                          const c10::optional<at::Tensor>& g, const c10::optional<at::Tensor>& beta, at::Tensor state,
+                          const at::Tensor& rows, double scale, bool l2, const c10::optional<at::Tensor>& out) {
   if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "delta_step: rows int32 or int64");
   at::Tensor o = output(out, v, "delta_step");
   const Inputs in = inputs(q, k, v, g, beta, l2);
   const float sc = static_cast<float>(scale);
-  by_state_dtype(state, "delta_step", [&](auto s) { delta_step<decltype(s)>(in, state, rows, sc, o); });
+  by_state_dtype(state, "delta_step",
+                 [&](auto s) { delta_step<decltype(s)>(in, v.size(0), state, rows, sc, View(o)); });
   return o;
 }
 
 // The sequence form: q, k [T, H, K], v [T, Hv, V], g [T, Hv(, K)] or None, beta [T, Hv] or None as delta_step's (one
-// row per token); cu int64 [S+1] contiguous; states float32 [S, Hv, K, V] contiguous, each sequence's initial state, its
-// final state on return; out [T, Hv, V] of v's dtype. Token by token, each (sequence, head) state kept in the
-// core's cache meanwhile: about 4 K V flops a token, where the chunked matrix form takes about 11 K V (its
-// products at 64-token chunks) and only matrix units make those cheaper.
+// row per token); cu int64 [S+1] contiguous; states float32 [S, Hv, K, V] contiguous, each sequence's initial state,
+// its final state on return; out [T, Hv, V] of v's dtype. Token by token (about 4 K V flops a token, where the
+// chunked matrix form takes about 11 K V and only matrix units make those cheaper), on a copy of each (sequence,
+// head) state cut into column blocks: the columns of the recurrence are independent, so each block runs a time
+// block's tokens while it sits in L1 (the whole state does not: one pass a token over it ran at L2's speed).
 void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const c10::optional<at::Tensor>& g,
                const c10::optional<at::Tensor>& beta, const at::Tensor& cu, at::Tensor states, double scale, bool l2,
                at::Tensor out) {
@@ -360,23 +567,28 @@ void delta_seq(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, co
               cu.is_contiguous(), "delta_seq: states float32 [S, Hv, K, V] and cu int64, contiguous");
   TORCH_CHECK(out.scalar_type() == v.scalar_type(), "delta_seq: out in v's dtype");
   const Inputs in = inputs(q, k, v, g, beta, l2);
-  const int64_t Hv = v.size(1), K = in.K, V = in.V;
-  const int64_t* cp = cu.data_ptr<int64_t>();
-  float* sp = states.data_ptr<float>();
-  const float sc = static_cast<float>(scale);
-  at::parallel_for(0, (cu.size(0) - 1) * Hv, 1, [&](int64_t begin, int64_t end) {
-    Token t(K, V), prev(K, V);
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t s = item / Hv, h = item % Hv;
-      float* w = sp + item * K * V;
-      for (int64_t b = cp[s]; b < cp[s + 1]; ++b) {  // each token's state update folded into the next one's pass
-        in.read(b, h, t);
-        token<float>(w, in, t, sc, w, V, &prev, b > cp[s]);
-        emit(t.qq, out, b, h, V);
-      }
-      if (cp[s + 1] > cp[s]) update<float>(w, K, V, prev.k, prev.u, w, V);  // the last token's
-    }
-  });
+  const Sequence<Inputs> run{in, in.K, in.V, in.Hv, in.per_key ? in.K : 1, false, cu.data_ptr<int64_t>(),
+                             cu.size(0) - 1, states.data_ptr<float>(), static_cast<float>(scale), out};
+  in.delta ? run.all<true>() : run.all<false>();
+}
+
+// Mamba-2's SSD over packed sequences: x [T, H, P], dt [T, H], A [H], B and C [T, G, N], D [H] or [H, P], z [T, H, P],
+// dt_bias [H] (any strides; float32, bfloat16 or float16); cu int64 [S+1] contiguous; states float32 [S, H, P, N]
+// contiguous, each sequence's initial state, its final state on return; out [T, H, P] of x's dtype. delta_seq's
+// kernel without the delta term (linear attention with q = C, k = B, v = d x, log-decay d A).
+void ssd_seq(const at::Tensor& x, const at::Tensor& dt, const at::Tensor& A, const at::Tensor& B, const at::Tensor& C,
+             const c10::optional<at::Tensor>& D, const c10::optional<at::Tensor>& z,
+             const c10::optional<at::Tensor>& dt_bias, bool softplus, double lo, double hi, const at::Tensor& cu,
+             at::Tensor states, at::Tensor out) {
+  TORCH_CHECK(states.scalar_type() == at::kFloat && states.is_contiguous() && cu.scalar_type() == at::kLong &&
+              cu.is_contiguous(), "ssd_seq: states float32 [S, H, P, N] and cu int64, contiguous");
+  TORCH_CHECK(out.scalar_type() == x.scalar_type(), "ssd_seq: out in x's dtype");
+  const int64_t P = x.size(2), N = B.size(2);
+  const Ssd in{x, dt, A, B, C, View(D, true), z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
+               P, N, x.size(1) / B.size(1)};
+  const Sequence<Ssd> run{in, N, P, x.size(1), 1, true, cu.data_ptr<int64_t>(), cu.size(0) - 1,
+                          states.data_ptr<float>(), 1.f, out};
+  run.all<false>();
 }
 
 // Mamba-2's SSD step: x [B, H, P], dt [B, H], A [H], B and C [B, G, N], D [H] or [H, P], z [B, H, P], dt_bias [H]
@@ -390,8 +602,9 @@ at::Tensor ssd_step_any(const at::Tensor& x, const at::Tensor& dt, const at::Ten
   if (!rows_contiguous(state)) return at::Tensor();  // None: the caller's torch path
   TORCH_CHECK(rows.scalar_type() == at::kInt || rows.scalar_type() == at::kLong, "ssd_step: rows int32 or int64");
   at::Tensor o = output(out, x, "ssd_step");
-  const Ssd in{x, dt, A, B, C, D, z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
+  const Ssd in{x, dt, A, B, C, View(D, true), z, dt_bias, softplus, static_cast<float>(lo), static_cast<float>(hi),
                x.size(2), B.size(2), x.size(1) / B.size(1)};
-  by_state_dtype(state, "ssd_step", [&](auto s) { ssd_step<decltype(s)>(in, state, rows, o); });
+  by_state_dtype(state, "ssd_step",
+                 [&](auto s) { ssd_step<decltype(s)>(in, x.size(0), x.size(1), state, rows, View(o)); });
   return o;
 }

@@ -1,6 +1,6 @@
 """Mamba-2 SSD (SPEC `ssd`): linear attention with q = C, k = B, v = d x, log-decay d A (state [P, N]
-is the transposed linear-attention state [N, P]); chunked, see `chunk.linear`. The step form runs in the
-compiled kernel (recurrent.cpp) where it is built."""
+is the transposed linear-attention state [N, P]); token by token in the compiled kernel (recurrent.cpp) where it
+is built, else chunked (see `chunk.linear`); the step form likewise."""
 from __future__ import annotations
 
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from . import native
 from .chunk import linear, split, sweep
-from .states import emit, run_sequences, update_rows
+from .states import emit, finish, packed, run_sequences, update_rows
 
 
 def _dt(dt, dt_bias, dt_softplus, dt_limit):
@@ -34,10 +34,16 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
         initial_state=None, output_final_state=False, state_indices=None, has_initial_state=None, cu_seqlens=None,
         out=None):
     n_tok, h, p = x.shape
+    y = out if out is not None else x.new_empty(x.shape)
+    built = native.kernels()
+    if built is not None:  # recurrent.cpp, token by token (the chunked products are slower without matrix units)
+        cu, states = packed(n_tok, cu_seqlens, initial_state, state_indices, has_initial_state, (h, p, B.shape[2]),
+                            x.device)
+        built.ssd_seq(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit[0], dt_limit[1], cu, states, y)
+        return y, finish(states, initial_state, state_indices, output_final_state)
     d = _dt(dt, dt_bias, dt_softplus, dt_limit)                     # [T, H]
     dA = d * A.float()                                              # log-decays
     Dc = None if D is None else D.float().view(h, 1, -1)            # [H, 1, 1|P] against [NC, H, C, P]
-    y = out if out is not None else x.new_empty(x.shape)
 
     def step(a, b, c, s):
         xc, dc = split(x[a:b], c), split(d[a:b], c)                 # [NC, H, C, P], [NC, H, C]

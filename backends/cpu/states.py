@@ -72,6 +72,14 @@ def initial_states(initial_state, state_indices, has_initial_state, nseq: int, t
     return torch.zeros((nseq,) + tuple(tail), dtype=torch.float32, device=device)
 
 
+def packed(n_tok: int, cu_seqlens, initial_state, state_indices, has_initial_state, tail: tuple, device):
+    """A compiled sequence kernel's arguments: the sequence bounds as int64 [S + 1] and every sequence's initial
+    state, float32 [S, *tail] contiguous (updated in place into its final state)."""
+    cu = torch.tensor([0, n_tok]) if cu_seqlens is None else cu_seqlens.long().contiguous()
+    return cu, initial_states(initial_state, state_indices, has_initial_state, cu.shape[0] - 1, tail,
+                              device).contiguous()
+
+
 def finish(finals: torch.Tensor, initial_state, state_indices, output_final_state: bool,
            default_dtype=torch.float32):
     """Write the final states [S, *tail] back into the cache (with `state_indices`) and return the op's

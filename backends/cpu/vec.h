@@ -1,5 +1,5 @@
-// Helpers the cpu kernels share (decode.cpp, flash.cpp, softcap.cpp). Included, not built on its own: native.py
-// hashes it with the sources into the build's name.
+// Helpers the cpu kernels share (decode.cpp, flash.cpp, softcap.cpp, recurrent.cpp). Included, not built on its own:
+// native.py hashes it with the sources into the build's name.
 #pragma once
 #include <ATen/cpu/vec/vec.h>
 
@@ -20,6 +20,18 @@ inline bool bf16_unit() {
 inline at::vec::Vectorized<float> cap_tanh(at::vec::Vectorized<float> x, float cap) {
   using Vec = at::vec::Vectorized<float>;
   return Vec(cap) - Vec(2.f * cap) / ((x * Vec(2.f)).exp_u20() + Vec(1.f));
+}
+
+// [p, p + bytes) into L2 (prefetcht1), a line at a time
+inline void prefetch_l2(const void* p, int64_t bytes) {
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  for (uintptr_t x = a & ~uintptr_t(63); x < a + bytes; x += 64) {
+#if defined(__x86_64__)  // GCC 12 drops __builtin_prefetch and _mm_prefetch from a loop with no other effect
+    asm volatile("prefetcht1 %0" : : "m"(*reinterpret_cast<const char*>(x)));
+#else
+    __builtin_prefetch(reinterpret_cast<const void*>(x), 0, 2);
+#endif
+  }
 }
 
 }  // namespace portable_attn_cpu

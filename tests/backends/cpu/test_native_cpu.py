@@ -23,9 +23,9 @@ SOFTCAPPED = [c for c in catalogue(FULL, ["paged_attention", "attention", "spars
 DECODES_AND_PAGED = [c for c in catalogue(FULL, ["paged_attention", "attention"])
                      if c.op == "paged_attention" or "decode" in c.name]  # attention's decode cases: decode.cpp's calls
 # the recurrent ops' kernels (recurrent.cpp, conv.cpp) and the cases that reach them
-KERNELS = {"gated_delta_rule": "delta_seq", "gated_delta_rule_step": "delta_step", "ssd_step": "ssd_step",
-           "causal_conv1d": "conv_seq", "causal_conv1d_step": "conv_step", "linear_attention": "delta_seq",
-           "linear_attention_step": "delta_step"}
+KERNELS = {"gated_delta_rule": "delta_seq", "gated_delta_rule_step": "delta_step", "ssd": "ssd_seq",
+           "ssd_step": "ssd_step", "causal_conv1d": "conv_seq", "causal_conv1d_step": "conv_step",
+           "linear_attention": "delta_seq", "linear_attention_step": "delta_step"}
 RECURRENT = catalogue(FULL, list(KERNELS))
 
 
@@ -81,7 +81,7 @@ def test_torch_path_conforms(case, dtype, monkeypatch):
 @pytest.mark.parametrize("case", RECURRENT, ids=[f"{c.op}-{c.name}" for c in RECURRENT])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 def test_recurrent_cases_reach_kernels(case, dtype, monkeypatch):
-    """The gated delta rule's, linear attention's, the SSD step's and conv1d's cases with the kernels on: each reaches
+    """The gated delta rule's, linear attention's, SSD's and conv1d's cases with the kernels on: each reaches
     its kernel, but a conv whose channels are not adjacent (its torch path; a step whose strided layout leaves a
     state's last two axes non-contiguous reaches its kernel, which leaves it to the torch path)."""
     calls = spy_on(monkeypatch, KERNELS[case.op])

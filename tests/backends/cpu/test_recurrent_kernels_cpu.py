@@ -1,5 +1,5 @@
-"""The cpu backend's compiled recurrences (recurrent.cpp): the gated delta rule, sequence and step forms, and the SSD
-step: strided views with NaN around them, only the state rows listed updated, nothing else written. (Their
+"""The cpu backend's compiled recurrences (recurrent.cpp): the gated delta rule, linear attention and SSD, sequence and
+step forms: strided views with NaN around them, only the state rows listed updated, nothing else written. (Their
 conformance cases with and without the kernels: test_native_cpu.py.)"""
 import math
 
@@ -48,11 +48,14 @@ def _reference(op, plain, **kwargs):
     return getattr(pa, op)(*(x.double() for x in plain), use_qk_l2norm=True, backend="reference", **kwargs)
 
 
-def tol(dtype):
-    return dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+def tol(dtype, scale: float = 1.0):
+    """Tolerances of a float32 or 16-bit result whose values reach about `scale` (sums of many products cancel)."""
+    atol = (1e-5 if dtype == torch.float32 else 2e-2) * max(1.0, scale)
+    return dict(rtol=1e-5, atol=atol) if dtype == torch.float32 else dict(rtol=2e-2, atol=atol)
 
 
-SHAPES = [(2, 4, 20, 24), (4, 4, 128, 128), (1, 2, 16, 40)]  # H, Hv, K, V: GQA, lengths off the vector width
+# H, Hv, K, V: GQA, lengths off the vector width, K past 128 (the sequence form's narrower column blocks)
+SHAPES = [(2, 4, 20, 24), (4, 4, 128, 128), (1, 2, 16, 40), (1, 1, 160, 20)]
 
 
 @pytest.mark.parametrize("h,hv,kd,vd", SHAPES)
@@ -215,3 +218,77 @@ def test_linear_sequences_match_reference(monkeypatch, kd, vd, dtype, state_dtyp
     assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
     assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
     assert nan_around(ob)
+
+
+def _ssd_inputs(n, heads, p, nd, groups, dtype, gen):
+    """x, dt, B, C, z of n rows and their views between NaN (x every other element) with the buffers."""
+    x = torch.randn(n, heads, p, generator=gen).to(dtype)
+    dt = torch.randn(n, heads, 1, generator=gen)
+    b_, c_ = (torch.randn(n, groups, nd, generator=gen).to(dtype) for _ in range(2))
+    z = torch.randn(n, heads, p, generator=gen).to(dtype)
+    views, bufs = zip(*(in_nan(t, every_other=t is x) for t in (x, dt, b_, c_, z)))
+    return (x, dt[..., 0], b_, c_, z), (views[0], views[1][..., 0], *views[2:]), bufs
+
+
+@pytest.mark.parametrize("heads,p,n,groups", [(4, 16, 40, 2), (3, 64, 128, 1), (2, 24, 160, 1)])
+@pytest.mark.parametrize("dtype,state_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                               (torch.float16, torch.float16)])
+@pytest.mark.parametrize("gated", [False, True])
+def test_ssd_sequences_match_reference(monkeypatch, heads, p, n, groups, dtype, state_dtype, gated):
+    """SSD over packed sequences (one empty, one of a token) in the sequence kernel: strided inputs between NaN, D per
+    head or per head and channel, z and dt_bias, softplus and limits, a NaN-filled out=, initial states from a cache
+    (rows out of order, one not read): out and the cache's rows as the reference's, its other rows and every NaN
+    untouched."""
+    calls = spy_on(monkeypatch, "ssd_seq")
+    gen = torch.Generator().manual_seed(heads * p + n + gated)
+    cu = torch.tensor([0, 1, 1, 30, 45], dtype=torch.int32)
+    (x, dt, b_, c_, z), (xv, dv, bv, cv, zv), bufs = _ssd_inputs(45, heads, p, n, groups, dtype, gen)
+    A, bias = -torch.rand(heads, generator=gen), torch.randn(heads, generator=gen)
+    D = torch.randn(heads, p, generator=gen) if gated else torch.randn(heads, generator=gen)
+    cache = torch.randn(6, heads, p, n, generator=gen).to(state_dtype)
+    rows, has = torch.tensor([4, 0, 2, 5], dtype=torch.int32), torch.tensor([True, True, False, True])
+    out, ob = in_nan(torch.full((45, heads, p), math.nan, dtype=dtype), every_other=False)
+    before, cache_before = [b.clone() for b in bufs], cache.clone()
+    kwargs = dict(D=D, dt_bias=bias, dt_softplus=True, dt_limit=(0.05, 1.5), state_indices=rows,
+                  has_initial_state=has, cu_seqlens=cu)
+    got, final = pa.ssd(xv, dv, A, bv, cv, initial_state=cache, z=zv if gated else None, out=out, backend="cpu",
+                        **kwargs)
+    assert got is out and final is None and len(calls) == 1
+    ref_cache = cache_before.double()
+    ref, _ = pa.ssd(x.double(), dt.double(), A.double(), b_.double(), c_.double(), initial_state=ref_cache,
+                    z=z.double() if gated else None, backend="reference",
+                    **{k: v.double() if torch.is_tensor(v) and v.is_floating_point() else v for k, v in kwargs.items()})
+    torch.testing.assert_close(got.double(), ref, **tol(dtype, float(ref.abs().max())))
+    torch.testing.assert_close(cache.double(), ref_cache.to(state_dtype).double(), **tol(dtype))
+    assert torch.equal(bits(cache[[1, 3]]), bits(cache_before[[1, 3]]))
+    assert all(torch.equal(bits(b), bits(was)) for b, was in zip(bufs, before))
+    assert nan_around(ob)
+
+
+DECAYS = {  # log-decays per token and head of a 300-token sequence: the state's scale kept apart, and applied
+    "weak": lambda t: torch.full(t, -1e-3),                        # never leaves [1e-18, 1e18] over the sequence
+    "strong": lambda t: torch.full(t, -2.5),                       # leaves it every 17 tokens, mid time block
+    "mixed": lambda t: torch.where(torch.rand(t) < 0.1, -30.0, -0.05),
+    "growing": lambda t: torch.where(torch.arange(t[0])[:, None] < 100, 0.5, -0.5).expand(t),  # upward at 83
+    "to zero": lambda t: torch.where(torch.arange(t[0])[:, None] % 37 == 5, -torch.inf, -0.3).expand(t),
+}
+
+
+@pytest.mark.parametrize("decay", list(DECAYS))
+def test_sequence_decay_scales(monkeypatch, decay):
+    """The sequence kernel holds the state as S / c (c the decays' product since a pass last applied it): weak, strong,
+    growing and zero decays, and the final state, as the reference's."""
+    calls = spy_on(monkeypatch, "delta_seq")
+    gen = torch.Generator().manual_seed(len(decay))
+    torch.manual_seed(len(decay))
+    q, k = (torch.randn(300, 2, 32, generator=gen) for _ in range(2))
+    v = 0.1 * torch.randn(300, 2, 48, generator=gen)
+    beta, g = torch.rand(300, 2, generator=gen), DECAYS[decay]((300, 2)).contiguous()
+    s0 = torch.randn(1, 2, 32, 48, generator=gen)
+    got, final = pa.gated_delta_rule(q, k, v, g, beta, initial_state=s0, output_final_state=True, use_qk_l2norm=True,
+                                     backend="cpu")
+    assert len(calls) == 1
+    ref, ref_final = _reference("gated_delta_rule", (q, k, v, g, beta), initial_state=s0.double(),
+                                output_final_state=True)
+    torch.testing.assert_close(got.double(), ref, **tol(torch.float32, float(ref.abs().max())))
+    torch.testing.assert_close(final.double(), ref_final, **tol(torch.float32, float(ref_final.abs().max())))
