@@ -34,6 +34,7 @@ PLAIN = (bool, int, str, float)  # the values a remembered call's non-tensor arg
 # Host ints the checks read only as >= 0 and against index values (checked per call): keyed by their sign,
 # so that a decode step's growing max_seqlen_k keeps its signature.
 HINTS = frozenset({"max_seqlen_q", "max_seqlen_k"})
+CHECK_VAR = "PORTABLE_ATTN_CHECK"  # off: no index values checked (read first without a call: a decode step's checks)
 SELECTION_VARS = ("PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_INTERPRET")
 LIMIT = 4096  # signatures kept (an engine meets about ops x batch sizes); past it the oldest goes
 NO_SELECTION = object()  # the `backend` of a signature for the checks alone (dispatch.make_call)
@@ -93,26 +94,24 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
-    body = ["_grad = backend is not _NO_SELECTION and _is_grad_enabled()",
-            "try:",
-            f"    _key = ({decl.name!r}, backend if backend is None or type(backend) is str else _value(backend), "
-            "_grad, "
-            f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
-            *(f"            {p}," for p in parts),
-            "    )",
-            "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
-            "    pass"]
-    if index:
+    body = ["_grad = backend is not _NO_SELECTION and _is_grad_enabled()"]
+    if index:  # the index values of this call: unchecked, or checked by the op's `values` on every call
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor
                  else " or ".join(f"{a.name} is not None" for a in index))
-        body.append(f"if _key is not None and ({given}):  # index values: unchecked, or checked by the op's "
-                    "`values` on every call")
-        primary = decl.primary
-        body.append(f"    _values = type({primary}) in _TENSOR_TYPES and _index_checks_enabled({primary})")
-        if decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
-            body.append("    _key = None if _values else (*_key, None)")
-        else:
-            body.append("    _key = (*_key, _VALUES if _values else None)")
+        body.append(f"_values = ({given}) and type({decl.primary}) in _TENSOR_TYPES and "
+                    f"_CHECK.get(_env({envs.key(CHECK_VAR)!r})) is not False and _index_checks_enabled({decl.primary})")
+        parts.append("_VALUES if _values else None")
+    body += ["try:",
+             f"    _key = ({decl.name!r}, backend if backend is None or type(backend) is str else _value(backend), "
+             "_grad, "
+             f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
+             *(f"            {p}," for p in parts),
+             "    )",
+             "except (AttributeError, TypeError):  # not the declared type: the full checks say what",
+             "    pass"]
+    if index and decl.values is None:  # no per-call value checks to replay: checked calls take the full checks
+        body.append("if _values:")
+        body.append("    _key = None")
     if masks:  # a mask's tensors: the full checks
         body = [f"if {' and '.join(f'{m} is None' for m in masks)}:", *("    " + line for line in body)]
     return [indent + line for line in ["_key = None", *body]]
@@ -121,7 +120,7 @@ def key_source(decl, indent: str = "    ") -> list[str]:
 # The names `key_source`'s statements use.
 SCOPE = dict(_value=_value, _copysign=math.copysign, _sign=functools.partial(math.copysign, 1.0),
              _NO_SELECTION=NO_SELECTION, _is_grad_enabled=torch.is_grad_enabled, _env=envs.lookup,
-             _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES,
+             _TENSOR_TYPES=TENSOR_TYPES, _VALUES=VALUES, _CHECK=envs.PARSED[CHECK_VAR],
              _index_checks_enabled=checks.index_checks_enabled)
 
 

@@ -80,8 +80,13 @@ def is_set(name: str) -> bool:
 lookup, key = (os.environ._data.get, os.fsencode) if os.name == "posix" else (os.environ.get, str)
 
 
+# Each variable's raw values seen so far -> their parsed values (every call reads several variables): a hot path may
+# read `PARSED[name].get(lookup(key(name)))` in two C calls, None where a value is new (then read the attribute).
+PARSED: dict = {name: {} for name in VARS}
+
+
 def _reader(var: Var) -> property:
-    name, parsed = key(var.name), {}  # raw value -> parsed value: every call reads several variables
+    name, parsed = key(var.name), PARSED[var.name]
 
     def read(_module):
         text = lookup(name)

@@ -31,9 +31,15 @@ FLAGS = {
 }
 
 
+_SWITCH, _PARSED = envs.key("PORTABLE_ATTN_CPU_NATIVE"), envs.PARSED["PORTABLE_ATTN_CPU_NATIVE"]
+
+
 def kernels():
     """The compiled module, or None where it is switched off or cannot be built."""
-    return _built() if envs.PORTABLE_ATTN_CPU_NATIVE else None
+    on = _PARSED.get(envs.lookup(_SWITCH))  # every step form asks: two dict reads where the value was seen before
+    if on is None:
+        on = envs.PORTABLE_ATTN_CPU_NATIVE
+    return _built() if on else None
 
 
 def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: bool, out, block_table=None,

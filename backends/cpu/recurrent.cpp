@@ -43,12 +43,13 @@ void store_floats(const float* src, int64_t n, T* x, int64_t stride) {
 // is s0 i + s1 j + s2 l elements from the start. `vector`: a 1-d or 2-d tensor read as [i, l] (D [H] or [H, P]: s1 0).
 struct View {
   char* data = nullptr;
+  bool given = false;  // a tensor (data is null for an empty one)
   at::ScalarType dtype = at::kFloat;
   int64_t elem = 4, s0 = 0, s1 = 0, s2 = 0;
 
   View() = default;
   View(const at::Tensor& t, bool vector = false)
-      : data(static_cast<char*>(t.data_ptr())), dtype(t.scalar_type()), elem(t.element_size()) {
+      : data(static_cast<char*>(t.data_ptr())), given(true), dtype(t.scalar_type()), elem(t.element_size()) {
     TORCH_CHECK(dtype == at::kFloat || dtype == at::kBFloat16 || dtype == at::kHalf,
                 "recurrent kernels: float32, bfloat16 or float16 tensors, not ", dtype);
     s0 = t.stride(0);
@@ -60,7 +61,7 @@ struct View {
   View(const c10::optional<at::Tensor>& t, bool vector = false) : View() {
     if (t.has_value()) *this = View(*t, vector);
   }
-  explicit operator bool() const { return data != nullptr; }
+  explicit operator bool() const { return given; }
   char* at(int64_t i, int64_t j) const { return data + (i * s0 + j * s1) * elem; }
 
   // elements [i, j, 0..n) as float32 into dst
@@ -86,7 +87,7 @@ struct View {
   }
   // elements [i, j, 0..n) into L2 where they are contiguous (rows of a token far apart defeat hardware prefetch)
   void prefetch(int64_t i, int64_t j, int64_t n) const {
-    if (data != nullptr && (n == 1 || s2 == 1)) portable_attn_cpu::prefetch_l2(at(i, j), n * elem);
+    if (given && (n == 1 || s2 == 1)) portable_attn_cpu::prefetch_l2(at(i, j), n * elem);
   }
 };
 
