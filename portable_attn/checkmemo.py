@@ -68,13 +68,14 @@ def _value(v):
 
 
 # The key of one argument by its declared type (optable.Arg.type), items of its name `{x}`: a tensor's type,
-# shape, dtype, device (True on the CPU: cheaper to read and to hash) and, where grad mode is on for a selection
-# (`_grad`), requires_grad (only selection reads it, and only then: Call.needs_grad); a bool's or a str's type and
-# value; a float's with its sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's type, its items' types and
-# values, and for a float list their signs. An argument of another type than declared gives another key or raises
-# (then the call takes the full checks). A required argument's items lie flat in the signature (a tuple each costs
-# its allocation and its hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None.
-_TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.is_cpu or {x}.device, _grad and {x}.requires_grad"
+# shape, dtype and device (True on the CPU: cheaper to read and to hash); a bool's or a str's type and value; a
+# float's with its sign (-0.0 is not 0.0); a HINTS int's type and sign; a list's type, its items' types and values,
+# and for a float list their signs. An argument of another type than declared gives another key or raises (then the
+# call takes the full checks). A required argument's items lie flat in the signature (a tuple each costs its
+# allocation and its hash), but a list's (of any length) in a tuple of its own, as an optional one's, or None. The
+# tensors' requires_grad flags follow in one tuple where grad mode is on for a selection (`_grad`; only selection
+# reads them, and only then: Call.needs_grad), else None.
+_TENSOR = "type({x}), {x}.shape, {x}.dtype, {x}.is_cpu or {x}.device"
 _ITEMS = {"Tensor": _TENSOR, "bool": "type({x}), {x}", "float": "type({x}), {x}, _copysign(1.0, {x})",
           "str": "type({x}), {x}", "int": "type({x}), {x}", "int[]": "(type({x}), *map(type, {x}), *{x})",
           "float[]": "(type({x}), *map(type, {x}), *{x}, *map(_sign, {x}))"}
@@ -94,6 +95,9 @@ def key_source(decl, indent: str = "    ") -> list[str]:
     masks = [a.name for a in decl.args if a.type == "BlockMask?"]
     index = [a for a in decl.args if a.name in INDEX_ARGS]
     parts = [_arg_key(a) for a in decl.args if a.type != "BlockMask?"]
+    grads = [f"{a.name}.requires_grad" if a.type == "Tensor" else f"{a.name} is not None and {a.name}.requires_grad"
+             for a in decl.args if a.type in ("Tensor", "Tensor?")]
+    parts.append(f"({', '.join(grads)},) if _grad else None")
     body = ["_grad = backend is not _NO_SELECTION and _is_grad_enabled()"]
     if index:  # the index values of this call: unchecked, or checked by the op's `values` on every call
         given = ("True" if any(a.type == "Tensor" for a in index)  # a required index tensor

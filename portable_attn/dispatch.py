@@ -65,7 +65,7 @@ def entry(fn, compiled):
     args = ", ".join(f"{n!r}: {n}" for n in decl.names)
     source = "\n".join([
         f"def {decl.name}({', '.join(positional + ['*'] + keyword + ['backend'])}):",
-        "    if _is_compiling():  # dynamo records one custom op; the dispatch below runs inside it",
+        "    if _is_dynamo_compiling():  # dynamo records one custom op; the dispatch below runs inside it",
         f"        return _compiled({decl.name!r}, {{{args}, 'backend': backend}})",
         *checkmemo.key_source(decl),
         "    try:",
@@ -75,9 +75,12 @@ def entry(fn, compiled):
         "    if _passed is not None and _passed.run is not None:  # Backend.run, on the backend chosen before",
         f"        _a = {{{args}, **_passed.normalised}}",
         "        return _passed.run(**(_a if _passed.plain else _replay(_decl, _a, _passed)))",
+        "    if _is_compiling():  # export, or a compile session outside dynamo's trace (fake tensors: no key passed)",
+        f"        return _compiled({decl.name!r}, {{{args}, 'backend': backend}})",
         f"    return _run(_decl, {{{args}}}, backend, _key, _passed)",
     ])
     scope = dict(checkmemo.SCOPE, _is_compiling=torch.compiler.is_compiling, _compiled=compiled,
+                 _is_dynamo_compiling=getattr(torch.compiler, "is_dynamo_compiling", torch.compiler.is_compiling),
                  _PASSED=checkmemo.PASSED, _replay=checkmemo.replay, _run=_run, _decl=decl)
     exec(source, scope)  # noqa: S102 - source built above from the op table, nothing from a caller
     public = scope[decl.name]

@@ -48,8 +48,8 @@ VARS = {v.name: v for v in (
         "`0`: skip the index value checks (they are skipped anyway while tracing or capturing)"),
     Var("PORTABLE_ATTN_CPU_NATIVE", "1", _flag,
         "`0`: the cpu backend neither builds nor runs its compiled C++ kernels (prefill attention and decode then "
-        "run torch's flash kernel, per tile of the causal/window band or on gathered keys where paged; softcap scores torch's tanh and softmax ops; the gated "
-        "delta rule, linear attention, SSD and conv1d torch's ops)"),
+        "run torch's flash kernel, per tile of the causal/window band or on gathered keys where paged; softcap "
+        "scores torch's tanh and softmax ops; the gated delta rule, linear attention, SSD and conv1d torch's ops)"),
     Var("PORTABLE_ATTN_TRITON_F32_DOT", "", _text,
         "the `input_precision` of the triton backend's float32 dots (`ieee`, `tf32x3`, `tf32`); default per "
         "vendor"),
