@@ -291,10 +291,11 @@ void delta_step(const Inputs& in, int64_t B, at::Tensor state, const at::Tensor&
   });
 }
 
-// Mamba-2's SSD step for one (sequence, head): d = clamp(f(dt + dt_bias), lo, hi) (f = softplus or identity),
+// Mamba-2's SSD for one (sequence, head): d = clamp(f(dt + dt_bias), lo, hi) (f = softplus or identity),
 // h = exp(d A) h + d x B^T row by row (P rows of N), y_p = h_p . C + D_p x_p, times silu(z_p) where z is given.
-// run(): w is the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into `state` (type S)
-// unless that is w itself; returns y (P floats in `buf`).
+// run(), the step form: w is the state [P, N] as float32 (nullptr: a zero state, left so), its rows stored into
+// `state` (type S) unless that is w itself; returns y (P floats in `buf`). read(), finish(), prefetch(): a token of
+// the sequence form (Sequence).
 struct Ssd {
   View x, dt, A, B, C, D, z, dt_bias;
   bool softplus;

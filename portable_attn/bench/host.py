@@ -36,7 +36,7 @@ from . import cases, impls, timing
 from .peers import heads_first
 
 NAME = "host"
-CHECK_VAR = "PORTABLE_ATTN_CHECK"
+CHECK_VAR = checkmemo.CHECK_VAR  # the switch the remembered calls read
 CALLS = 10      # consecutive calls per sample: a host cost of microseconds is timed over several
 SLOW_S = 10e-3  # a call slower than this (interpreters) is sampled one at a time
 NOTES = {
