@@ -9,6 +9,8 @@ from portable_attn.errors import NotSupported
 from portable_attn.ops import make_call
 
 I32 = torch.int32
+GUARDS = checkmemo.TensorGuards
+fast_path = pytest.mark.skipif(GUARDS is None, reason="this torch has no dynamo guards: no call skips its signature")
 
 
 def paged_args():
@@ -196,6 +198,137 @@ def test_a_remembered_choice_still_refuses_grad():
         pa.gated_delta_rule_step(**args, backend="cpu")
 
 
+def warm(op, args):
+    """Call `op` until its calls take the fast path (checkmemo.FAST): the first is checked, the second keeps
+    its tensors' guard. Returns the result of the last."""
+    for _ in range(2):
+        got = getattr(pa, op)(**args, backend="cpu")
+    assert checkmemo.FAST, "the call was not kept"
+    return got
+
+
+@fast_path
+@pytest.mark.parametrize("name", list(VALID))
+@pytest.mark.parametrize("checked", ["1", "0"])
+def test_a_kept_call_passes_the_checked_arguments(name, checked, monkeypatch):
+    """The backend's function gets, on the fast path, the arguments the full checks give (make_call)."""
+    monkeypatch.setenv("PORTABLE_ATTN_CHECK", checked)
+    op, make = VALID[name]
+    impl, seen = registry.get("cpu").impl(), []
+    real = getattr(impl, op)
+    monkeypatch.setattr(impl, op, lambda **a: seen.append(a) or real(**a))
+    args = make()
+    for _ in range(3):
+        getattr(pa, op)(**args, backend="cpu")
+    assert checkmemo.FAST, "the call was not kept"
+    want = make_call(op, args).args
+    assert seen[-1].keys() == want.keys()
+    for n, v in want.items():
+        if isinstance(v, torch.Tensor):
+            assert seen[-1][n] is v or (args.get(n) is None and torch.equal(seen[-1][n], v)), n
+        else:
+            assert type(seen[-1][n]) is type(v) and seen[-1][n] == v, n
+
+
+@fast_path
+def test_a_kept_call_skips_its_signature():
+    """A third call is answered from FAST: the signatures' store, emptied, stays empty."""
+    args = step_args(state_indices=torch.tensor([4, -1, 0], dtype=I32))
+    state = args["state"].clone()
+    warm("gated_delta_rule_step", args)
+    checkmemo.PASSED.clear()
+    args["state"] = state.clone()
+    got = pa.gated_delta_rule_step(**args, backend="cpu")
+    assert not checkmemo.PASSED
+    args["state"] = state.clone()
+    checkmemo.forget()
+    torch.testing.assert_close(got, pa.gated_delta_rule_step(**args, backend="cpu"), rtol=0, atol=0)
+
+
+def narrowed(q):
+    """q viewing every other element of a new buffer: the same shape, other strides."""
+    wide = torch.randn(*q.shape[:-1], 2 * q.shape[-1])
+    q.set_(wide.untyped_storage(), 0, q.shape, (wide.stride(0), wide.stride(1), 2))
+
+
+# How a kept call's tensor object changes in place before the next call, and what that call must do.
+IN_PLACE = {
+    "resize": (lambda q: q.resize_(3, 2, 7), "ValueError"),  # head dims of q and k differ: refused as cold
+    "strides": (narrowed, None),  # the same signature: the right answer
+    "requires_grad": (lambda q: q.requires_grad_(True), "NotSupported"),
+}
+
+
+@fast_path
+@pytest.mark.parametrize("change", list(IN_PLACE))
+def test_a_kept_call_whose_tensor_changed_in_place_is_checked(change):
+    """The same tensor objects with a new shape (resize_), strides (set_) or requires_grad get what a new call
+    of those tensors gets."""
+    spoil, refused = IN_PLACE[change]
+    args = step_args()
+    warm("gated_delta_rule_step", args)
+    spoil(args["q"])
+    fresh = step_args() | dict(q=args["q"].detach().clone().requires_grad_(args["q"].requires_grad))
+    if refused:
+        checkmemo.forget()
+        cold = error(lambda: pa.gated_delta_rule_step(**fresh, backend="cpu"))
+        assert cold[0].__name__ == refused
+        warm("gated_delta_rule_step", step_args())
+        assert error(lambda: pa.gated_delta_rule_step(**args, backend="cpu")) == cold
+    else:
+        args["state"] = step_args()["state"]  # the warm calls updated it
+        want = pa.gated_delta_rule_step(**fresh, backend="reference")
+        torch.testing.assert_close(pa.gated_delta_rule_step(**args, backend="cpu"), want)
+
+
+@fast_path
+def test_alternating_signatures_keep_their_guards(monkeypatch):
+    """Two batch sizes of one op and options (the same items) alternate: each builds its tensors' guard once."""
+    built = []
+
+    def counted(*tensors, **kwargs):
+        built.append(tensors)
+        return GUARDS(*tensors, **kwargs)
+    monkeypatch.setattr(checkmemo, "TensorGuards", counted)
+    small, large = attn_args(), attn_args() | dict(q=torch.randn(9, 4, 16))
+    for args in (small, small, large, large):
+        pa.attention(**args, backend="cpu")
+    assert len(built) == 2 and len(checkmemo.GUARDS) == 2 and len(checkmemo.FAST) == 1
+    for args in (small, large) * 3:
+        got = pa.attention(**args, backend="cpu")
+    assert len(built) == 2
+    torch.testing.assert_close(got, pa.attention(**large, backend="reference"))
+
+
+@fast_path
+def test_grad_mode_does_not_reach_kept_calls_with_grad():
+    """Calls with a tensor that requires grad are not kept (a kept call's items leave grad mode out): run under
+    no_grad, then refused in grad mode; a kept call without one runs in either mode."""
+    args = step_args()
+    args["q"].requires_grad_(True)
+    with torch.no_grad():
+        for _ in range(3):
+            pa.gated_delta_rule_step(**args, backend="cpu")
+    assert checkmemo.PASSED and not checkmemo.FAST
+    with pytest.raises(NotSupported, match="inference only"):
+        pa.gated_delta_rule_step(**args, backend="cpu")
+    args = step_args()
+    warm("gated_delta_rule_step", args)
+    args["state"] = step_args()["state"]
+    with torch.no_grad():
+        got = pa.gated_delta_rule_step(**args, backend="cpu")
+    torch.testing.assert_close(got, pa.gated_delta_rule_step(**step_args(), backend="reference"))
+
+
+def test_a_call_with_one_tensor_twice_is_not_kept():
+    """Dynamo's guard refuses a tensor given twice: such a call takes its signature every time."""
+    x = torch.randn(6, 2, 16)
+    for _ in range(3):
+        got = pa.attention(x, x, x, causal=True, backend="cpu")
+    assert checkmemo.PASSED and not checkmemo.FAST
+    torch.testing.assert_close(got, pa.attention(x, x.clone(), x.clone(), causal=True, backend="reference"))
+
+
 def test_a_remembered_choice_follows_the_environment(monkeypatch):
     """PORTABLE_ATTN_BACKEND set after a call with the default choice is obeyed by the next call."""
     args = step_args()
@@ -218,7 +351,7 @@ def test_the_memo_keeps_its_newest_signatures(monkeypatch):
     monkeypatch.setattr(checkmemo, "LIMIT", 2)
     for t in (4, 5, 6):
         make_call("attention", attn_args() | dict(q=torch.randn(t, 4, 16)))
-    assert [key[key.index(torch.Tensor) + 1][0] for key in checkmemo.PASSED] == [5, 6]  # q's shape, after its type
+    assert [key[1][0] for key in checkmemo.PASSED] == [5, 6]  # q's shape, the first tensor's after the items
 
 
 @pytest.mark.parametrize("checked", ["1", "0"])

@@ -7,7 +7,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native
+from portable_attn.envs import lookup
+
+from .native import BUILT, SWITCH
 from .states import emit, finish, initial_states, update_rows
 
 
@@ -25,7 +27,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
     cu = torch.tensor([0, n_tok], device=x.device) if cu_seqlens is None else cu_seqlens.long()
     nseq = cu.shape[0] - 1
     states = initial_states(initial_state, state_indices, has_initial_state, nseq, (ch, w), x.device)
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     if built is not None and x.stride(1) == 1:
         y = out if out is not None and out.stride(1) == 1 else x.new_empty(x.shape)
         finals = states.new_empty(nseq, w, ch)                               # [S, W-1, C]
@@ -54,7 +56,7 @@ def causal_conv1d(x, weight, bias=None, *, activation=None, initial_state=None, 
 
 
 def causal_conv1d_step(x, weight, bias=None, *, state, activation=None, state_indices=None, out=None):
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     o = None if built is None else built.conv_step(x, weight, bias, state, state_indices, activation == "silu", out)
     if o is not None:  # conv.cpp (None: a state dtype other than x's)
         return o

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from portable_attn.envs import lookup
+
 from .chunk import delta, split, sweep
+from .native import BUILT, SWITCH
 from .states import emit, finish, packed, run_sequences, update_rows
 
 
@@ -31,7 +33,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
     n_tok, _, kd = q.shape
     hv = v.shape[1]
     y = out if out is not None else v.new_empty(v.shape)
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     if built is not None:  # recurrent.cpp, token by token: fewer flops than the chunked products without matrix units
         return y, token_by_token(built, q, k, v, g, beta, scale, use_qk_l2norm, y, initial_state, output_final_state,
                                  state_indices, has_initial_state, cu_seqlens)
@@ -51,7 +53,7 @@ def gated_delta_rule(q, k, v, g, beta, *, scale=None, initial_state=None, output
 
 def gated_delta_rule_step(q, k, v, g, beta, *, state, scale=None, state_indices=None, use_qk_l2norm=False,
                           out=None):
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     o = None if built is None else built.delta_step(q, k, v, g, beta, state, state_indices, scale, use_qk_l2norm, out)
     if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
         return o

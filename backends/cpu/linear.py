@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import torch
 
-from . import native
+from portable_attn.envs import lookup
+
 from .chunk import linear, split, sweep
 from .delta import token_by_token
+from .native import BUILT, SWITCH
 from .states import emit, run_sequences, update_rows
 
 
@@ -15,7 +17,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
                      state_indices=None, has_initial_state=None, cu_seqlens=None, out=None):
     n_tok, h, kd = q.shape
     y = out if out is not None else q.new_empty(v.shape)
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     if built is not None:
         return y, token_by_token(built, q, k, v, g, None, scale, False, y, initial_state, output_final_state,
                                  state_indices, has_initial_state, cu_seqlens)
@@ -33,7 +35,7 @@ def linear_attention(q, k, v, *, g=None, scale=None, initial_state=None, output_
 
 
 def linear_attention_step(q, k, v, *, state, g=None, scale=None, state_indices=None, out=None):
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     o = None if built is None else built.delta_step(q, k, v, g, None, state, state_indices, scale, False, out)
     if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)
         return o

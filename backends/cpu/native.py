@@ -31,15 +31,27 @@ FLAGS = {
 }
 
 
-_SWITCH, _PARSED = envs.key("PORTABLE_ATTN_CPU_NATIVE"), envs.PARSED["PORTABLE_ATTN_CPU_NATIVE"]
+SWITCH = envs.key("PORTABLE_ATTN_CPU_NATIVE")
+
+
+class _Switched(dict):
+    """PORTABLE_ATTN_CPU_NATIVE's raw value -> the compiled module, None where it is switched off or cannot be
+    built."""
+
+    def __missing__(self, raw):
+        on = envs.PORTABLE_ATTN_CPU_NATIVE  # this value parsed (a bad one raises and is not kept)
+        self[raw] = built = _built() if on else None
+        return built
+
+
+# Every op of this backend asks for its kernels on every call (a decode step makes dozens): it reads
+# `BUILT[lookup(SWITCH)]`, two C calls where the switch's value was seen before, no Python frame.
+BUILT = _Switched()
 
 
 def kernels():
-    """The compiled module, or None where it is switched off or cannot be built."""
-    on = _PARSED.get(envs.lookup(_SWITCH))  # every step form asks: two dict reads where the value was seen before
-    if on is None:
-        on = envs.PORTABLE_ATTN_CPU_NATIVE
-    return _built() if on else None
+    """The compiled module, or None where it is switched off or cannot be built (BUILT, for tests and tools)."""
+    return BUILT[envs.lookup(SWITCH)]
 
 
 def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: bool, out, block_table=None,
@@ -49,7 +61,7 @@ def decode(q, k, v, sinks, scale: float, left: int, softcap: float, return_lse: 
     seqused_k; their values and max_seqlen_k checked first, IndexError before any write) or packed (k/v
     [T, Hkv, D|Dv], cu_seqlens_k; None: one sequence). o [S, Hq, Dv] (into `out` when given) and lse [Hq, S] as
     the op returns them, or None where the kernel is not built."""
-    built = kernels()
+    built = BUILT[envs.lookup(SWITCH)]
     if built is None:
         return None
     o, lse = built.decode(q, k, v, block_table, seqused_k, cu_seqlens_k, sinks, scale, left, softcap, out,
@@ -62,7 +74,7 @@ def flash(q, k, v, opts, return_lse: bool, out, cu_seqlens_q=None, cu_seqlens_k=
     sequence) by the compiled flash kernel: causal, window, softcap, sinks and block mask (`opts`: attention.Options).
     o [Tq, Hq, Dv] (into `out` when given) and lse [Hq, Tq] as the op returns them, or None where the kernel is not
     built."""
-    built = kernels()
+    built = BUILT[envs.lookup(SWITCH)]
     if built is None:
         return None
     bm = opts.block_mask

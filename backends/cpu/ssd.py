@@ -6,8 +6,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from . import native
+from portable_attn.envs import lookup
+
 from .chunk import linear, split, sweep
+from .native import BUILT, SWITCH
 from .states import emit, finish, packed, run_sequences, update_rows
 
 
@@ -35,7 +37,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
         out=None):
     n_tok, h, p = x.shape
     y = out if out is not None else x.new_empty(x.shape)
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     if built is not None:  # recurrent.cpp, token by token (the chunked products are slower without matrix units)
         cu, states = packed(n_tok, cu_seqlens, initial_state, state_indices, has_initial_state, (h, p, B.shape[2]),
                             x.device)
@@ -60,7 +62,7 @@ def ssd(x, dt, A, B, C, *, D=None, z=None, dt_bias=None, dt_softplus=False, dt_l
 
 def ssd_step(x, dt, A, B, C, *, state, D=None, z=None, dt_bias=None, dt_softplus=False,
              dt_limit=(0.0, float("inf")), state_indices=None, out=None):
-    built = native.kernels()
+    built = BUILT[lookup(SWITCH)]
     o = None if built is None else built.ssd_step(x, dt, A, B, C, D, z, dt_bias, dt_softplus, dt_limit[0],
                                                    dt_limit[1], state, state_indices, out)
     if o is not None:  # recurrent.cpp, one pass (None: states not each contiguous)

@@ -11,10 +11,11 @@ import math
 import torch
 import torch.nn.functional as F
 
+from portable_attn.envs import lookup
 from portable_attn.masks import EMPTY
 from portable_attn.torch_features import cpu_flash_shares_kv_heads
 
-from . import native
+from .native import BUILT, SWITCH
 
 NEG = -math.inf
 SCORE_BUDGET = 1 << 20  # score elements per step of the explicit (softcap) path: 4 MiB of float32
@@ -111,7 +112,7 @@ def _explicit(q, k, v, vis, scale, softcap, causal):
 def _capped_softmax(s, hidden, softcap: float):
     """s [b, h, R, K] float32 (scores / softcap) -> exp(softcap * tanh(s) - m) in place, 0 where `hidden`
     [b|1, h|1, R|1, K]; returns the row max m (finite for a row seeing nothing) and the row sum, [b, h, R, 1]."""
-    kernels = native.kernels()
+    kernels = BUILT[lookup(SWITCH)]
     if kernels is not None:  # one pass per row (softcap.cpp): torch's tanh alone cost more than the products
         m, total = s.new_empty(s.shape[:-1]), s.new_empty(s.shape[:-1])
         kernels.softcap_softmax(s, hidden, softcap, m, total)

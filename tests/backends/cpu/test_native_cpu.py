@@ -16,6 +16,7 @@ import torch
 import portable_attn as pa
 from portable_attn.backends.cpu import attention, native
 from portable_attn.conformance import FULL, catalogue, run_case
+from portable_attn.envs import lookup
 from tests.backends.cpu.test_host_paths_cpu import nan_padded
 
 SOFTCAPPED = [c for c in catalogue(FULL, ["paged_attention", "attention", "sparse_attention"])
@@ -60,7 +61,7 @@ def spy_on(monkeypatch, *kernels: str) -> list:
     spy = Spy()
     for kernel in kernels:
         setattr(spy, kernel, counted(kernel))
-    monkeypatch.setattr(native, "_built", lambda: spy)
+    monkeypatch.setitem(native.BUILT, lookup(native.SWITCH), spy)  # the module the ops read under this switch
     return calls
 
 
@@ -144,6 +145,7 @@ def test_unbuildable_falls_back(monkeypatch, caplog):
 
     monkeypatch.setattr(cpp_extension, "load", no_compiler)
     native._built.cache_clear()
+    native.BUILT.clear()
     try:
         with caplog.at_level(logging.WARNING, logger="portable_attn"):
             assert native.kernels() is None
@@ -155,6 +157,7 @@ def test_unbuildable_falls_back(monkeypatch, caplog):
         assert (o.double() - ref).abs().max() <= 1e-5
     finally:
         native._built.cache_clear()  # the next use builds (or loads the cached build) again
+        native.BUILT.clear()
 
 
 def test_window_reads_only_its_keys(spy):
