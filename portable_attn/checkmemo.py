@@ -46,7 +46,10 @@ PLAIN = (bool, int, str, float)  # the values a remembered call's non-tensor arg
 # so that a decode step's growing max_seqlen_k keeps its signature.
 HINTS = frozenset({"max_seqlen_q", "max_seqlen_k"})
 CHECK_VAR = "PORTABLE_ATTN_CHECK"  # off: no index values checked (read first without a call: a decode step's checks)
-SELECTION_VARS = ("PORTABLE_ATTN_BACKEND", "PORTABLE_ATTN_STRICT", "PORTABLE_ATTN_PLATFORM", "PORTABLE_ATTN_INTERPRET")
+# The variables selection reads, each with the condition under which it does (registry._candidates: the default
+# backends only where the call names none).
+SELECTION_VARS = (("PORTABLE_ATTN_BACKEND", "backend is None"), ("PORTABLE_ATTN_STRICT", None),
+                  ("PORTABLE_ATTN_PLATFORM", None), ("PORTABLE_ATTN_INTERPRET", None))
 LIMIT = 4096  # signatures kept (an engine meets about ops x batch sizes); past it the oldest goes
 NO_SELECTION = object()  # the `backend` of a signature for the checks alone (dispatch.make_call)
 VALUES = "index values checked"  # the last of the items of a signature whose index values are checked per call
@@ -101,7 +104,7 @@ def keep(items, key, passed: Passed, replaceable: tuple, *tensors) -> None:
         try:
             guard = TensorGuards(*tensors, dynamic_dims_sizes=[list(t.shape) for t in tensors],
                                  dynamic_dims_strides=[list(t.stride()) for t in tensors])
-        except (TypeError, RuntimeError):  # a layout without strides, or a torch whose guard takes other arguments
+        except Exception:  # noqa: BLE001 - a layout without strides, or a torch whose guard differs: not kept
             return
         if not guard.check(*tensors):
             return
@@ -149,6 +152,11 @@ def _item(arg) -> str:
     return f"None if {arg.name} is None else ({items},)" if arg.type.endswith("?") else items
 
 
+def _env_item(name: str, when: str | None) -> str:
+    read = f"_env({envs.key(name)!r})"
+    return read if when is None else f"({read} if {when} else None)"
+
+
 def _tensor_items(arg) -> str:
     items = _TENSOR.format(x=arg.name)
     return f"None if {arg.name} is None else ({items},)" if arg.type.endswith("?") else items
@@ -175,7 +183,7 @@ def items_source(decl, indent: str = "    ") -> list[str]:
         parts.append("_VALUES if _values else None")
     body += ["try:",
              f"    _items = ({decl.name!r}, backend if backend is None or type(backend) is str else _value(backend), "
-             f"{', '.join(f'_env({envs.key(n)!r})' for n in SELECTION_VARS)},",
+             f"{', '.join(_env_item(n, when) for n, when in SELECTION_VARS)},",
              *(f"              {p}," for p in parts),
              "    )",
              "except (AttributeError, TypeError):  # not the declared type: the full checks say what",

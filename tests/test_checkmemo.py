@@ -320,6 +320,23 @@ def test_grad_mode_does_not_reach_kept_calls_with_grad():
     torch.testing.assert_close(got, pa.gated_delta_rule_step(**step_args(), backend="reference"))
 
 
+def refusing_guard(*tensors, **kwargs):
+    raise SystemError("a guard built with other arguments")
+
+
+@pytest.mark.parametrize("guard", [None, refusing_guard], ids=["no guard", "guard refuses"])
+def test_without_a_usable_guard_calls_take_their_signature(guard, monkeypatch):
+    """A torch without dynamo's guards, or one whose guard takes other arguments: no call is kept, each is right."""
+    monkeypatch.setattr(checkmemo, "TensorGuards", guard)
+    args = step_args()
+    state = args["state"].clone()
+    for _ in range(3):
+        args["state"] = state.clone()
+        got = pa.gated_delta_rule_step(**args, backend="cpu")
+    assert checkmemo.PASSED and not checkmemo.FAST
+    torch.testing.assert_close(got, pa.gated_delta_rule_step(**args | dict(state=state.clone()), backend="reference"))
+
+
 def test_a_call_with_one_tensor_twice_is_not_kept():
     """Dynamo's guard refuses a tensor given twice: such a call takes its signature every time."""
     x = torch.randn(6, 2, 16)
