@@ -85,6 +85,12 @@ lookup, key = (os.environ._data.get, os.fsencode) if os.name == "posix" else (os
 PARSED: dict = {name: {} for name in VARS}
 
 
+def parse(name: str, text):
+    """Variable `name`'s value from its text as `lookup` returns it (None where unset: its default)."""
+    var = VARS[name]
+    return var.parse(var.default if text is None else os.fsdecode(text))
+
+
 def _reader(var: Var) -> property:
     name, parsed = key(var.name), PARSED[var.name]
 
@@ -93,7 +99,7 @@ def _reader(var: Var) -> property:
         try:
             return parsed[text]
         except KeyError:
-            value = parsed[text] = var.parse(var.default if text is None else os.fsdecode(text))
+            value = parsed[text] = parse(var.name, text)
             return value
     return property(read, doc=var.doc)
 

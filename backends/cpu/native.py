@@ -39,8 +39,7 @@ class _Switched(dict):
     built."""
 
     def __missing__(self, raw):
-        on = envs.PORTABLE_ATTN_CPU_NATIVE  # this value parsed (a bad one raises and is not kept)
-        self[raw] = built = _built() if on else None
+        self[raw] = built = _built() if envs.parse("PORTABLE_ATTN_CPU_NATIVE", raw) else None
         return built
 
 
