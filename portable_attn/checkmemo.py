@@ -80,7 +80,7 @@ class Fast(NamedTuple):
     passed: Passed           # what the signature of both calls passed, its backend's function kept
     normalised: tuple | None  # where nothing else is replayed (Passed.plain): per `replaceable` argument, the value
                               # its checks put in its place, else SAME (fast_call_source)
-    run: object              # passed.run
+    run: object              # passed.run (the fast path reads one object fewer)
 
 
 def forget() -> None:
@@ -109,15 +109,16 @@ def keep(items, key, passed: Passed, replaceable: tuple, *tensors) -> None:
         if not guard.check(*tensors):
             return
         normalised = tuple(passed.normalised.get(n, SAME) for n in replaceable) if passed.plain else None
-        fast = _bounded(GUARDS)[key] = Fast(guard.check, passed, normalised, passed.run)
-    _bounded(FAST)[items] = fast
+        fast = _store(GUARDS, key, Fast(guard.check, passed, normalised, passed.run))
+    _store(FAST, items, fast)
 
 
-def _bounded(memo: dict) -> dict:
-    """`memo` with room for one more entry (its oldest dropped at LIMIT)."""
-    if len(memo) >= LIMIT:
+def _store(memo: dict, key, value):
+    """memo[key] = value, the oldest entry dropped first where `key` is new and `memo` holds LIMIT."""
+    if key not in memo and len(memo) >= LIMIT:
         del memo[next(iter(memo))]
-    return memo
+    memo[key] = value
+    return value
 
 
 def _value(v):
@@ -369,4 +370,4 @@ def _remember(key, given: dict, checked: dict) -> None:
     except TypeError:  # an argument the checks accepted but a key cannot hold
         return
     values, out = items_of(key)[-1] is VALUES, given.get("out") is not None
-    _bounded(PASSED)[key] = Passed(normalised, rows, values, out, rows is None and not values and not out, None)
+    _store(PASSED, key, Passed(normalised, rows, values, out, rows is None and not values and not out, None))

@@ -78,12 +78,18 @@ def test_a_remembered_signature_gives_the_same_arguments(name, checked, monkeypa
     first = make_call(op, args).args
     assert checkmemo.PASSED, "the signature was not remembered"
     again = make_call(op, args).args
-    assert again.keys() == first.keys()
-    for n, v in first.items():
+    assert_same_arguments(again, first, args)
+
+
+def assert_same_arguments(got: dict, want: dict, given: dict):
+    """`got` holds `want`'s arguments: its tensors the same objects (a default filled in: equal), its other values
+    of the same types and equal."""
+    assert got.keys() == want.keys()
+    for n, v in want.items():
         if isinstance(v, torch.Tensor):
-            assert again[n] is v or (args.get(n) is None and torch.equal(again[n], v)), n
+            assert got[n] is v or (given.get(n) is None and torch.equal(got[n], v)), n
         else:
-            assert type(again[n]) is type(v) and again[n] == v, n
+            assert type(got[n]) is type(v) and got[n] == v, n
 
 
 def error(fn):
@@ -221,13 +227,7 @@ def test_a_kept_call_passes_the_checked_arguments(name, checked, monkeypatch):
     for _ in range(3):
         getattr(pa, op)(**args, backend="cpu")
     assert checkmemo.FAST, "the call was not kept"
-    want = make_call(op, args).args
-    assert seen[-1].keys() == want.keys()
-    for n, v in want.items():
-        if isinstance(v, torch.Tensor):
-            assert seen[-1][n] is v or (args.get(n) is None and torch.equal(seen[-1][n], v)), n
-        else:
-            assert type(seen[-1][n]) is type(v) and seen[-1][n] == v, n
+    assert_same_arguments(seen[-1], make_call(op, args).args, args)
 
 
 @fast_path
@@ -298,6 +298,17 @@ def test_alternating_signatures_keep_their_guards(monkeypatch):
         got = pa.attention(**args, backend="cpu")
     assert len(built) == 2
     torch.testing.assert_close(got, pa.attention(**large, backend="reference"))
+
+
+@fast_path
+def test_a_kept_call_replaced_at_the_limit_keeps_the_others(monkeypatch):
+    """At LIMIT, a call kept again under items already held replaces that entry alone."""
+    monkeypatch.setattr(checkmemo, "LIMIT", 2)
+    warm("gated_delta_rule_step", step_args())
+    small, large = attn_args(), attn_args() | dict(q=torch.randn(9, 4, 16))
+    for args in (small, small, large, large, small):
+        pa.attention(**args, backend="cpu")
+    assert [items[0] for items in checkmemo.FAST] == ["gated_delta_rule_step", "attention"]
 
 
 @fast_path
